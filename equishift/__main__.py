@@ -1,0 +1,3 @@
+from equishift.cli import main
+
+raise SystemExit(main())

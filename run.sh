@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# equishift's two entry points on a fresh machine; both set everything up first (idempotent).
+#   bash run.sh dashboard   set up, then start the dashboard on http://127.0.0.1:8501
+#   bash run.sh test        set up, then run the whole test suite (offline, CPU)
+set -euo pipefail
+cd "$(dirname "$0")"
+cmd=${1:-}
+shift || true
+case "$cmd" in
+  dashboard)
+    bash scripts/setup.sh
+    exec .venv/bin/python -m streamlit run dashboard/app.py "$@"
+    ;;
+  test)
+    bash scripts/setup.sh
+    export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+    exec .venv/bin/python -m pytest -ra "$@"
+    ;;
+  *)
+    echo "usage: bash run.sh dashboard|test [extra args]" >&2
+    exit 2
+    ;;
+esac
