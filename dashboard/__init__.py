@@ -1,0 +1,1 @@
+"""The equishift Streamlit dashboard: layout only; every number and figure comes from ``equishift``."""

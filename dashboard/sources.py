@@ -1,0 +1,158 @@
+"""Sidebar choices turned into what the library takes: model specs, a shift mode, image bytes.
+
+Nothing here loads a model or decodes an image; it only builds spec strings (equishift.zoo's grammar) and
+hands back raw bytes, so every failure happens later in one place and is shown as an ``st.error``.
+"""
+from __future__ import annotations
+
+import hashlib
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional, Tuple
+
+import streamlit as st
+
+from equishift.zoo import list_models
+
+__all__ = ["DEFAULT_BASELINE", "DEFAULT_ANCHORED", "SHIFT_MODES", "UPLOAD_TYPES", "ImageChoice",
+           "sample_images", "default_sample", "model_picker", "mode_picker", "image_picker"]
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLES_DIR = REPO / "assets" / "images"
+DEFAULT_BASELINE = "zoo:fmnist-vit-baseline"
+DEFAULT_ANCHORED = "zoo:fmnist-vit-anchored"
+# Label shown -> equishift.shifts mode. "fractional" resamples sub-pixel shifts (bilinear, circular boundary).
+SHIFT_MODES = {"circular": "circular", "zero-pad": "zero", "reflect": "reflect", "crop": "crop",
+               "fractional (bilinear)": "bilinear", "fractional (Fourier)": "fourier"}
+UPLOAD_TYPES = ["png", "jpg", "jpeg", "webp", "bmp", "tif", "tiff", "gif"]
+ANCHOR_MODES = ("full", "pos-only", "patch-only")
+_SOURCES = ("Zoo", "timm name", "Local checkpoint", "Upload safetensors")
+_UPLOAD_DIR = Path(tempfile.gettempdir()) / "equishift-uploads"
+
+
+@dataclass(frozen=True)
+class ImageChoice:
+    """The image to analyse: its bytes, a label, its sha256 (the cache key) and whether it is an upload."""
+
+    data: bytes
+    label: str
+    sha256: str
+    uploaded: bool
+
+
+def sample_images() -> List[Path]:
+    """The shipped sample images (assets/images), Fashion-MNIST ones first."""
+    if not SAMPLES_DIR.is_dir():
+        return []
+    files = [p for p in SAMPLES_DIR.iterdir() if p.suffix.lower().lstrip(".") in UPLOAD_TYPES]
+    return sorted(files, key=lambda p: (not p.name.startswith("fmnist"), p.name))
+
+
+def default_sample() -> Optional[Path]:
+    """The image the page opens on: an ankle boot if shipped (a shape with clear edges), else the first."""
+    files = sample_images()
+    boot = [p for p in files if "boot" in p.name]
+    return (boot or files or [None])[0]
+
+
+def _timm_spec(name: str, options: str, pretrained: bool = False, path: Optional[str] = None) -> str:
+    query = "pretrained" if pretrained else options.strip().lstrip("?")
+    return f"timm:{name.strip()}" + (f"?{query}" if query else "") + (f"@{path}" if path else "")
+
+
+def _saved_upload(data: bytes, suffix: str) -> str:
+    """Write an uploaded weights file under a content-addressed name (same bytes -> same spec -> cache hit)."""
+    _UPLOAD_DIR.mkdir(parents=True, exist_ok=True)
+    path = _UPLOAD_DIR / f"{hashlib.sha256(data).hexdigest()[:32]}{suffix}"
+    if not path.exists():
+        tmp = path.with_suffix(".part")
+        tmp.write_bytes(data)
+        tmp.replace(path)  # atomic: a concurrent session never reads a half-written file
+    return str(path)
+
+
+def _source_spec(side: str, source: str, default_zoo: str) -> Optional[str]:
+    """Spec for one source widget group; None when the user has not finished choosing."""
+    if source == "Zoo":
+        zoo = list_models()
+        if not zoo:
+            st.sidebar.warning("No shipped models found in assets/models.")
+            return None
+        index = zoo.index(default_zoo) if default_zoo in zoo else 0
+        return st.sidebar.selectbox("Zoo model", zoo, index=index, key=f"{side}_zoo")
+    name = st.sidebar.text_input("timm model name", value="vit_tiny_patch16_224", key=f"{side}_timm",
+                                 help="Any name from timm.list_models(), e.g. vit_small_patch16_224, "
+                                      "deit_tiny_patch16_224, twins_svt_small.")
+    if not name.strip():
+        return None
+    if source == "timm name":
+        pretrained = st.sidebar.checkbox("pretrained weights (Hugging Face cache; no download offline)",
+                                         key=f"{side}_pretrained")
+        options = "" if pretrained else st.sidebar.text_input(
+            "constructor options", value="", key=f"{side}_options", placeholder="num_classes=10&img_size=32")
+        return _timm_spec(name, options, pretrained=pretrained)
+    if source == "Local checkpoint":
+        path = st.sidebar.text_input("weights file (.safetensors or weights-only .pth)", key=f"{side}_path")
+        return _timm_spec(name, "", path=path.strip()) if path.strip() else None
+    up = st.sidebar.file_uploader("weights (.safetensors)", type=["safetensors"], key=f"{side}_upload")
+    return _timm_spec(name, "", path=_saved_upload(up.getvalue(), ".safetensors")) if up is not None else None
+
+
+def model_picker() -> Tuple[Optional[str], Optional[str]]:
+    """The two model specs (baseline, anchored); None for a side the user is still filling in."""
+    st.sidebar.header("Models")
+    st.sidebar.subheader("Baseline")
+    b_source = st.sidebar.selectbox("source", _SOURCES, key="baseline_source")
+    baseline = _source_spec("baseline", b_source, DEFAULT_BASELINE)
+    st.sidebar.subheader("Anchored")
+    a_source = st.sidebar.selectbox("source", ("Zoo", "Anchorize the baseline") + _SOURCES[1:],
+                                    key="anchored_source")
+    if a_source == "Anchorize the baseline":
+        mode = st.sidebar.selectbox("anchoring", ANCHOR_MODES, key="anchored_mode",
+                                    help="full: the paper's model; pos-only: only the circular conv "
+                                         "position encoding; patch-only: only the anchor before the patch "
+                                         "embedding. New position convs start as the identity (untrained).")
+        anchored = f"anchored[{mode}]:{baseline}" if baseline else None
+    else:
+        anchored = _source_spec("anchored", a_source, DEFAULT_ANCHORED)
+        if anchored and a_source != "Zoo":
+            wrap = st.sidebar.selectbox("anchorize it", ANCHOR_MODES + ("no (weights already anchored)",),
+                                        key="anchored_wrap")
+            if wrap in ANCHOR_MODES:
+                anchored = f"anchored[{wrap}]:{anchored}"
+    for label, spec in (("baseline", baseline), ("anchored", anchored)):
+        if spec:
+            st.sidebar.caption(f"{label} spec: `{spec}`")
+    return baseline, anchored
+
+
+def mode_picker() -> str:
+    """The equishift.shifts mode the user picked."""
+    label = st.sidebar.selectbox("Shift mode", list(SHIFT_MODES), key="shift_mode",
+                                 help="circular: torch.roll; zero-pad / reflect: content moves, the new "
+                                      "border is black / mirrored; crop: the window moves over a larger "
+                                      "canvas of the image (the realistic shift); fractional: sub-pixel.")
+    return SHIFT_MODES[label]
+
+
+def image_picker() -> Optional[ImageChoice]:
+    """The chosen image's bytes (a sample or an upload); None when there is nothing to show."""
+    st.sidebar.header("Image")
+    source = st.sidebar.radio("image source", ("Sample", "Upload"), horizontal=True, key="image_source",
+                              label_visibility="collapsed")
+    if source == "Upload":
+        up = st.sidebar.file_uploader("image (PNG, JPEG, WebP, BMP, TIFF, GIF first frame)", type=UPLOAD_TYPES,
+                                      key="image_upload")
+        if up is not None:
+            data = up.getvalue()
+            return ImageChoice(data, up.name, hashlib.sha256(data).hexdigest(), uploaded=True)
+        st.sidebar.info("Upload an image; the sample below is shown meanwhile.")
+    files = sample_images()
+    if not files:
+        return None
+    default = default_sample()
+    path = st.sidebar.selectbox("sample", files, index=files.index(default), key="image_sample",
+                                format_func=lambda p: p.name) if source == "Sample" else default
+    data = path.read_bytes()
+    return ImageChoice(data, path.name, hashlib.sha256(data).hexdigest(), uploaded=False)

@@ -1,0 +1,178 @@
+"""The current shift and the shift grid, kept in ``st.session_state`` and moved by four controls.
+
+One canonical value, ``st.session_state["shift"] = (dy, dx)``; the pad, the number inputs, a click on an
+orbit heatmap and the reset button each write it, and everything drawn reads it. Controls write it in
+their callbacks (which run before the script), and the heatmap selection is consumed at the top of the
+script, so the widgets are always created with the value they must show and no extra rerun is needed.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterable, List, Optional, Sequence, Tuple
+
+import numpy as np
+import streamlit as st
+import torch
+
+__all__ = ["GridSpec", "grid_options", "parse_grid_param", "current_shift", "set_shift", "clamp_to_grid",
+           "on_pad_change", "on_inputs_change", "reset_shift", "consume_selection", "PAD_KEY"]
+
+SHIFT = "shift"
+PAD_KEY = "shift_pad"
+DY, DX = "shift_dy", "shift_dx"
+_SEEN = "_seen_selection"
+
+
+@dataclass(frozen=True)
+class GridSpec:
+    """A square grid of shifts: both coordinates run lo, lo+step, …, hi (inclusive)."""
+
+    lo: float
+    hi: float
+    step: float
+    label: str
+
+    def values(self) -> np.ndarray:
+        n = int(round((self.hi - self.lo) / self.step)) + 1
+        return self.lo + self.step * np.arange(n)
+
+    @property
+    def integer(self) -> bool:
+        return float(self.step).is_integer() and float(self.lo).is_integer()
+
+    def shifts(self) -> torch.Tensor:
+        """[K, 2] row-major (dy outer, dx inner); long for integer grids, float64 for fractional ones."""
+        v = torch.as_tensor(self.values())
+        yy, xx = torch.meshgrid(v, v, indexing="ij")
+        s = torch.stack((yy.flatten(), xx.flatten()), dim=1)
+        return s.long() if self.integer else s.double()
+
+    def __len__(self) -> int:
+        return len(self.values()) ** 2
+
+    @property
+    def key(self) -> Tuple[float, float, float]:
+        return (float(self.lo), float(self.hi), float(self.step))
+
+
+def grid_options(size: int, stride: int, mode: str, crop_margin: int) -> List[GridSpec]:
+    """The grids offered for a ``size``×``size`` input with patch ``stride``, most detailed last.
+
+    Circular and fractional shifts are periodic, so the full orbit is every shift in [-size/2, size/2);
+    zero-pad and reflect move content out of the frame, so the same window; crop is bounded by the margin
+    of the larger canvas. Fractional modes step by 1/4 pixel over one patch period."""
+    half = size // 2
+    s = stride
+    if mode == "crop":
+        m = crop_margin
+        out = [GridSpec(-m, m, 1, f"±{m} px (the whole crop margin, {(2 * m + 1) ** 2} shifts)")]
+        if m >= 2 * s:
+            out.insert(0, GridSpec(-m, m, s, f"±{m} px, step {s} (coarse, {(2 * m // s + 1) ** 2} shifts)"))
+        return out
+    if mode in ("bilinear", "fourier"):
+        return [GridSpec(-(s // 2), s - s // 2 - 0.25, 0.25, f"one patch period, ¼ px steps ({(4 * s) ** 2} shifts)"),
+                GridSpec(-(s // 2), s - s // 2 - 0.5, 0.5, f"one patch period, ½ px steps ({(2 * s) ** 2} shifts)")]
+    out = [GridSpec(-(s // 2), s - s // 2 - 1, 1, f"one patch period ({s}×{s} = {s * s} shifts)")]
+    for step in (s, s // 2, 2):
+        if 1 < step < s or step == s and size // step > 1:
+            n = len(range(-half, half, step))
+            out.append(GridSpec(-half, -half + step * (n - 1), step, f"whole image, step {step} px ({n * n} shifts)"))
+    out.append(GridSpec(-half, half - 1, 1, f"full orbit ({size}×{size} = {size * size} shifts)"))
+    # de-duplicate (small sizes make some of these coincide), keep order
+    seen, uniq = set(), []
+    for g in out:
+        if g.key not in seen:
+            seen.add(g.key)
+            uniq.append(g)
+    return uniq
+
+
+def parse_grid_param(value: Optional[str], options: Sequence[GridSpec]) -> Optional[int]:
+    """Index into ``options`` picked by the ``?grid=`` query parameter: ``period`` (the first), ``full``
+    (the last), or ``r<R>`` (the smallest option covering ±R). Lets tests and links ask for a small grid."""
+    if not value:
+        return None
+    value = value.strip().lower()
+    if value == "period":
+        return 0
+    if value == "full":
+        return len(options) - 1
+    if value.startswith("r") and value[1:].isdigit():
+        r = int(value[1:])
+        fits = [i for i, g in enumerate(options) if g.lo <= -r and g.hi >= r]
+        return min(fits, key=lambda i: len(options[i])) if fits else None
+    return None
+
+
+def clamp_to_grid(shift: Sequence[float], grid: GridSpec) -> Tuple[float, float]:
+    """The grid point nearest to ``shift`` (ints for integer grids)."""
+    v = grid.values()
+    out = tuple(v[int(np.abs(v - c).argmin())] for c in shift)
+    return tuple(int(c) for c in out) if grid.integer else tuple(float(c) for c in out)
+
+
+def current_shift() -> Tuple[float, float]:
+    return tuple(st.session_state.get(SHIFT, (0, 0)))
+
+
+def set_shift(dy: float, dx: float) -> None:
+    """Write the canonical shift and the number inputs' values (allowed before they are created)."""
+    st.session_state[SHIFT] = (dy, dx)
+    st.session_state[DY] = dy
+    st.session_state[DX] = dx
+
+
+def on_pad_change() -> None:
+    report = (st.session_state.get(PAD_KEY) or {}).get("shift")
+    if report:
+        set_shift(report["dy"], report["dx"])
+
+
+def on_inputs_change() -> None:
+    st.session_state[SHIFT] = (st.session_state[DY], st.session_state[DX])
+
+
+def reset_shift() -> None:
+    set_shift(0, 0)
+
+
+def _points(event) -> list:
+    try:
+        return list(event["selection"]["points"])
+    except (KeyError, TypeError):
+        return []
+
+
+def consume_selection(keys: Iterable[str]) -> Optional[Tuple[float, float]]:
+    """A new click on one of the orbit heatmaps (widget ``keys``) -> the (dy, dx) of the clicked cell.
+
+    A plotly selection persists across reruns, so only a selection different from the one last consumed
+    for that chart counts; the heatmaps put dx on x and dy on y."""
+    seen = st.session_state.setdefault(_SEEN, {})
+    jump = None
+    for key in keys:
+        pts = _points(st.session_state.get(key))
+        sig = repr([(p.get("x"), p.get("y")) for p in pts])
+        if sig != seen.get(key):
+            seen[key] = sig
+            if pts and pts[-1].get("x") is not None and pts[-1].get("y") is not None:
+                jump = (pts[-1]["y"], pts[-1]["x"])
+    return jump
+
+
+def as_number(v: float, integer: bool):
+    return int(round(v)) if integer else float(v)
+
+
+def period_of(stride: int) -> int:
+    return max(1, int(stride))
+
+
+def is_on_grid(shift: Sequence[float], grid: GridSpec) -> bool:
+    v = grid.values()
+    return all(np.isclose(v, c).any() for c in shift)
+
+
+def ceil_div(a: int, b: int) -> int:
+    return -(-a // b) if b else math.inf
