@@ -1,0 +1,387 @@
+"""Safe loading of model weights: safetensors, or PyTorch files that hold only tensors.
+
+A weights file is data from a stranger: nothing in it may run. ``load_weights``
+- checks the size on disk before reading anything (``max_bytes``);
+- recognises the format from the first bytes: safetensors (header validated against the file size, so a
+  truncated file is named as such), a ``torch.save`` zip or a legacy ``torch.save``/pickle stream;
+  anything else (an image, text, an empty file) is "not a checkpoint";
+- for PyTorch files, lists every pickle GLOBAL statically (``pickletools``, nothing is executed) and
+  refuses the file if one is outside torch's ``weights_only`` allowlist, then loads it with
+  ``torch.load(weights_only=True)`` — never ``weights_only=False`` — whose own refusal is reported the same
+  way; TorchScript archives are refused (loading them runs TorchScript code);
+- unwraps ``{"state_dict": ...}``, ``{"model": ...}`` (and a few other common keys) and strips the
+  ``module.`` (DDP) or ``_orig_mod.`` (torch.compile) prefix when every key carries it;
+- warns (``CheckpointWarning``) when floating-point tensors hold NaN or Inf, naming them.
+
+``apply_weights`` loads a state dict into a model and, when it does not fit, says how (missing and
+unexpected keys, shape mismatches); ``save_weights`` writes safetensors atomically.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickle
+import pickletools
+import re
+import struct
+import tempfile
+import warnings
+import zipfile
+from _compat_pickle import IMPORT_MAPPING, NAME_MAPPING
+from pathlib import Path
+from typing import BinaryIO, Dict, Iterable, List, Mapping, Optional, Set, Union
+
+import torch
+from torch import nn
+
+from equishift.errors import CheckpointError
+
+__all__ = ["CheckpointWarning", "DEFAULT_MAX_BYTES", "load_weights", "apply_weights", "save_weights",
+           "pickle_globals"]
+
+DEFAULT_MAX_BYTES = 2 * 1024**3   # 2 GiB: a ViT-L in float32 (1.2 GB) fits, a stray dataset does not
+PathLike = Union[str, os.PathLike]
+
+# Wrapper keys seen in the wild (timm, torchvision references, Lightning, plain training loops), in the
+# order they are tried. "state_dict" before "state_dict_ema": the raw weights are the default, as in timm.
+_WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "module", "net", "network", "weights",
+                 "state_dict_ema", "model_ema")
+_PREFIXES = ("module.", "_orig_mod.")
+_SAFE_HINT = "save the model's state_dict with safetensors (equishift.checkpoint.save_weights)"
+
+
+class CheckpointWarning(UserWarning):
+    """A checkpoint loaded, but something in it is suspicious (e.g. NaN/Inf weights)."""
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+def load_weights(path: PathLike, *, max_bytes: int = DEFAULT_MAX_BYTES) -> Dict[str, torch.Tensor]:
+    """Read a state dict (name → tensor, on the CPU) from a safetensors or weights-only PyTorch file.
+
+    Raises ``CheckpointError`` naming the file and the problem: not found, over ``max_bytes`` (checked
+    before reading), empty, truncated or corrupt, not a checkpoint, or pickled code (refused unread)."""
+    path = Path(os.fspath(path))
+    name = path.name or str(path)
+    if not path.exists():
+        raise CheckpointError(f"{name}: checkpoint file not found ({path})")
+    if not path.is_file():
+        raise CheckpointError(f"{name}: is not a regular file ({path})")
+    size = path.stat().st_size
+    if size == 0:
+        raise CheckpointError(f"{name}: the file is empty (0 bytes), not a checkpoint")
+    if size > max_bytes:
+        raise CheckpointError(f"{name}: file is {size / 2**20:.1f} MiB, over the limit of "
+                              f"{max_bytes / 2**20:.1f} MiB (max_bytes={max_bytes}); refused before reading")
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if _looks_like_safetensors(head):
+        state = _load_safetensors(path, name, size)
+    elif head.startswith(b"PK\x03\x04"):
+        state = _load_torch_zip(path, name, max_bytes)
+    elif head[:1] == b"\x80" and 2 <= head[1] <= 5:
+        state = _load_torch_legacy(path, name)
+    else:
+        raise CheckpointError(f"{name}: not a checkpoint ({_describe(head)}); expected a .safetensors file "
+                              "or a torch.save state dict (.pt/.pth/.bin)")
+    state = _unwrap(state, name)
+    _warn_non_finite(state, name)
+    return state
+
+
+def _looks_like_safetensors(head: bytes) -> bool:
+    # 8-byte little-endian header length, then a JSON object.
+    return len(head) >= 9 and head[8:9] == b"{"
+
+
+def _describe(head: bytes) -> str:
+    """A few words on what the bytes are instead, for the "not a checkpoint" message."""
+    known = ((b"\x89PNG", "it is a PNG image"), (b"\xff\xd8\xff", "it is a JPEG image"),
+             (b"GIF8", "it is a GIF image"), (b"%PDF", "it is a PDF"), (b"\x1f\x8b", "it is gzip-compressed"),
+             (b"\x93NUMPY", "it is a NumPy .npy array"), (b"\x89HDF", "it is an HDF5 (Keras) file"))
+    for magic, text in known:
+        if head.startswith(magic):
+            return text
+    try:
+        head.decode("utf-8")
+        return "it looks like a text file"
+    except UnicodeDecodeError:
+        return "unrecognised bytes"
+
+
+def _load_safetensors(path: Path, name: str, size: int) -> Dict[str, torch.Tensor]:
+    """Validate the header against the file size (to name truncation), then safetensors' own loader."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        if n > size - 8:
+            raise CheckpointError(f"{name}: truncated safetensors file (header of {n} bytes, file has "
+                                  f"{size} bytes)")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{name}: corrupt safetensors header ({e})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{name}: corrupt safetensors header (not a JSON object)")
+    ends = [v.get("data_offsets", [0, 0])[1] for k, v in header.items()
+            if k != "__metadata__" and isinstance(v, dict) and isinstance(v.get("data_offsets"), list)
+            and len(v["data_offsets"]) == 2]
+    needed = 8 + n + max(ends, default=0)
+    if size < needed:
+        raise CheckpointError(f"{name}: truncated safetensors file ({size} bytes, the header needs "
+                              f"{needed}); download or copy it again")
+    try:
+        return load_file(str(path), device="cpu")
+    except (SafetensorError, ValueError, OSError, RuntimeError) as e:
+        raise CheckpointError(f"{name}: corrupt safetensors file ({e})") from None
+
+
+def _load_torch_zip(path: Path, name: str, max_bytes: int) -> object:
+    try:
+        with zipfile.ZipFile(path) as z:
+            infos = z.infolist()
+            total = sum(i.file_size for i in infos)
+            if total > max_bytes:
+                raise CheckpointError(f"{name}: unpacks to {total / 2**20:.1f} MiB, over the limit of "
+                                      f"{max_bytes / 2**20:.1f} MiB (max_bytes={max_bytes})")
+            names = [i.filename for i in infos]
+            if any(n.endswith("/constants.pkl") or "/code/" in n for n in names):
+                raise CheckpointError(f"{name}: is a TorchScript archive (running it executes code), "
+                                      f"refused; {_SAFE_HINT}")
+            pkl = [n for n in names if n == "data.pkl" or n.endswith("/data.pkl")]
+            if len(pkl) != 1:
+                raise CheckpointError(f"{name}: a zip file but not a torch.save checkpoint (no data.pkl)")
+            payload = z.read(pkl[0])
+    except (zipfile.BadZipFile, EOFError, OSError) as e:
+        raise CheckpointError(f"{name}: truncated or corrupt PyTorch checkpoint ({e})") from None
+    _refuse_unsafe_globals(pickle_globals(payload, name), name)
+    return _torch_load(path, name)
+
+
+def _load_torch_legacy(path: Path, name: str) -> object:
+    # Legacy torch.save: 5 consecutive pickles (magic, protocol, sys info, object, storage keys), then raw
+    # storage bytes; a plain pickle is one. Scan all pickles that precede the raw bytes.
+    with open(path, "rb") as f:   # streamed: the raw storage bytes after the pickles are never read
+        _refuse_unsafe_globals(pickle_globals(f, name, max_pickles=5), name)
+    return _torch_load(path, name)
+
+
+def _torch_load(path: Path, name: str) -> object:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.findall(r"GLOBAL ([\w.]+)", str(e))
+        raise CheckpointError(_code_message(name, found or [_short(e)])) from None
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, struct.error) as e:
+        raise CheckpointError(f"{name}: truncated or corrupt PyTorch checkpoint ({_short(e)})") from None
+
+
+def _short(e: BaseException) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+# ------------------------------------------------------------------------------------ pickle inspection
+
+_STRING_OPS = {"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "STRING", "BINSTRING",
+               "SHORT_BINSTRING"}
+
+
+def pickle_globals(data: Union[bytes, BinaryIO], name: str = "checkpoint", *, max_pickles: int = 1) -> Set[str]:
+    """Every ``module.name`` a pickle stream imports (GLOBAL, INST, STACK_GLOBAL), found without running it.
+
+    A STACK_GLOBAL whose operands are not literal strings is reported as ``<dynamic STACK_GLOBAL>``.
+    Reads up to ``max_pickles`` consecutive pickles; raises CheckpointError if the first is malformed."""
+    found: Set[str] = set()
+    stream = io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else data
+    for index in range(max_pickles):
+        if not stream.read(1):
+            break
+        stream.seek(-1, io.SEEK_CUR)
+        try:
+            found |= _globals_of_one_pickle(stream)
+        except Exception as e:  # pickletools raises ValueError and others on garbage
+            if index == 0:
+                raise CheckpointError(f"{name}: truncated or corrupt pickle stream ({_short(e)})") from None
+            break  # raw storage bytes after the last pickle of a legacy file
+    return found
+
+
+def _globals_of_one_pickle(stream: BinaryIO) -> Set[str]:
+    found: Set[str] = set()
+    recent: List[Optional[str]] = []   # values pushed, as far as they are literal strings
+    memo: Dict[int, Optional[str]] = {}
+    for op, arg, _ in pickletools.genops(stream):
+        kind = op.name
+        if kind in ("GLOBAL", "INST"):
+            module, _, attr = str(arg).partition(" ")
+            found.add(_python3_name(module, attr))
+            recent.append(None)
+        elif kind == "STACK_GLOBAL":
+            module, attr = (recent[-2], recent[-1]) if len(recent) >= 2 else (None, None)
+            found.add(_python3_name(module, attr) if module and attr else "<dynamic STACK_GLOBAL>")
+            recent[-2:] = [None]
+        elif kind == "MEMOIZE":
+            memo[len(memo)] = recent[-1] if recent else None
+        elif kind in ("PUT", "BINPUT", "LONG_BINPUT"):
+            memo[int(arg)] = recent[-1] if recent else None
+        elif kind in ("GET", "BINGET", "LONG_BINGET"):
+            recent.append(memo.get(int(arg)))
+        elif kind in _STRING_OPS:
+            recent.append(arg if isinstance(arg, str) else arg.decode("latin-1"))
+        else:
+            recent.append(None)
+        del recent[:-8]   # only the last two values matter; keep memory bounded
+    return found
+
+
+def _python3_name(module: str, attr: str) -> str:
+    # Protocol-2 pickles (torch.save's default) spell builtins "__builtin__"; map them as pickle and torch do.
+    if (module, attr) in NAME_MAPPING:
+        module, attr = NAME_MAPPING[(module, attr)]
+    elif module in IMPORT_MAPPING:
+        module = IMPORT_MAPPING[module]
+    return f"{module}.{attr}"
+
+
+def _allowed_globals() -> Set[str]:
+    """torch's weights_only allowlist (built-in plus user-registered), as ``module.name`` strings."""
+    allowed: Set[str] = set()
+    try:
+        from torch import _weights_only_unpickler as wou
+        allowed |= set(wou._get_allowed_globals()) | set(wou._get_user_allowed_globals())
+    except (ImportError, AttributeError):   # a torch without these helpers: let torch.load decide alone
+        return set()
+    return allowed
+
+
+def _refuse_unsafe_globals(found: Iterable[str], name: str) -> None:
+    allowed = _allowed_globals()
+    if not allowed:
+        return
+    # torch.* names outside the list are left to torch.load, which knows its own special cases.
+    unsafe = sorted(g for g in found if g not in allowed and not g.startswith("torch."))
+    if unsafe:
+        raise CheckpointError(_code_message(name, unsafe))
+
+
+def _code_message(name: str, globals_: List[str]) -> str:
+    shown = ", ".join(globals_[:3]) + (f" and {len(globals_) - 3} more" if len(globals_) > 3 else "")
+    if any(g.startswith("torch.nn.modules.") for g in globals_):
+        # torch.save(model) instead of torch.save(model.state_dict()): common, and harmless-looking.
+        return (f"{name}: contains pickled code (a whole pickled model object: {shown}), refused; "
+                f"{_SAFE_HINT}")
+    return f"{name}: contains pickled code ({shown}), refused; {_SAFE_HINT}"
+
+
+# ------------------------------------------------------------------------------------ state-dict shape
+
+def _unwrap(obj: object, name: str) -> Dict[str, torch.Tensor]:
+    """The flat name → tensor dict inside common wrappers, without DDP/compile prefixes."""
+    if isinstance(obj, nn.Module):  # cannot happen with weights_only, but say it clearly if it does
+        obj = obj.state_dict()
+    if isinstance(obj, Mapping) and not _all_tensors(obj):
+        for key in _WRAPPER_KEYS:
+            inner = obj.get(key)
+            if isinstance(inner, Mapping) and inner and _all_tensors(inner):
+                obj = inner
+                break
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"{name}: holds a {type(obj).__name__}, not a state dict (name → tensor)")
+    if not obj:
+        raise CheckpointError(f"{name}: contains no tensors (an empty state dict)")
+    if not _all_tensors(obj):
+        bad = [f"{k!r} ({type(v).__name__})" for k, v in obj.items() if not isinstance(v, torch.Tensor)]
+        raise CheckpointError(f"{name}: not a state dict: {len(bad)} entries are not tensors, e.g. "
+                              f"{', '.join(bad[:3])}; expected name → tensor (or a 'state_dict'/'model' "
+                              "entry holding one)")
+    state = {str(k): v for k, v in obj.items()}
+    for prefix in _PREFIXES:
+        if all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items()}
+    return state
+
+
+def _all_tensors(mapping: Mapping) -> bool:
+    return all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in mapping.items())
+
+
+def _warn_non_finite(state: Mapping[str, torch.Tensor], name: str) -> None:
+    bad = [k for k, v in state.items() if v.is_floating_point() or v.is_complex()
+           if not bool(torch.isfinite(v).all())]
+    if bad:
+        shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        warnings.warn(f"{name}: NaN or Inf values in {len(bad)} tensor(s): {shown}; the model's outputs "
+                      "will be meaningless", CheckpointWarning, stacklevel=3)
+
+
+# --------------------------------------------------------------------------------------------- applying
+
+def apply_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor], *, strict: bool = True) -> None:
+    """Copy ``state_dict`` into ``model`` (in place, keeping its device and dtype).
+
+    Raises CheckpointError listing missing keys, unexpected keys (with counts and a few names) and shape
+    mismatches (checkpoint shape vs model shape). With ``strict=False`` missing and unexpected keys are
+    tolerated; shape mismatches never are."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    mismatched = [(k, tuple(state_dict[k].shape), tuple(v.shape)) for k, v in expected.items()
+                  if k in state_dict and tuple(state_dict[k].shape) != tuple(v.shape)]
+    if mismatched or (strict and (missing or unexpected)):
+        raise CheckpointError(_mismatch_message(model, expected, missing, unexpected, mismatched, strict))
+    try:
+        model.load_state_dict(dict(state_dict), strict=strict)
+    except RuntimeError as e:
+        raise CheckpointError(f"weights do not fit {type(model).__name__}: {_short(e)}") from None
+
+
+def _mismatch_message(model: nn.Module, expected: Mapping, missing: List[str], unexpected: List[str],
+                      mismatched: list, strict: bool) -> str:
+    def few(keys: List[str]) -> str:
+        return ", ".join(keys[:4]) + (", ..." if len(keys) > 4 else "")
+
+    parts = []
+    if missing and strict:
+        parts.append(f"{len(missing)} missing key(s) ({few(missing)})")
+    if unexpected and strict:
+        parts.append(f"{len(unexpected)} unexpected key(s) ({few(unexpected)})")
+    if mismatched:
+        shown = "; ".join(f"{k}: checkpoint {list(a)} vs model {list(b)}" for k, a, b in mismatched[:4])
+        parts.append(f"{len(mismatched)} shape mismatch(es) ({shown}{'; ...' if len(mismatched) > 4 else ''})")
+    text = f"weights do not fit {type(model).__name__}: " + ", ".join(parts)
+    shared = len(expected) - len(missing)
+    if expected and shared < len(expected) / 2:
+        text += (f". Only {shared} of the model's {len(expected)} keys are in the checkpoint: these look "
+                 "like the keys of another architecture")
+    elif mismatched:
+        text += ". Same architecture, other sizes (e.g. number of classes, width or patch size)"
+    return text
+
+
+# --------------------------------------------------------------------------------------------- saving
+
+def save_weights(model_or_state_dict: Union[nn.Module, Mapping[str, torch.Tensor]], path: PathLike) -> None:
+    """Write the weights as safetensors, atomically (a reader never sees a half-written file)."""
+    from safetensors.torch import save_file
+
+    state = (model_or_state_dict.state_dict() if isinstance(model_or_state_dict, nn.Module)
+             else model_or_state_dict)
+    if not isinstance(state, Mapping) or not _all_tensors(state):
+        raise CheckpointError("save_weights needs a model or a mapping of str → tensor")
+    # Clones break storage sharing (tied weights), which safetensors refuses to write.
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
+    path = Path(os.fspath(path))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={"format": "pt"})
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
