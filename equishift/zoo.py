@@ -1,0 +1,563 @@
+"""Load a model by spec: the shipped zoo, any timm model (random, pretrained or from a local file), and
+anchored variants of each, with the preprocessing that goes with it.
+
+Specs
+- ``zoo:NAME``                 assets/models/NAME.json (the card) + NAME.safetensors;
+                               ``zoo:DIR/NAME.json`` or ``DIR/NAME.json``: a card anywhere
+- ``timm:NAME``                a timm model with random weights; ``timm:NAME?num_classes=10&img_size=32``
+                               passes constructor arguments
+- ``timm:NAME?pretrained``     timm's pretrained weights (Hugging Face hub cache first; fails at once,
+                               with a ModelSpecError, when offline and not cached)
+- ``timm:NAME@PATH``           weights from a local .safetensors or weights-only .pth
+                               (``num_classes`` is read from the file's classifier when not given)
+- ``anchored:SPEC``, ``anchored[MODE]:SPEC``   ``anchorize(model, MODE)`` (default ``full``) on the fly;
+                               new position-encoding convs start as the identity, so the card says
+                               ``"untrained": true`` for the anchoring part.
+
+Every call builds a fresh model (the dashboard caches it); nothing global is read-modified-written.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import difflib
+import hashlib
+import json
+import os
+import socket
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple, Union
+from urllib.parse import urlparse
+
+import numpy as np
+import torch
+from torch import nn
+
+from .device import default_device
+from .errors import CheckpointError, ModelSpecError
+
+__all__ = ["LoadedModel", "load_model", "list_models", "parse_spec", "zoo_dir", "add_arguments", "run"]
+
+# Architectures a zoo card may name: a whitelist, so a card can never make us call an arbitrary attribute.
+TIMM_CLASSES = {"VisionTransformer": "vit", "Twins": "twins"}
+ANCHOR_MODES = ("full", "pos-only", "patch-only")
+# Zoo weight files are small; this cap only stops a wrong file from filling memory.
+MAX_WEIGHT_BYTES = 2 * 1024 ** 3
+
+
+def zoo_dir(root: Optional[Union[str, Path]] = None) -> Path:
+    """The zoo folder: ``root`` if given, else $EQUISHIFT_ZOO_DIR, else the repository's assets/models."""
+    if root is not None:
+        return Path(root)
+    env = os.environ.get("EQUISHIFT_ZOO_DIR")
+    return Path(env) if env else Path(__file__).resolve().parents[1] / "assets" / "models"
+
+
+def list_models(root: Optional[Union[str, Path]] = None) -> List[str]:
+    """Specs of the shipped models, e.g. ``["zoo:fmnist-vit-baseline", ...]`` (a card with its weights)."""
+    d = zoo_dir(root)
+    if not d.is_dir():
+        return []
+    return sorted(f"zoo:{p.stem}" for p in d.glob("*.json") if p.with_suffix(".safetensors").is_file())
+
+
+# --- the loaded model ------------------------------------------------------------------------------
+@dataclass
+class LoadedModel:
+    """A model in eval mode on ``device`` with its card and the matching preprocessing.
+
+    ``card`` keys: name, arch, anchoring, classes, input_size [C, H, W], mean, std, dataset, metrics,
+    untrained, plus ``preprocess`` ("padded" for zoo cards, "timm") and, for timm, interpolation and crop_pct."""
+
+    model: nn.Module
+    card: Dict[str, Any]
+    spec: str
+    device: torch.device
+    _mean: torch.Tensor = field(init=False, repr=False)
+    _std: torch.Tensor = field(init=False, repr=False)
+
+    def __post_init__(self):
+        self._mean = torch.tensor(self.card["mean"], dtype=torch.float32).view(-1, 1, 1)
+        self._std = torch.tensor(self.card["std"], dtype=torch.float32).view(-1, 1, 1)
+
+    @property
+    def name(self) -> str:
+        return str(self.card.get("name") or self.spec)
+
+    @property
+    def classes(self) -> List[str]:
+        return list(self.card["classes"])
+
+    @property
+    def input_size(self) -> Tuple[int, int, int]:
+        c, h, w = self.card["input_size"]
+        return int(c), int(h), int(w)
+
+    @property
+    def stride(self) -> int:
+        """The patch size of the first patch embedding (the period of the first anchor)."""
+        return model_stride(self.model)
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """Pixels in [0, 1] (…, C, H, W) -> model input."""
+        return (x - self._mean.to(x)) / self._std.to(x)
+
+    def denormalize(self, x: torch.Tensor) -> torch.Tensor:
+        """Model input (…, C, H, W) -> pixels in [0, 1], for display."""
+        return (x * self._std.to(x) + self._mean.to(x)).clamp(0, 1)
+
+    def black(self, like: torch.Tensor) -> torch.Tensor:
+        """The model-input value of a black pixel, shaped (C, 1, 1) like ``like``: what padding means."""
+        return ((0 - self._mean) / self._std).to(like)
+
+    def preprocess(self, image, margin: int = 0) -> torch.Tensor:
+        """PIL image -> tensor [1, C, H, W] on the model's device, prepared as the card says.
+
+        ``margin`` > 0 returns a larger canvas [1, C, H+2m, W+2m] whose centre H×W crop is exactly the
+        ``margin=0`` result, with real image context around it where the image has some (black beyond):
+        what the ``crop`` protocols cut their windows from."""
+        if margin < 0:
+            raise ValueError(f"margin must be >= 0, got {margin}")
+        if self.card.get("preprocess") == "timm":
+            x = _timm_canvas(image, self.card, margin)
+        else:
+            x = _padded_canvas(image, self.card, margin)
+        return self.normalize(x)[None].to(self.device)
+
+
+def _pil_to_tensor(img) -> torch.Tensor:
+    arr = np.asarray(img, dtype=np.float32) / 255.0
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1)
+
+
+def _convert(image, mode: str):
+    from PIL import Image
+
+    if not isinstance(image, Image.Image):
+        raise TypeError(f"preprocess takes a PIL image, got {type(image).__name__}")
+    return image.convert(mode)
+
+
+def _padded_canvas(image, card: Dict[str, Any], margin: int) -> torch.Tensor:
+    """Zoo models: fit to the un-padded size, pad with black (``pad`` pixels per side, plus ``margin``).
+
+    Fashion-MNIST models: grayscale (replicated to C channels, as data.FashionMNIST does), centre-cropped
+    to a square and resized to 28×28 when needed. Image-folder models: RGB resized to size×size
+    (bilinear), as data.ImageFolder does for training."""
+    from PIL import Image, ImageOps
+
+    c, h, w = (int(v) for v in card["input_size"])
+    pad = int(card.get("pad", 0))
+    inner = (w - 2 * pad, h - 2 * pad)
+    if card.get("dataset") == "fashion-mnist":
+        img = _convert(image, "L")
+        if img.size != inner:
+            img = ImageOps.fit(img, inner, method=Image.BICUBIC)  # no distortion of non-square uploads
+        x = _pil_to_tensor(img).expand(c, -1, -1)
+    else:
+        img = _convert(image, "L" if c == 1 else "RGB")
+        if img.size != inner:
+            img = img.resize(inner, Image.BILINEAR)
+        x = _pil_to_tensor(img)
+    return torch.nn.functional.pad(x, [pad + margin] * 4, value=0.0)
+
+
+def _timm_canvas(image, card: Dict[str, Any], margin: int) -> torch.Tensor:
+    """timm's eval transform (resize shortest side to H / crop_pct, centre crop H×W), with the crop box
+    grown by ``margin`` on each side when asked; outside the resized image the canvas is black."""
+    from timm.data import create_transform
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import functional as TF
+
+    c, h, w = (int(v) for v in card["input_size"])
+    img = _convert(image, "L" if c == 1 else "RGB")
+    if margin == 0:
+        t = create_transform(input_size=(c, h, w), interpolation=card["interpolation"],
+                             crop_pct=card["crop_pct"], crop_mode=card.get("crop_mode", "center"),
+                             mean=(0.0,) * c, std=(1.0,) * c)
+        return t(img)
+    scale = int(np.floor(min(h, w) / card["crop_pct"]))
+    img = TF.resize(img, scale, interpolation=InterpolationMode(card["interpolation"]))
+    iw, ih = img.size
+    top, left = int(round((ih - h) / 2.0)), int(round((iw - w) / 2.0))  # torchvision's centre crop
+    img = TF.crop(img, top - margin, left - margin, h + 2 * margin, w + 2 * margin)
+    return _pil_to_tensor(img)
+
+
+def model_stride(model: nn.Module) -> int:
+    """Patch size of a ViT / Twins (first patch embedding); total reduction for other timm models."""
+    embed = getattr(model, "patch_embed", None)
+    if embed is None and hasattr(model, "patch_embeds"):
+        embed = model.patch_embeds[0]
+    if embed is not None:
+        p = embed.patch_size
+        return int(p if isinstance(p, int) else p[0])
+    info = getattr(model, "feature_info", None)
+    if info:
+        return int(info[-1]["reduction"])
+    return 1
+
+
+# --- specs -----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Spec:
+    """A parsed model spec."""
+
+    source: str  # "zoo" | "timm"
+    name: str
+    anchoring: str = "none"
+    pretrained: bool = False
+    path: Optional[str] = None
+    kwargs: Tuple[Tuple[str, Any], ...] = ()
+
+
+def _literal(text: str) -> Any:
+    low = text.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def parse_spec(spec: str) -> Spec:
+    """``[anchored[MODE]:](zoo:NAME | timm:NAME[?pretrained|?k=v&k=v][@PATH])`` -> Spec."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise ModelSpecError(f"a model spec must be a non-empty string, got {spec!r}; {_spec_help()}")
+    rest = spec.strip()
+    anchoring = "none"
+    if rest.startswith("anchored"):
+        head, sep, rest = rest.partition(":")
+        if not sep:
+            raise ModelSpecError(f"{spec!r}: 'anchored' must be followed by ':' and a spec; {_spec_help()}")
+        if head == "anchored":
+            anchoring = "full"
+        elif head.startswith("anchored[") and head.endswith("]"):
+            anchoring = head[len("anchored["):-1]
+            if anchoring not in ANCHOR_MODES:
+                raise ModelSpecError(f"{spec!r}: unknown anchoring mode {anchoring!r}; choose one of "
+                                     f"{', '.join(ANCHOR_MODES)}")
+        else:
+            raise ModelSpecError(f"{spec!r}: write 'anchored:' or 'anchored[MODE]:'; {_spec_help()}")
+        if rest.startswith("anchored"):
+            raise ModelSpecError(f"{spec!r}: a model can be anchored only once")
+    if rest.endswith(".json") and not rest.startswith(("zoo:", "timm:")):
+        return Spec("zoo", rest, anchoring)  # a card file anywhere: NAME.json next to NAME.safetensors
+    source, sep, body = rest.partition(":")
+    if not sep or source not in ("zoo", "timm") or not body:
+        raise ModelSpecError(f"unknown model spec {spec!r}; {_spec_help()}")
+    if source == "zoo":
+        return Spec("zoo", body, anchoring)
+    name, _, path = body.partition("@")
+    name, _, query = name.partition("?")
+    pretrained, kwargs = False, []
+    for item in filter(None, query.replace(",", "&").split("&")):
+        key, eq, value = item.partition("=")
+        if key == "pretrained":
+            pretrained = not eq or _literal(value) is True
+        elif eq and key.isidentifier():
+            kwargs.append((key, _literal(value)))
+        else:
+            raise ModelSpecError(f"{spec!r}: cannot read {item!r}; write '?pretrained' or '?key=value&…'")
+    if pretrained and path:
+        raise ModelSpecError(f"{spec!r}: choose either '?pretrained' or '@PATH', not both")
+    if not name:
+        raise ModelSpecError(f"{spec!r}: missing the timm model name; {_spec_help()}")
+    return Spec("timm", name, anchoring, pretrained, path or None, tuple(kwargs))
+
+
+def _spec_help() -> str:
+    zoo = list_models()
+    return ("use zoo:NAME, timm:NAME, timm:NAME?pretrained, timm:NAME@PATH, optionally prefixed by "
+            "anchored: or anchored[full|pos-only|patch-only]:; shipped models: " + (", ".join(zoo) or "none"))
+
+
+# --- loading ---------------------------------------------------------------------------------------
+def load_model(spec: str, device: Optional[Union[str, torch.device]] = None,
+               root: Optional[Union[str, Path]] = None) -> LoadedModel:
+    """Build the model a spec names, in eval mode, on ``device`` (default: cuda when available).
+
+    ``root`` overrides the zoo folder (default $EQUISHIFT_ZOO_DIR or assets/models). Returns a fresh
+    ``LoadedModel`` each call. Raises ModelSpecError (bad/unknown spec, offline pretrained) or
+    CheckpointError (unreadable, unsafe or mismatched weights)."""
+    s = parse_spec(spec)
+    dev = default_device(device)
+    if s.source == "zoo" and s.name.endswith(".json"):
+        card_file = Path(s.name)
+        model, card = _load_zoo(card_file.stem, card_file.parent)
+    elif s.source == "zoo":
+        model, card = _load_zoo(s.name, zoo_dir(root))
+    else:
+        model, card = _load_timm(s)
+    if s.anchoring != "none":
+        model, card = _anchor(model, card, s.anchoring, spec)
+    card["spec"] = spec
+    model = model.to(dev).eval()
+    return LoadedModel(model=model, card=card, spec=spec, device=dev)
+
+
+def _anchor(model: nn.Module, card: Dict[str, Any], mode: str, spec: str):
+    from .anchoring import anchorize, anchoring_mode
+
+    if anchoring_mode(model) != "none":
+        raise ModelSpecError(f"{spec!r}: the model is already anchored ({anchoring_mode(model)}); "
+                             f"drop the anchored: prefix")
+    try:
+        model = anchorize(model, mode, pos_init="zeros")
+    except TypeError as e:
+        raise ModelSpecError(f"{spec!r}: {e}") from None
+    card = dict(card, anchoring=mode, untrained=True, anchoring_untrained=True,
+                name=f"anchored[{mode}]:{card.get('name', '')}",
+                # Metrics of the base model do not describe the anchored one.
+                metrics={}, base_metrics=card.get("metrics", {}))
+    return model, card
+
+
+def _read_card(name: str, root: Path) -> Dict[str, Any]:
+    card_path = root / f"{name}.json"
+    if "/" in name or "\\" in name or name.startswith(".") or not card_path.is_file():
+        found = list_models(root)
+        raise ModelSpecError(f"unknown zoo model {name!r} (looked in {root}); available: "
+                             + (", ".join(found) or "none — the zoo folder is empty"))
+    try:
+        card = json.loads(card_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelSpecError(f"model card {card_path} is not valid JSON: {e}") from None
+    missing = [k for k in ("timm_class", "arch_config", "classes", "input_size", "mean", "std")
+               if k not in card]
+    if missing:
+        raise ModelSpecError(f"model card {card_path} lacks {', '.join(missing)}")
+    if card["timm_class"] not in TIMM_CLASSES:
+        raise ModelSpecError(f"model card {card_path}: timm_class must be one of {', '.join(TIMM_CLASSES)}, "
+                             f"got {card['timm_class']!r}")
+    return card
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _load_zoo(name: str, root: Path):
+    import timm.models
+
+    from .anchoring import anchorize
+    from .checkpoint import apply_weights, load_weights
+
+    card = _read_card(name, root)
+    weights = root / f"{name}.safetensors"
+    if not weights.is_file():
+        raise CheckpointError(f"zoo model {name!r}: weights file {weights} is missing")
+    want = card.get("weights_sha256")
+    if want and _sha256(weights) != want:
+        raise CheckpointError(f"zoo model {name!r}: {weights.name} does not match the sha256 in its card "
+                              f"(the file was modified or is corrupt)")
+    model = getattr(timm.models, card["timm_class"])(**card["arch_config"])
+    mode = card.get("anchoring", "none")
+    if mode != "none":
+        model = anchorize(model, mode)
+    apply_weights(model, load_weights(weights, max_bytes=MAX_WEIGHT_BYTES), strict=True)
+    card = copy.deepcopy(card)
+    card.setdefault("name", name)
+    card.setdefault("arch", TIMM_CLASSES[card["timm_class"]])
+    card.setdefault("anchoring", "none")
+    card.setdefault("metrics", {})
+    card.setdefault("untrained", False)
+    card.setdefault("pad", 0)
+    card["preprocess"] = "padded"
+    card["source"] = "zoo"
+    return model, card
+
+
+def _timm_names_like(name: str) -> List[str]:
+    import timm
+
+    names = timm.list_models()
+    close = difflib.get_close_matches(name, names, n=5, cutoff=0.6)
+    stem = name.split(".")[0].split("_")[0]
+    wild = timm.list_models(f"*{stem}*")[:8] if stem else []
+    return list(dict.fromkeys(close + wild))[:10]
+
+
+def _check_timm_name(s: Spec) -> None:
+    import timm
+
+    base = s.name.split(".")[0]
+    if not timm.is_model(base):
+        like = _timm_names_like(base)
+        raise ModelSpecError(f"unknown timm model {s.name!r}" + (f"; did you mean: {', '.join(like)}" if like
+                                                                 else "; see timm.list_models()"))
+
+
+def _create_timm(s: Spec, **extra):
+    import timm
+
+    _check_timm_name(s)
+    kwargs = dict(s.kwargs, **extra)
+    try:
+        return timm.create_model(s.name, pretrained=False, **kwargs)
+    except (TypeError, ValueError, RuntimeError, AssertionError) as e:
+        raise ModelSpecError(f"timm cannot build {s.name!r} with {kwargs}: {e}") from None
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """A quick TCP probe of the hub, so that no network fails in seconds instead of ~47 s of retries."""
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    host = urlparse(endpoint).hostname or "huggingface.co"
+    try:
+        with socket.create_connection((host, 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _offline() -> bool:
+    flag = os.environ.get("HF_HUB_OFFLINE", "").strip().lower()
+    return flag in ("1", "true", "yes", "on")
+
+
+def _cached_hub_file(s: Spec) -> Optional[str]:
+    """The pretrained weights from the local Hugging Face cache, without touching the network."""
+    import timm.models
+    from huggingface_hub import hf_hub_download
+
+    cfg = timm.models.get_pretrained_cfg(s.name)
+    if cfg is None or not cfg.hf_hub_id:
+        return None
+    repo, _, revision = cfg.hf_hub_id.partition("@")
+    names = [cfg.hf_hub_filename] if cfg.hf_hub_filename else ["model.safetensors", "pytorch_model.bin"]
+    for fname in names:
+        try:
+            return hf_hub_download(repo, fname, revision=revision or None, local_files_only=True)
+        except Exception:  # not cached (the hub raises several types for that)
+            continue
+    return None
+
+
+def _load_pretrained(s: Spec):
+    import timm
+
+    _check_timm_name(s)
+    cached = _cached_hub_file(s)
+    if cached:
+        overlay = dict(file=cached, custom_load=False)
+        return timm.create_model(s.name, pretrained=True, pretrained_cfg_overlay=overlay, **dict(s.kwargs))
+    if _offline() or not _hub_reachable():
+        why = "HF_HUB_OFFLINE is set" if _offline() else "the Hugging Face hub cannot be reached"
+        raise ModelSpecError(f"timm:{s.name}?pretrained needs weights from the hub, but {why} and they are "
+                             f"not in the local cache; use timm:{s.name}@PATH with a local weights file, "
+                             f"or timm:{s.name} for random weights")
+    try:
+        return timm.create_model(s.name, pretrained=True, **dict(s.kwargs))
+    except Exception as e:  # network/hub errors come in many types; the user needs the message
+        raise ModelSpecError(f"could not fetch pretrained weights for {s.name!r}: {type(e).__name__}: {e}") \
+            from None
+
+
+def _load_timm(s: Spec):
+    import timm.models
+
+    from .checkpoint import apply_weights, load_weights
+
+    untrained = not (s.pretrained or s.path)
+    if s.pretrained:
+        model = _load_pretrained(s)
+    elif s.path:
+        state = load_weights(s.path, max_bytes=MAX_WEIGHT_BYTES)
+        _check_timm_name(s)
+        cfg = timm.models.get_pretrained_cfg(s.name)
+        head = f"{(cfg.classifier if cfg else None) or 'head'}.weight"
+        extra = {}
+        # A fine-tuned file has its own number of classes: read it from the classifier instead of
+        # failing on a shape mismatch the user did not ask for.
+        if "num_classes" not in dict(s.kwargs) and head in state and state[head].dim() == 2:
+            extra["num_classes"] = int(state[head].shape[0])
+        model = _create_timm(s, **extra)
+        apply_weights(model, state, strict=True)
+    else:
+        model = _create_timm(s)
+    if getattr(model, "num_classes", 1) == 0:
+        raise ModelSpecError(f"timm:{s.name} has no classifier head; add ?num_classes=N")
+    return model, _timm_card(model, s, untrained)
+
+
+def _class_names(model: nn.Module) -> List[str]:
+    n = int(getattr(model, "num_classes", 0))
+    if n == 1000:
+        from timm.data import ImageNetInfo
+
+        info = ImageNetInfo()
+        return [info.index_to_description(i).split(",")[0] for i in range(n)]
+    return [f"class {i}" for i in range(n)]
+
+
+def _timm_card(model: nn.Module, s: Spec, untrained: bool) -> Dict[str, Any]:
+    from timm.data import resolve_data_config
+
+    cfg = resolve_data_config({}, model=model)
+    embed = getattr(model, "patch_embed", None) or (model.patch_embeds[0] if hasattr(model, "patch_embeds") else None)
+    img_size = getattr(embed, "img_size", None)
+    if img_size is not None:
+        # The pretrained config keeps the default size; ?img_size=… changes the model, not the config.
+        cfg["input_size"] = (cfg["input_size"][0], *(int(v) for v in img_size))
+    arch = next((a for cls, a in TIMM_CLASSES.items() if type(model).__name__ == cls), "other")
+    return {
+        "name": s.name, "arch": arch, "timm_class": type(model).__name__, "timm_name": s.name,
+        "anchoring": "none", "classes": _class_names(model), "input_size": list(cfg["input_size"]),
+        "mean": list(cfg["mean"]), "std": list(cfg["std"]), "interpolation": cfg["interpolation"],
+        "crop_pct": cfg["crop_pct"], "crop_mode": cfg.get("crop_mode", "center"), "preprocess": "timm",
+        "dataset": "imagenet-1k" if s.pretrained and model.num_classes == 1000 else None,
+        "untrained": untrained, "weights": "pretrained" if s.pretrained else (s.path or "random"),
+        "metrics": {}, "source": "timm",
+    }
+
+
+# --- CLI: python -m equishift models ---------------------------------------------------------------
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print the cards as JSON instead of a table")
+    parser.add_argument("--zoo-dir", default=None, help="zoo folder (default: assets/models)")
+
+
+def _metric_value(m: Any) -> Optional[float]:
+    if isinstance(m, dict):
+        m = m.get("value")
+    return float(m) if isinstance(m, (int, float)) else None
+
+
+def run(args: argparse.Namespace) -> int:
+    root = zoo_dir(args.zoo_dir)
+    cards = {}
+    for spec in list_models(root):
+        try:
+            cards[spec] = _read_card(spec[4:], root)
+        except ModelSpecError as e:
+            print(f"equishift: {e}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(cards, indent=2))
+        return 0
+    if not cards:
+        print(f"no models in {root}")
+        return 0
+    names = sorted({k for c in cards.values() for k in (c.get("metrics") or {}) if _metric_value(
+        c["metrics"][k]) is not None})
+    header = ["spec", "arch", "anchoring", "dataset"] + names
+    rows = [[spec, str(c.get("arch", "")), str(c.get("anchoring", "none")), str(c.get("dataset", ""))]
+            + [_fmt(_metric_value((c.get("metrics") or {}).get(k))) for k in names] for spec, c in cards.items()]
+    widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
+    for r in [header] + rows:
+        print("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip())
+    return 0
+
+
+def _fmt(v: Optional[float]) -> str:
+    return "-" if v is None else f"{v:.4f}"
