@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import struct
 import zlib
 from typing import BinaryIO, Optional, Tuple, Union
@@ -196,21 +197,49 @@ def _check_png_chunks(data: bytes, name: str) -> None:
     raise ImageError(f"{name}: PNG is truncated (no IEND chunk); the file is incomplete")
 
 
-def _open_lazily(data: bytes, fmt: str, name: str, max_pixels: int) -> Image.Image:
-    """Image.open restricted to ``fmt``, with the pixel limit checked on the header, before decoding."""
-    try:
-        im = Image.open(io.BytesIO(data), formats=(fmt,))
-    except Image.DecompressionBombError:
-        raise ImageError(f"{name}: the image declares an enormous size (over PIL's decompression-bomb "
-                         f"limit), refused; the limit is {max_pixels:,} pixels (max_pixels)") from None
-    except Exception as e:  # PIL raises many types for malformed headers
-        raise ImageError(f"{name}: corrupt or unreadable {fmt} file ({_short(e)})") from None
-    w, h = im.size
+def _declared_size(data: bytes, fmt: str) -> Optional[Tuple[int, int]]:
+    """Width and height from the header, for the formats where Image.open would do more than parse it:
+    PIL's WebP plugin creates its decoder (and canvas) inside open(); PNG is read here to name the size of
+    a bomb that PIL would refuse with a bare pixel count. None when the header is not where expected."""
+    if fmt == "PNG" and data[12:16] == b"IHDR":
+        return struct.unpack(">II", data[16:24])
+    if fmt == "WEBP" and len(data) >= 30:
+        chunk = data[12:16]
+        if chunk == b"VP8X":                                  # canvas size - 1, 24-bit little endian
+            return 1 + int.from_bytes(data[24:27], "little"), 1 + int.from_bytes(data[27:30], "little")
+        if chunk == b"VP8 " and data[23:26] == b"\x9d\x01\x2a":  # lossy key frame: 14-bit sizes
+            w, h = struct.unpack("<HH", data[26:30])
+            return w & 0x3FFF, h & 0x3FFF
+        if chunk == b"VP8L" and data[20] == 0x2F:             # lossless: 14-bit (size - 1) fields
+            bits = int.from_bytes(data[21:25], "little")
+            return 1 + (bits & 0x3FFF), 1 + ((bits >> 14) & 0x3FFF)
+    return None
+
+
+def _check_pixels(size: Tuple[int, int], fmt: str, name: str, max_pixels: int) -> None:
+    w, h = size
     if w < 1 or h < 1:
         raise ImageError(f"{name}: the {fmt} header declares an empty image ({w}×{h})")
     if w * h > max_pixels:
         raise ImageError(f"{name}: image is {w}×{h} = {w * h:,} pixels, over the limit of {max_pixels:,} "
                          f"pixels (max_pixels); downscale it first")
+
+
+def _open_lazily(data: bytes, fmt: str, name: str, max_pixels: int) -> Image.Image:
+    """Image.open restricted to ``fmt``, with the pixel limit checked on the header, before decoding."""
+    declared = _declared_size(data, fmt)
+    if declared is not None:
+        _check_pixels(declared, fmt, name, max_pixels)
+    try:
+        im = Image.open(io.BytesIO(data), formats=(fmt,))
+    except Image.DecompressionBombError as e:
+        found = re.search(r"\((\d+) pixels\)", str(e))
+        size = f"{int(found.group(1)):,} pixels" if found else "an enormous size"
+        raise ImageError(f"{name}: the {fmt} header declares {size} (a decompression bomb?), over the limit "
+                         f"of {max_pixels:,} pixels (max_pixels); refused without decoding") from None
+    except Exception as e:  # PIL raises many types for malformed headers
+        raise ImageError(f"{name}: corrupt or unreadable {fmt} file ({_short(e)})") from None
+    _check_pixels(im.size, fmt, name, max_pixels)
     return im
 
 
@@ -226,6 +255,9 @@ def _decode(im: Image.Image, fmt: str, name: str) -> Image.Image:
         im.load()
     except Image.DecompressionBombError:
         raise ImageError(f"{name}: a frame or tile of this {fmt} is enormous (decompression bomb), refused") from None
+    except MemoryError:
+        raise ImageError(f"{name}: not enough memory to decode this {im.size[0]}×{im.size[1]} image; "
+                         "downscale it") from None
     except Exception as e:
         raise ImageError(f"{name}: corrupt or truncated {fmt} file ({_short(e)})") from None
     try:
