@@ -1,11 +1,24 @@
-"""Placeholder until the dashboard lands: loads a model and prints its prediction."""
-import streamlit as st
-import torch
+"""equishift dashboard: where and why a vision transformer breaks under a shift, baseline | anchored.
 
-from equishift import anchorize
-from timm.models.vision_transformer import VisionTransformer
+Run:  streamlit run dashboard/app.py   (or: bash run.sh dashboard)
 
-st.title("equishift")
-model = anchorize(VisionTransformer(img_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=2, num_classes=10)).eval()
-with torch.no_grad():
-    st.write("prediction on a random image:", int(model(torch.randn(1, 3, 32, 32)).argmax()))
+Layout only. Models come from equishift.zoo, images from equishift.images, sweeps from equishift.sweep,
+numbers from equishift.metrics, figures from equishift.plots, the report zip from equishift.report.
+The sweep runs once per (model, image, shift mode, grid) and is cached; moving the shift only re-draws.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+_ROOT = Path(__file__).resolve().parents[1]
+if str(_ROOT) not in sys.path:  # `streamlit run` puts dashboard/ on the path, not the repository
+    sys.path.insert(0, str(_ROOT))
+
+import streamlit as st  # noqa: E402
+
+st.set_page_config(page_title="equishift — shift diagnostics", layout="wide")
+
+from dashboard import session  # noqa: E402
+
+session.main()

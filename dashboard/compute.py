@@ -87,13 +87,13 @@ def device_label() -> str:
     return f"cpu ({torch.get_num_threads()} threads)"
 
 
-def forward_seconds(loaded: LoadedModel, x: torch.Tensor, batch: int = 8) -> float:
+def forward_seconds(loaded: LoadedModel, x: torch.Tensor, batch: int = 32) -> float:
     """Seconds per image of a plain batched forward pass (a timing probe, cached per model and input
     size), used to offer a coarser shift grid when a full one would take long."""
     def measure() -> float:
         xb = x.expand(batch, *x.shape[1:])
         with torch.inference_mode():
-            loaded.model(xb[:1])  # warm-up (allocations, lazy init)
+            loaded.model(xb)  # warm-up (allocations, lazy init); batched, as the sweep runs
             t0 = time.perf_counter()
             loaded.model(xb)
             if xb.is_cuda:

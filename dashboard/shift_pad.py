@@ -5,8 +5,8 @@ Python sends the image *already shifted* by the current shift (so at rest the pa
 model sees, for every shift mode) and the JS only previews the extra offset while a drag is in progress:
 circularly wrapped for ``circular`` and the fractional modes, translated over black for the others.
 
-The pad reports ``{"dy": int, "dx": int, "seq": int}`` in *model pixels* through the state value
-``shift``: while dragging (throttled, so the figures follow) and once more on release. ``seq`` grows with
+The pad reports ``{"dy": …, "dx": …, "seq": int}`` in *model pixels* (multiples of ``quantum``) through
+the state value ``shift``: while dragging (throttled, so the figures follow) and once more on release. ``seq`` grows with
 every report so that dragging back to a shift reported earlier still counts as a change. Arrow keys move
 the shift by one pixel (shift+arrow: one patch).
 """
@@ -130,9 +130,9 @@ export default function(component) {
   };
   canvas.onpointermove = (e) => {
     if (!st.dragging) return;
-    const s = st.data.scale;
-    const dy = st.startShift[0] + Math.round((e.clientY - st.start[0]) / s);
-    const dx = st.startShift[1] + Math.round((e.clientX - st.start[1]) / s);
+    const s = st.data.scale, q = st.data.quantum;
+    const dy = st.startShift[0] + q * Math.round((e.clientY - st.start[0]) / s / q);
+    const dx = st.startShift[1] + q * Math.round((e.clientX - st.start[1]) / s / q);
     if (moveTo(dy, dx) && st.data.live) sendThrottled();
   };
   const release = (e) => {
@@ -144,7 +144,7 @@ export default function(component) {
   canvas.onpointerup = release;
   canvas.onpointercancel = release;
   canvas.onkeydown = (e) => {
-    const step = e.shiftKey ? st.data.stride : 1;
+    const step = e.shiftKey ? st.data.stride : st.data.quantum;
     const moves = { ArrowUp: [-step, 0], ArrowDown: [step, 0], ArrowLeft: [0, -step], ArrowRight: [0, step] };
     const m = moves[e.key];
     if (!m) return;
@@ -170,11 +170,12 @@ def png_data_url(image: np.ndarray) -> str:
 
 def shift_pad(image: np.ndarray, shift: Tuple[int, int], stride: int,
               shift_range: Sequence[Tuple[int, int]], *, wrap: bool = True, live: bool = True,
-              throttle_ms: int = 250, key: str = "shift_pad",
+              quantum: float = 1, throttle_ms: int = 250, key: str = "shift_pad",
               on_change: Optional[Callable[[], None]] = None):
     """Mount the pad showing ``image`` (H, W, 3), the model input at ``shift``, with a ``stride`` grid.
 
-    ``shift_range`` is ((dy_min, dy_max), (dx_min, dx_max)), inclusive; the pad clamps to it.
+    ``shift_range`` is ((dy_min, dy_max), (dx_min, dx_max)), inclusive; the pad clamps to it, and moves
+    in steps of ``quantum`` model pixels (1, or e.g. 0.25 for fractional shifts).
     ``on_change`` runs (as a Streamlit callback, before the rerun) when the pad reports a new shift; read
     the report from ``st.session_state[key]["shift"]``. Returns the component result."""
     h, w = int(image.shape[0]), int(image.shape[1])
@@ -182,6 +183,6 @@ def shift_pad(image: np.ndarray, shift: Tuple[int, int], stride: int,
         "image": png_data_url(image), "height": h, "width": w, "scale": PAD_PIXELS / max(h, w),
         "stride": int(stride), "shift": [int(shift[0]), int(shift[1])],
         "range": [[int(shift_range[0][0]), int(shift_range[0][1])], [int(shift_range[1][0]), int(shift_range[1][1])]],
-        "wrap": bool(wrap), "live": bool(live), "throttle_ms": int(throttle_ms),
+        "wrap": bool(wrap), "live": bool(live), "throttle_ms": int(throttle_ms), "quantum": quantum,
     }
     return _pad(key=key, data=data, on_shift_change=on_change or (lambda: None), width="content")

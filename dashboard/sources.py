@@ -6,6 +6,7 @@ hands back raw bytes, so every failure happens later in one place and is shown a
 from __future__ import annotations
 
 import hashlib
+import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,6 @@ __all__ = ["DEFAULT_BASELINE", "DEFAULT_ANCHORED", "SHIFT_MODES", "UPLOAD_TYPES"
            "sample_images", "default_sample", "model_picker", "mode_picker", "image_picker"]
 
 REPO = Path(__file__).resolve().parents[1]
-SAMPLES_DIR = REPO / "assets" / "images"
 DEFAULT_BASELINE = "zoo:fmnist-vit-baseline"
 DEFAULT_ANCHORED = "zoo:fmnist-vit-anchored"
 # Label shown -> equishift.shifts mode. "fractional" resamples sub-pixel shifts (bilinear, circular boundary).
@@ -41,11 +41,18 @@ class ImageChoice:
     uploaded: bool
 
 
+def samples_dir() -> Path:
+    """assets/images, or $EQUISHIFT_IMAGES_DIR (as $EQUISHIFT_ZOO_DIR overrides assets/models)."""
+    env = os.environ.get("EQUISHIFT_IMAGES_DIR")
+    return Path(env) if env else REPO / "assets" / "images"
+
+
 def sample_images() -> List[Path]:
-    """The shipped sample images (assets/images), Fashion-MNIST ones first."""
-    if not SAMPLES_DIR.is_dir():
+    """The shipped sample images, Fashion-MNIST ones first."""
+    d = samples_dir()
+    if not d.is_dir():
         return []
-    files = [p for p in SAMPLES_DIR.iterdir() if p.suffix.lower().lstrip(".") in UPLOAD_TYPES]
+    files = [p for p in d.iterdir() if p.suffix.lower().lstrip(".") in UPLOAD_TYPES]
     return sorted(files, key=lambda p: (not p.name.startswith("fmnist"), p.name))
 
 

@@ -7,7 +7,6 @@ script, so the widgets are always created with the value they must show and no e
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Iterable, List, Optional, Sequence, Tuple
 
@@ -15,7 +14,7 @@ import numpy as np
 import streamlit as st
 import torch
 
-__all__ = ["GridSpec", "grid_options", "parse_grid_param", "current_shift", "set_shift", "clamp_to_grid",
+__all__ = ["GridSpec", "grid_options", "grid_from_param", "current_shift", "set_shift", "clamp_to_grid",
            "on_pad_change", "on_inputs_change", "reset_shift", "consume_selection", "PAD_KEY"]
 
 SHIFT = "shift"
@@ -88,20 +87,22 @@ def grid_options(size: int, stride: int, mode: str, crop_margin: int) -> List[Gr
     return uniq
 
 
-def parse_grid_param(value: Optional[str], options: Sequence[GridSpec]) -> Optional[int]:
-    """Index into ``options`` picked by the ``?grid=`` query parameter: ``period`` (the first), ``full``
-    (the last), or ``r<R>`` (the smallest option covering ±R). Lets tests and links ask for a small grid."""
+def grid_from_param(value: Optional[str], options: Sequence[GridSpec], mode: str) -> Optional[GridSpec]:
+    """The grid a ``?grid=`` query parameter asks for: ``period`` (the first option), ``full`` (the last),
+    or ``r<R>`` (every shift with |dy|, |dx| ≤ R; ½-pixel steps in the fractional modes). Lets links and
+    tests open on a small grid. None when absent or unreadable."""
     if not value:
         return None
     value = value.strip().lower()
     if value == "period":
-        return 0
+        return options[0]
     if value == "full":
-        return len(options) - 1
+        return options[-1]
     if value.startswith("r") and value[1:].isdigit():
         r = int(value[1:])
-        fits = [i for i, g in enumerate(options) if g.lo <= -r and g.hi >= r]
-        return min(fits, key=lambda i: len(options[i])) if fits else None
+        step = 0.5 if mode in ("bilinear", "fourier") else 1
+        n = int(2 * r / step) + 1
+        return GridSpec(-r, r, step, f"±{r} px ({n * n} shifts, from the link)")
     return None
 
 
@@ -159,20 +160,3 @@ def consume_selection(keys: Iterable[str]) -> Optional[Tuple[float, float]]:
             if pts and pts[-1].get("x") is not None and pts[-1].get("y") is not None:
                 jump = (pts[-1]["y"], pts[-1]["x"])
     return jump
-
-
-def as_number(v: float, integer: bool):
-    return int(round(v)) if integer else float(v)
-
-
-def period_of(stride: int) -> int:
-    return max(1, int(stride))
-
-
-def is_on_grid(shift: Sequence[float], grid: GridSpec) -> bool:
-    v = grid.values()
-    return all(np.isclose(v, c).any() for c in shift)
-
-
-def ceil_div(a: int, b: int) -> int:
-    return -(-a // b) if b else math.inf

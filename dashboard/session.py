@@ -1,0 +1,264 @@
+"""One run of the dashboard script: sidebar → models → image → sweeps → shift controls → panels.
+
+Every failure a user can cause (a bad spec, a checkpoint that does not fit, an unreadable upload, a grid
+that is too large) is caught where it happens and shown as an ``st.error``; the rest of the page keeps
+working (a side whose model failed is left out, a bad upload falls back to a sample image).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+import numpy as np
+import streamlit as st
+import torch
+
+from equishift.errors import EquishiftError
+from equishift.images import load_image
+from equishift.shifts import shift_batch
+from equishift.sweep import SweepResult, sweep
+
+from dashboard import compute, sources, state
+from dashboard.shift_pad import shift_pad
+
+__all__ = ["Side", "main"]
+
+# Estimated sweep time above which the page opens on a coarser grid (the user can still pick any).
+COARSE_AFTER_S = 20.0
+SIDES = ("baseline", "anchored")
+
+
+@dataclass
+class Side:
+    """One column of the comparison: its spec, and the model, input and sweep once they exist."""
+
+    role: str
+    spec: Optional[str]
+    loaded: object = None
+    x: Optional[torch.Tensor] = None        # the model input at shift 0, [1, C, H, W]
+    canvas: Optional[torch.Tensor] = None   # the larger canvas crop mode cuts windows from
+    result: Optional[SweepResult] = None
+    error: Optional[str] = None
+    notes: List[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and self.loaded is not None
+
+    @property
+    def title(self) -> str:
+        return f"{self.role.capitalize()} — `{self.spec}`" if self.spec else self.role.capitalize()
+
+
+def _message(e: BaseException) -> str:
+    """User-facing text of an error: ours carry a full message; others get their type named."""
+    if isinstance(e, EquishiftError):
+        return str(e)
+    return f"{type(e).__name__}: {e}"
+
+
+# --- models and image ------------------------------------------------------------------------------
+def _load_sides(specs: Dict[str, Optional[str]]) -> List[Side]:
+    sides = []
+    for role in SIDES:
+        side = Side(role, specs[role])
+        if side.spec is None:
+            side.error = f"Choose the {role} model in the sidebar."
+        else:
+            try:
+                with st.spinner(f"Loading {side.spec} …"):
+                    side.loaded = compute.get_model(side.spec)
+            except Exception as e:  # noqa: BLE001 - any loader failure must leave the page alive
+                side.error = f"Could not load the {role} model `{side.spec}`: {_message(e)}"
+        sides.append(side)
+    return sides
+
+
+def _decode(choice: sources.ImageChoice):
+    return compute.cached(("image", choice.sha256), lambda: load_image(choice.data))
+
+
+def _image(choice: Optional[sources.ImageChoice]):
+    """(PIL image, ImageChoice) — an unreadable upload is reported and replaced by the default sample."""
+    if choice is None:
+        return None, None
+    try:
+        return _decode(choice), choice
+    except Exception as e:  # noqa: BLE001
+        st.error(f"Cannot use the uploaded image **{choice.label}**: {_message(e)}")
+        path = sources.default_sample()
+        if path is None:
+            return None, None
+        data = path.read_bytes()
+        fallback = sources.ImageChoice(data, path.name, __import__("hashlib").sha256(data).hexdigest(), False)
+        st.info(f"Showing the sample image **{path.name}** instead.")
+        return _decode(fallback), fallback
+
+
+def crop_margin(stride: int) -> int:
+    """How far the crop window may move: one patch each way (4 px for the 32-px Fashion-MNIST models)."""
+    return int(stride)
+
+
+def _prepare_inputs(sides: List[Side], pil, choice, mode: str) -> None:
+    for side in sides:
+        if not side.ok:
+            continue
+        lm = side.loaded
+        try:
+            side.x = compute.cached(("input", side.spec, choice.sha256, 0), lambda: lm.preprocess(pil))
+            if mode == "crop":
+                m = crop_margin(lm.stride)
+                side.canvas = compute.cached(("input", side.spec, choice.sha256, m),
+                                             lambda: lm.preprocess(pil, margin=m))
+        except Exception as e:  # noqa: BLE001
+            side.error = f"Cannot prepare the image for `{side.spec}`: {_message(e)}"
+    ok = [s for s in sides if s.ok]
+    if len(ok) == 2 and tuple(ok[0].x.shape[1:]) != tuple(ok[1].x.shape[1:]):
+        ok[1].error = (f"The two models take different inputs ({tuple(ok[0].x.shape[1:])} vs "
+                       f"{tuple(ok[1].x.shape[1:])}); pick a pair with the same input size to compare them "
+                       f"shift by shift.")
+
+
+# --- grid and sweeps -------------------------------------------------------------------------------
+def _grid_picker(ref: Side, mode: str) -> state.GridSpec:
+    _, h, w = ref.x.shape[1:]
+    stride = ref.loaded.stride
+    options = state.grid_options(min(h, w), stride, mode, crop_margin(stride))
+    asked = state.grid_from_param(st.query_params.get("grid"), options, mode)
+    if asked is not None and asked not in options:
+        options.insert(0, asked)
+    sec = compute.forward_seconds(ref.loaded, ref.x)
+    # 2 models; recording attention and features costs ~1.3x a bare batched forward pass (measured)
+    est = [2 * 1.5 * sec * len(g) for g in options]
+    fits = [i for i, t in enumerate(est) if t <= COARSE_AFTER_S]
+    default = max(fits) if fits else 0
+    if asked is not None:
+        default = options.index(asked)
+    labels = [f"{g.label} · ~{t:.0f} s" if t >= 1 else g.label for g, t in zip(options, est)]
+    choice = st.sidebar.selectbox("Shift grid", range(len(options)), index=default, format_func=labels.__getitem__,
+                                  key=f"grid_{mode}_{h}_{stride}",
+                                  help="The shifts swept once (then cached); the controls move within it.")
+    if est[choice] > COARSE_AFTER_S:
+        st.sidebar.warning(f"This grid takes about {est[choice]:.0f} s on {compute.device_label()}; "
+                           f"a coarser grid answers sooner.")
+    return options[choice]
+
+
+def _run_sweeps(sides: List[Side], choice, mode: str, grid: state.GridSpec) -> None:
+    shifts = grid.shifts()
+    for side in sides:
+        if not side.ok:
+            continue
+        key = ("sweep", side.spec, choice.sha256, mode, grid.key)
+        if key not in compute.store():
+            bar = st.progress(0.0, text=f"Sweeping {len(shifts)} shifts through the {side.role} model …")
+
+            def progress(done, total, bar=bar, role=side.role):
+                bar.progress(done / max(total, 1), text=f"{role}: {done}/{total} shifts")
+        else:
+            bar, progress = None, None
+        lm, x, canvas = side.loaded, side.x, side.canvas
+        try:
+            if mode == "crop":
+                run = lambda: sweep(lm, canvas, shifts, mode, progress=progress, size=tuple(x.shape[-2:]))  # noqa: E731
+            else:
+                run = lambda: sweep(lm, x, shifts, mode, progress=progress)  # noqa: E731
+            side.result = compute.cached(key, run)
+        except Exception as e:  # noqa: BLE001
+            side.error = f"The sweep of `{side.spec}` failed: {_message(e)}"
+        finally:
+            if bar is not None:
+                bar.empty()
+
+
+# --- shift controls ---------------------------------------------------------------------------------
+def shifted_display(side: Side, mode: str, shift) -> np.ndarray:
+    """The model input at ``shift`` as an (H, W, 3) array in [0, 1]: what the model sees."""
+    lm = side.loaded
+    src = side.canvas if mode == "crop" else side.x
+    size = tuple(side.x.shape[-2:]) if mode == "crop" else None
+    xs = shift_batch(src, torch.tensor([shift], dtype=torch.float64 if mode in ("bilinear", "fourier")
+                                        else torch.long), mode, size)
+    img = lm.denormalize(xs[0]).float().cpu()
+    if img.shape[0] == 1:
+        img = img.expand(3, -1, -1)
+    return img.permute(1, 2, 0).numpy()
+
+
+def _shift_controls(ref: Side, mode: str, grid: state.GridSpec, heatmap_keys) -> tuple:
+    """The pad, the precise inputs and the reset; returns the current shift (on the grid)."""
+    jump = state.consume_selection(heatmap_keys)
+    if jump is not None:
+        state.set_shift(*state.clamp_to_grid(jump, grid))
+    # snap to the grid, and give the inputs values of the grid's type (int, or float for sub-pixel grids)
+    shift = state.clamp_to_grid(state.current_shift(), grid)
+    state.set_shift(*shift)
+    if grid.integer:
+        lo, hi, step = int(grid.lo), int(grid.hi), int(grid.step)
+    else:
+        lo, hi, step = float(grid.lo), float(grid.hi), float(grid.step)
+    pad_col, ctl_col = st.columns([3, 2], vertical_alignment="top")
+    with pad_col:
+        shift_pad(shifted_display(ref, mode, shift), shift, ref.loaded.stride,
+                  ((lo, hi), (lo, hi)), wrap=mode in ("circular", "bilinear", "fourier"),
+                  quantum=step, key=state.PAD_KEY, on_change=state.on_pad_change)
+    with ctl_col:
+        st.markdown(f"**Shift** (dy, dx) = `{_fmt(shift[0])}, {_fmt(shift[1])}` px · mode **{mode}**")
+        st.number_input("dy (rows, + = down)", min_value=lo, max_value=hi, step=step, key=state.DY,
+                        on_change=state.on_inputs_change)
+        st.number_input("dx (columns, + = right)", min_value=lo, max_value=hi, step=step, key=state.DX,
+                        on_change=state.on_inputs_change)
+        st.button("Reset to (0, 0)", on_click=state.reset_shift, key="reset_shift")
+        st.caption(f"Grid: {grid.label}. Drag the image, type a shift, or click a cell of an orbit heatmap.")
+    return shift
+
+
+def _fmt(v) -> str:
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+# --- the page -------------------------------------------------------------------------------------
+def main() -> None:
+    from dashboard import panels  # imported here so a plotting problem cannot break the sidebar
+
+    t0 = time.perf_counter()
+    baseline, anchored = sources.model_picker()
+    mode = sources.mode_picker()
+    choice = sources.image_picker()
+
+    st.title("equishift")
+    st.caption(f"Where and why a vision transformer breaks under a shift — and what adaptive polyphase "
+               f"anchoring changes. Models run on **{compute.device_label()}**.")
+
+    sides = _load_sides({"baseline": baseline, "anchored": anchored})
+    pil, choice = _image(choice)
+    if pil is None:
+        st.error("No image: add one to assets/images or upload one in the sidebar.")
+        return
+    _prepare_inputs(sides, pil, choice, mode)
+    for side in sides:
+        if side.error:
+            st.error(side.error)
+    ok = [s for s in sides if s.ok]
+    if not ok:
+        return
+    panels.preprocessing(ok, pil, choice)
+    ref = ok[0]
+    try:
+        grid = _grid_picker(ref, mode)
+    except Exception as e:  # noqa: BLE001
+        st.error(f"Cannot set up the shift grid: {_message(e)}")
+        return
+    _run_sweeps(ok, choice, mode, grid)
+    for side in ok:
+        if side.error:
+            st.error(side.error)
+    ok = [s for s in ok if s.result is not None]
+    if not ok:
+        return
+    shift = _shift_controls(ref, mode, grid, panels.heatmap_keys(ok))
+    panels.render(ok, mode, grid, shift, shifted=lambda s: shifted_display(s, mode, shift))
+    panels.export(ok, mode, grid, choice)
+    st.session_state["_render_s"] = time.perf_counter() - t0

@@ -1,0 +1,200 @@
+"""The dashboard driven in-process with Streamlit's AppTest (no browser).
+
+Fast by construction: models and sweeps are cached process-wide (st.cache_resource), so only the first
+run pays for loading and sweeping, and every test opens the page on a small shift grid through the
+``?grid=r3`` query parameter (49 shifts per model). Expected numbers are recomputed here from
+equishift directly, never copied from a previous run.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+pytest.importorskip("streamlit")
+from streamlit.testing.v1 import AppTest  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+APP = str(ROOT / "dashboard" / "app.py")
+sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(ROOT))
+
+TIMEOUT = 300  # seconds per run: the first run loads two models and sweeps; later runs take ~0.1 s
+
+
+def open_app(grid: str = "r3") -> AppTest:
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT)
+    at.query_params["grid"] = grid
+    return at.run()
+
+
+def errors(at) -> list:
+    return [e.value for e in at.error]
+
+
+def shift_text(at) -> str:
+    return next(m.value for m in at.markdown if m.value.startswith("**Shift**"))
+
+
+def top5_tables(at) -> list:
+    return [m.value for m in at.markdown if m.value.startswith("| class |")]
+
+
+def charts(at) -> list:
+    return at.get("plotly_chart")
+
+
+def chart_specs(at) -> list:
+    return [c.proto.spec for c in charts(at)]
+
+
+@pytest.fixture(scope="module")
+def app():
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    at = open_app()
+    assert not at.exception, at.exception
+    return at
+
+
+def test_default_page_renders(app):
+    from dashboard.sources import DEFAULT_ANCHORED, DEFAULT_BASELINE
+
+    assert not app.exception
+    assert errors(app) == []
+    text = " ".join(m.value for m in app.markdown) + " ".join(c.value for c in app.caption)
+    assert DEFAULT_BASELINE in text and DEFAULT_ANCHORED in text
+    assert "Models run on" in text and ("cpu" in text or "cuda" in text)
+    assert shift_text(app).startswith("**Shift** (dy, dx) = `0, 0`")
+    assert len(top5_tables(app)) == 2
+    assert len(charts(app)) >= 2
+    labels = [m.label for m in app.metric]
+    assert labels.count("consistency over the orbit") == 2
+
+
+def test_shift_change_changes_prediction_and_plots(app):
+    """At a shift that is not a multiple of the patch size the baseline's probabilities move; the
+    anchored model's must not (circular shifts: invariant to float precision, shown to 0.1%)."""
+    at = open_app()
+    before_tables, before_specs = top5_tables(at), chart_specs(at)
+    at.number_input(key="shift_dy").set_value(1).run()
+    at.number_input(key="shift_dx").set_value(2).run()
+    assert not at.exception
+    assert shift_text(at).startswith("**Shift** (dy, dx) = `1, 2`")
+    after_tables, after_specs = top5_tables(at), chart_specs(at)
+    assert after_tables[0] != before_tables[0], "baseline top-5 did not change with the shift"
+    assert after_tables[1] == before_tables[1], "anchored top-5 changed under a circular shift"
+    assert after_specs != before_specs, "no figure follows the shift"
+    # the page's numbers are the model's: recompute the baseline's top-1 at this shift
+    from equishift.images import load_image
+    from equishift.shifts import shift
+    from equishift.zoo import load_model
+    from dashboard.sources import DEFAULT_BASELINE, default_sample
+
+    lm = load_model(DEFAULT_BASELINE, device="cpu")
+    x = lm.preprocess(load_image(default_sample().read_bytes()))
+    with torch.no_grad():
+        p = lm.model(shift(x, 1, 2)).softmax(-1)[0]
+    top = int(p.argmax())
+    assert f"| {lm.classes[top]}" in after_tables[0]
+    assert f"{100 * float(p[top]):.1f}%" in after_tables[0]
+
+
+def test_reset_returns_to_zero(app):
+    at = open_app()
+    at.number_input(key="shift_dy").set_value(-2).run()
+    at.button(key="reset_shift").click().run()
+    assert shift_text(at).startswith("**Shift** (dy, dx) = `0, 0`")
+    assert at.number_input(key="shift_dy").value == 0
+
+
+def test_heatmap_selection_moves_the_shift(app):
+    at = open_app()
+    at.session_state["orbit_baseline"] = {"selection": {"points": [{"x": -3, "y": 2}], "point_indices": [],
+                                                        "box": [], "lasso": []}}
+    at.run()
+    assert not at.exception
+    assert shift_text(at).startswith("**Shift** (dy, dx) = `2, -3`")
+    # the same (persisting) selection does not pin the shift: the inputs still move it
+    at.number_input(key="shift_dx").set_value(1).run()
+    assert shift_text(at).startswith("**Shift** (dy, dx) = `2, 1`")
+
+
+def test_mode_switch(app):
+    from dashboard.sources import SHIFT_MODES
+
+    at = open_app()
+    for label in ("zero-pad", "reflect", "crop", "fractional (bilinear)"):
+        at.sidebar.selectbox(key="shift_mode").set_value(label).run()
+        assert not at.exception, (label, at.exception)
+        assert errors(at) == [], (label, errors(at))
+        assert f"mode **{SHIFT_MODES[label]}**" in shift_text(at)
+        assert len(top5_tables(at)) == 2
+
+
+def test_anchorize_the_baseline(app):
+    at = open_app()
+    at.sidebar.selectbox(key="anchored_source").set_value("Anchorize the baseline").run()
+    assert not at.exception
+    assert errors(at) == []
+    text = " ".join(m.value for m in at.markdown)
+    assert "anchored[full]:zoo:fmnist-vit-baseline" in text
+
+
+def test_unknown_timm_name_is_an_error_not_a_crash(app):
+    at = open_app()
+    at.sidebar.selectbox(key="anchored_source").set_value("timm name").run()
+    at.sidebar.text_input(key="anchored_timm").set_value("vit_does_not_exist_patch16").run()
+    assert not at.exception
+    msgs = errors(at)
+    assert any("unknown timm model" in m for m in msgs), msgs
+    # the baseline side still renders
+    assert len(top5_tables(at)) == 1
+
+
+def test_offline_pretrained_fails_fast_with_a_message(app, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    at = open_app()
+    at.sidebar.selectbox(key="anchored_source").set_value("timm name").run()
+    at.sidebar.text_input(key="anchored_timm").set_value("vit_tiny_patch16_224").run()
+    at.sidebar.checkbox(key="anchored_pretrained").check().run(timeout=60)
+    assert not at.exception
+    assert any("pretrained" in m and "HF_HUB_OFFLINE" in m for m in errors(at)), errors(at)
+
+
+def _png(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_upload_real_png(app):
+    rng = np.random.default_rng(0)
+    img = np.zeros((28, 28), np.uint8)
+    img[4:24, 10:18] = rng.integers(120, 255, (20, 8))
+    at = open_app()
+    at.sidebar.radio(key="image_source").set_value("Upload").run()
+    at.sidebar.file_uploader(key="image_upload").upload("trousers.png", _png(img), "image/png").run()
+    assert not at.exception
+    assert errors(at) == []
+    assert any("trousers.png" in e.label for e in at.expander)
+    assert len(top5_tables(at)) == 2
+
+
+def test_upload_garbage_shows_error_and_app_lives(app):
+    at = open_app()
+    at.sidebar.radio(key="image_source").set_value("Upload").run()
+    garbage = np.random.default_rng(1).integers(0, 256, 4096, dtype=np.uint8).tobytes()
+    at.sidebar.file_uploader(key="image_upload").upload("photo.png", garbage, "image/png").run()
+    assert not at.exception
+    msgs = errors(at)
+    assert len(msgs) == 1 and "photo.png" in msgs[0], msgs
+    assert len(top5_tables(at)) == 2, "the page must keep working on the fallback sample"
+    assert any("instead" in i.value for i in at.info)
