@@ -8,7 +8,8 @@ from typing import Tuple
 
 import torch
 
-__all__ = ["world_from_env", "init_from_env", "is_active", "rank_and_world", "shard", "all_reduce_sum"]
+__all__ = ["world_from_env", "init_from_env", "is_active", "rank_and_world", "shard", "all_reduce_sum",
+           "shutdown"]
 
 
 def world_from_env() -> int:
@@ -62,3 +63,11 @@ def all_reduce_sum(counts: torch.Tensor, device: torch.device) -> torch.Tensor:
     t = counts.to(device if dist.get_backend() == "nccl" else "cpu")
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t.cpu()
+
+
+def shutdown() -> None:
+    """Leave the process group (if any), so torchrun workers exit cleanly."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

@@ -141,7 +141,8 @@ def _flip(bt: _Batch) -> List[torch.Tensor]:
 
 def _affine(bt: _Batch) -> List[torch.Tensor]:
     i, s = bt.index, bt.seed
-    angle = _uniform(s, "affine", i, 0, -10.0, 10.0) * (math.pi / 180)
+    # The minus sign makes the view equal torchvision's affine(x, angle=θ, translate=(tx·W, ty·H), scale).
+    angle = -_uniform(s, "affine", i, 0, -10.0, 10.0) * (math.pi / 180)
     tx, ty = _uniform(s, "affine", i, 1, -0.1, 0.1), _uniform(s, "affine", i, 2, -0.1, 0.1)
     scale = _uniform(s, "affine", i, 3, 0.9, 1.1)
     cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
@@ -526,6 +527,8 @@ def run(args: argparse.Namespace) -> int:
     except EquishiftError as e:
         print(f"equishift evaluate: error: {e}", file=sys.stderr)
         return 2
+    finally:
+        dist_util.shutdown()
     if rank != 0:
         return 0
     if args.json:
