@@ -1,0 +1,618 @@
+"""Orbit sweep: push every shift of one image through a model and record what happens inside.
+
+>>> from equishift import sweep
+>>> from equishift.shifts import grid
+>>> res = sweep(model, x, grid(range(32), range(32)), mode="circular")
+>>> res.probs.shape, res.attention["blocks.3"].shape, res.layer_error["blocks.3"].shape
+
+What is recorded (``record`` picks a subset; K = number of shifts)
+- ``logits``  [K, classes] float32 (``.probs``, ``.pred``).
+- ``anchors`` {module name: LongTensor[K, 2]}: the (row, col) phase each ``PolyphaseAnchor`` selected
+  (via ``equishift.record_anchors``). Empty for unanchored models.
+- ``attention`` {layer: float16 [K, heads, h, w]} on the layer's own map grid:
+    * ViT with a CLS token: the CLS → patch-token row of every head (``kind='cls'``);
+      ViT without CLS: the mean attention each patch token *receives*, averaged over patch queries
+      (``kind='received'``); plus ``attention['rollout']`` [K, 1, h, w]: attention rollout (Abnar &
+      Zuidema 2020) of the head-mean maps with the residual as 0.5·A + 0.5·I, rows renormalised,
+      read out as the CLS row (or the mean patch row) over patch tokens.
+    * Twins LSA blocks: per window the attention each key receives, averaged over the window's
+      queries, the windows put back in place on the full token grid (``kind='lsa'``).
+    * Twins GSA blocks: the attention row of ONE query token over the sub-sampled key grid
+      (``kind='gsa'``). The query follows the content: ``query`` is a pixel of the unshifted image
+      (default its centre); for each shift the query is that pixel's token moved by the layer's token
+      shift (below).
+- ``layer_error`` {layer: float32 [K]}: the feature equivariance error of each block output
+  (metrics.md): ``||F(T x) − roll(F(x), t)|| / ||F(x)||`` over the patch tokens (CLS/prefix tokens
+  excluded), where ``t`` is the layer's *token shift* for that input.
+- ``offset`` {layer: float32 [K, 2]}: where the content of the unshifted image sits at that layer, in
+  input pixels, relative to the unshifted run. It starts at the shift (dy, dx) and every anchor
+  upstream subtracts its selected phase times its map stride (the anchored frame is never undone).
+  The token shift is ``t = round(offset / layer_stride)`` (round half to even). For a baseline and a
+  shift that is a multiple of the layer's stride this is exactly δ/s (metrics.md); for an anchored layer
+  it is the re-alignment "by the recorded anchors"; otherwise (baseline, off-grid shift) it is the
+  nearest token shift and the error includes the sub-token misalignment — which is the point.
+  ``SweepResult.aligned_attention`` uses the same offsets to undo the shift on the attention maps.
+
+The reference (unshifted: shift (0, 0) in the same mode) is always run too: ``ref_logits``,
+``ref_attention``, ``ref_anchors``.
+
+Concurrency: the sweep never touches the model it is given. It runs on a *working copy* that shares
+every parameter and buffer with the model (a structural deep copy: module objects are new, weight tensors
+are the same objects, so it costs no weight memory). Only the copy gets ``fused_attn = False`` (fused
+attention hides the maps from ``timm.utils.AttentionExtract``) and the recording hooks; it is dropped at
+the end. Several sessions can therefore sweep one cached model at the same time, and plain forward passes
+on it are never slowed or observed.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import sys
+import types
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import EquishiftError, LimitError
+from .polyphase import PolyphaseAnchor, record_anchors
+from .shifts import MODES, ShiftsLike, as_shifts, orbit, shift_batch
+
+__all__ = ["RECORDS", "SweepResult", "sweep", "working_copy", "architecture", "DEFAULT_MEMORY_MB", "MAX_SHIFTS"]
+
+RECORDS = ("logits", "attention", "anchors", "features")
+DEFAULT_MEMORY_MB = 1024
+MAX_SHIFTS = 65536
+# Chunks above this size run no faster on a CPU (cache misses grow), so the budget is capped here there.
+_CPU_CHUNK_CAP = 256
+
+
+# --- result ------------------------------------------------------------------------------------------
+@dataclass
+class SweepResult:
+    """Everything one sweep recorded. Shapes use K = number of shifts; see the module doc."""
+
+    shifts: torch.Tensor                                   # [K, 2] long (float64 for sub-pixel modes)
+    logits: Optional[torch.Tensor]                         # [K, classes] float32
+    anchors: Dict[str, torch.Tensor] = field(default_factory=dict)      # name -> long [K, 2]
+    attention: Dict[str, torch.Tensor] = field(default_factory=dict)    # layer -> fp16 [K, heads, h, w]
+    layer_error: Dict[str, torch.Tensor] = field(default_factory=dict)  # layer -> float32 [K]
+    offset: Dict[str, torch.Tensor] = field(default_factory=dict)       # layer -> float32 [K, 2] pixels
+    ref_logits: Optional[torch.Tensor] = None              # [classes]
+    ref_anchors: Dict[str, torch.Tensor] = field(default_factory=dict)     # name -> long [2]
+    ref_attention: Dict[str, torch.Tensor] = field(default_factory=dict)   # layer -> fp16 [heads, h, w]
+    meta: Dict[str, Any] = field(default_factory=dict)
+
+    # convenience views ---------------------------------------------------------------------------
+    @property
+    def probs(self) -> torch.Tensor:
+        return self._need_logits().float().softmax(-1)
+
+    @property
+    def pred(self) -> torch.Tensor:
+        return self._need_logits().argmax(-1)
+
+    @property
+    def ref_probs(self) -> torch.Tensor:
+        return self._need_logits(ref=True).float().softmax(-1)
+
+    @property
+    def ref_pred(self) -> int:
+        return int(self._need_logits(ref=True).argmax())
+
+    @property
+    def layers(self) -> List[str]:
+        """Block names in execution order (keys of ``attention`` / ``layer_error``)."""
+        return list(self.meta.get("layers", []))
+
+    @property
+    def classes(self) -> Optional[List[str]]:
+        return self.meta.get("classes")
+
+    def _need_logits(self, ref: bool = False) -> torch.Tensor:
+        t = self.ref_logits if ref else self.logits
+        if t is None:
+            raise EquishiftError("this sweep did not record logits; run it with 'logits' in record=")
+        return t
+
+    def __len__(self) -> int:
+        return int(self.shifts.shape[0])
+
+    def index_of(self, dy: float, dx: float) -> int:
+        """Row of shift (dy, dx) in this sweep; EquishiftError if it was not swept."""
+        hit = ((self.shifts[:, 0] == dy) & (self.shifts[:, 1] == dx)).nonzero()
+        if hit.numel() == 0:
+            raise EquishiftError(f"shift (dy={dy}, dx={dx}) is not part of this sweep "
+                                 f"({describe_shifts(self.shifts)})")
+        return int(hit[0, 0])
+
+    def token_shift(self, layer: str, stride: Optional[float] = None) -> torch.Tensor:
+        """Integer shift (rows, cols) that moves the unshifted run's map of ``layer`` onto the shifted
+        one: ``round(offset / stride)``; ``stride`` defaults to the layer's token stride in pixels."""
+        s = self.meta["layer_stride"][layer] if stride is None else stride
+        return torch.round(self.offset[layer].double() / s).long()
+
+    def aligned_attention(self, layer: str) -> torch.Tensor:
+        """``attention[layer]`` with each shifted map rolled back into the unshifted frame (circular),
+        so it can be compared with ``ref_attention[layer]`` cell by cell. Exact for anchored layers
+        and for shifts that are multiples of the map stride; nearest-cell otherwise."""
+        maps = self.attention[layer]
+        src = self.meta["layers"][-1] if layer == "rollout" else layer
+        t = self.token_shift(src, self.meta["attention_stride"][layer])
+        lead = maps.shape
+        flat = maps.reshape(lead[0], -1, *lead[-2:])
+        return shift_batch(flat.float(), -t, "circular").reshape(lead).to(maps.dtype)
+
+    def to_grid(self, values: torch.Tensor) -> Tuple[List[float], List[float], torch.Tensor]:
+        """Lay per-shift ``values`` [K] on the 2-D shift grid: (dys, dxs, Z[len(dys), len(dxs)]), NaN
+        where a (dy, dx) pair was not swept; repeated shifts keep their last value."""
+        ys, yi = torch.unique(self.shifts[:, 0], return_inverse=True)
+        xs, xi = torch.unique(self.shifts[:, 1], return_inverse=True)
+        z = torch.full((len(ys), len(xs)), float("nan"), dtype=torch.float64)
+        z[yi, xi] = values.double().cpu()
+        return ys.tolist(), xs.tolist(), z
+
+    def describe(self) -> str:
+        """One line naming the shift mode and range, for figure titles (metrics.md, last line)."""
+        return f"{self.meta.get('mode', '?')} shifts, {describe_shifts(self.shifts)}"
+
+    # persistence ----------------------------------------------------------------------------------
+    def save(self, path) -> None:
+        """Write an ``.npz`` (numpy arrays and a JSON string; loads with ``allow_pickle=False``)."""
+        arrays: Dict[str, np.ndarray] = {"shifts": self.shifts.numpy(), "meta": np.array(json.dumps(self.meta))}
+        if self.logits is not None:
+            arrays["logits"] = self.logits.numpy()
+            arrays["ref_logits"] = self.ref_logits.numpy()
+        for prefix, d in (("anchors", self.anchors), ("attention", self.attention),
+                          ("layer_error", self.layer_error), ("offset", self.offset),
+                          ("ref_anchors", self.ref_anchors), ("ref_attention", self.ref_attention)):
+            for k, v in d.items():
+                arrays[f"{prefix}/{k}"] = v.numpy()
+        with open(path, "wb") as f:
+            np.savez_compressed(f, **arrays)
+
+    @classmethod
+    def load(cls, path) -> "SweepResult":
+        with np.load(path, allow_pickle=False) as z:
+            data = {k: z[k] for k in z.files}
+        out = cls(shifts=torch.from_numpy(data.pop("shifts")), logits=None,
+                  meta=json.loads(str(data.pop("meta"))))
+        if "logits" in data:
+            out.logits = torch.from_numpy(data.pop("logits"))
+            out.ref_logits = torch.from_numpy(data.pop("ref_logits"))
+        for key, arr in data.items():
+            prefix, name = key.split("/", 1)
+            getattr(out, prefix)[name] = torch.from_numpy(arr)
+        return out
+
+
+def describe_shifts(shifts: torch.Tensor) -> str:
+    """'dy∈[a, b], dx∈[c, d] (K shifts)'."""
+    s = shifts
+    if s.numel() == 0:
+        return "no shifts"
+    fmt = (lambda v: f"{v:g}")
+    return (f"dy∈[{fmt(s[:, 0].min().item())}, {fmt(s[:, 0].max().item())}], "
+            f"dx∈[{fmt(s[:, 1].min().item())}, {fmt(s[:, 1].max().item())}] ({s.shape[0]} shifts)")
+
+
+# --- model introspection -------------------------------------------------------------------------
+def architecture(model: nn.Module) -> str:
+    """'vit' (timm VisionTransformer, anchored or not), 'twins' (timm Twins) or 'other'."""
+    from timm.models.twins import Twins
+    from timm.models.vision_transformer import VisionTransformer
+
+    if isinstance(model, VisionTransformer):
+        return "vit"
+    if isinstance(model, Twins):
+        return "twins"
+    return "other"
+
+
+def working_copy(model: nn.Module) -> nn.Module:
+    """A structural copy of ``model`` sharing every parameter and buffer (no weight memory).
+
+    Flags and hooks set on the copy never reach ``model``; reads of ``model`` stay untouched, so it is
+    safe while other threads use ``model``."""
+    memo: Dict[int, Any] = {id(t): t for t in model.parameters()}
+    memo.update({id(t): t for t in model.buffers()})
+    return copy.deepcopy(model, memo)
+
+
+def _blocks(model: nn.Module, arch: str) -> List[Tuple[str, nn.Module]]:
+    if arch == "vit":
+        return [(f"blocks.{i}", b) for i, b in enumerate(model.blocks)]
+    if arch == "twins":
+        return [(f"blocks.{k}.{j}", b) for k, stage in enumerate(model.blocks) for j, b in enumerate(stage)]
+    return []
+
+
+def _patch_size(model: nn.Module) -> int:
+    p = model.patch_embed.patch_size
+    p = p if isinstance(p, int) else tuple(p)
+    if isinstance(p, tuple):
+        if p[0] != p[1]:
+            raise EquishiftError(f"sweep needs square patches, got {p}")
+        p = p[0]
+    return int(p)
+
+
+# --- one forward pass worth of hook state ---------------------------------------------------------
+class _Pass:
+    """What the hooks of one forward pass write (one chunk, or the reference run)."""
+
+    def __init__(self, offset: torch.Tensor, rec: Dict[str, torch.Tensor], is_ref: bool):
+        self.offset = offset            # [B, 2] float64 on CPU: running content offset in pixels
+        self.rec = rec                  # record_anchors dict of this pass
+        self.is_ref = is_ref
+        self.layer_offset: Dict[str, torch.Tensor] = {}
+        self.layer_error: Dict[str, torch.Tensor] = {}
+        self.anchors: Dict[str, torch.Tensor] = {}
+        self.sizes: Dict[str, Tuple[int, int]] = {}
+        self.features: Dict[str, torch.Tensor] = {}   # reference run only
+        self.logits: Optional[torch.Tensor] = None
+        self.attention: Dict[str, torch.Tensor] = {}
+        self.query: Dict[str, Tuple[int, int]] = {}
+        self.raw_attention_bytes = 0    # per sample, as captured (before reduction)
+
+
+class _Probe:
+    """Hooks on a working copy that track the content offset through the anchors, reduce block outputs
+    to equivariance errors, and reduce attention maps to compact per-layer maps."""
+
+    def __init__(self, model: nn.Module, record: Sequence[str], image_hw: Tuple[int, int],
+                 query: Optional[Tuple[int, int]]):
+        self.model = model
+        self.arch = architecture(model)
+        self.record = set(record)
+        self.hw = image_hw
+        self.query_px = query if query is not None else (image_hw[0] // 2, image_hw[1] // 2)
+        self.state: Optional[_Pass] = None
+        self.ref: Optional[_Pass] = None
+        self.blocks = _blocks(model, self.arch)
+        self.layers = [n for n, _ in self.blocks]
+        self.prefix = int(getattr(model, "num_prefix_tokens", 0)) if self.arch == "vit" else 0
+        self.patch = _patch_size(model) if self.arch == "vit" else None
+        self.has_cls = self.arch == "vit" and getattr(model, "cls_token", None) is not None
+        self.anchor_names = [n for n, m in model.named_modules() if isinstance(m, PolyphaseAnchor)]
+        self.anchor_stride = {n: m.stride for n, m in model.named_modules() if isinstance(m, PolyphaseAnchor)}
+        self.kind: Dict[str, str] = {}
+        self.sr: Dict[str, int] = {}
+        self.layer_stride: Dict[str, float] = {}
+        self._handles = []
+        self.extract = None
+        self._install()
+
+    # hooks ------------------------------------------------------------------------------------
+    def _install(self) -> None:
+        m = self.model
+        self._handles.append(m.register_forward_hook(self._on_output))
+        names = {id(mod): n for n, mod in m.named_modules()}
+        for n, mod in m.named_modules():
+            if isinstance(mod, PolyphaseAnchor):
+                self._handles.append(mod.register_forward_hook(self._anchor_hook(n)))
+        if self.arch == "other":
+            return
+        attn_names = []
+        for layer, blk in self.blocks:
+            self._handles.append(blk.register_forward_hook(self._block_hook(layer)))
+            attn = blk.attn
+            if self.arch == "vit":
+                self.kind[layer] = "cls" if self.has_cls else "received"
+            elif hasattr(attn, "ws"):
+                self.kind[layer] = "lsa"
+            else:
+                self.kind[layer] = "gsa"
+                self.sr[layer] = int(attn.sr_ratio) if getattr(attn, "sr", None) is not None else 1
+            attn_names.append(names[id(attn.attn_drop)])
+        if "attention" in self.record:
+            from timm.utils import AttentionExtract
+
+            # Fused attention (SDPA) never materialises the maps; this is the working copy, so the flag
+            # flip is private to this sweep.
+            for mod in m.modules():
+                if hasattr(mod, "fused_attn"):
+                    mod.fused_attn = False
+            self.extract = AttentionExtract(m, names=attn_names, method="hook")
+            self.attn_layer = dict(zip(attn_names, self.layers))
+
+    def _on_output(self, mod, args, out):
+        self.state.logits = out
+
+    def _anchor_hook(self, name: str):
+        def hook(mod, args, out):
+            st = self.state
+            idx = st.rec[name]
+            g = self.hw[0] / args[0].shape[-2]
+            st.offset = st.offset - idx.double() * g
+            st.anchors[name] = idx
+        return hook
+
+    def _block_hook(self, layer: str):
+        def hook(mod, args, out):
+            st = self.state
+            if self.arch == "twins":
+                h, w = args[1]
+                tokens = out
+            else:
+                h, w = self.hw[0] // self.patch, self.hw[1] // self.patch
+                tokens = out[:, self.prefix:]
+            g = self.hw[0] / h
+            self.layer_stride[layer] = g
+            st.sizes[layer] = (h, w)
+            st.layer_offset[layer] = st.offset.clone()
+            if "features" not in self.record:
+                return
+            # A view [B, C, h, w] of the tokens: no copy until the error is computed.
+            feat = tokens.transpose(1, 2).unflatten(2, (h, w))
+            if st.is_ref:
+                st.features[layer] = feat.float().clone()
+            else:
+                from .metrics import feature_equivariance_error
+
+                t = self._token_shift(st, layer)
+                st.layer_error[layer] = feature_equivariance_error(feat, self.ref.features[layer][0], t).cpu()
+        return hook
+
+    def _token_shift(self, st: _Pass, layer: str) -> torch.Tensor:
+        d = st.layer_offset[layer] - self.ref.layer_offset[layer]
+        return torch.round(d / self.layer_stride[layer]).long()
+
+    # running ------------------------------------------------------------------------------------
+    def run(self, x: torch.Tensor, shifts_px: torch.Tensor, is_ref: bool) -> _Pass:
+        with record_anchors(self.model) as rec:
+            self.state = st = _Pass(shifts_px.double().clone(), rec, is_ref)
+            if self.extract is not None:
+                maps = self.extract(x)
+            else:
+                self.model(x)
+                maps = {}
+        st.raw_attention_bytes = sum(v.numel() * v.element_size() for v in maps.values()) // max(1, x.shape[0])
+        st.attention = self._reduce_attention(st, maps)
+        if is_ref:
+            self.ref = st
+        self.state = None
+        return st
+
+    def _reduce_attention(self, st: _Pass, maps: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        out: Dict[str, torch.Tensor] = {}
+        vit_maps = []
+        for name, a in maps.items():
+            layer = self.attn_layer[name]
+            h, w = st.sizes[layer]
+            kind = self.kind[layer]
+            if kind in ("cls", "received"):
+                b, heads = a.shape[:2]
+                p = self.prefix
+                rows = a[:, :, 0, p:] if kind == "cls" else a[:, :, p:, p:].mean(2)
+                out[layer] = rows.reshape(b, heads, h, w)
+                vit_maps.append(a)
+            elif kind == "lsa":
+                ws = self.model_block(layer).attn.ws
+                b, nw, heads = a.shape[:3]
+                hp, wp = -(-h // ws), -(-w // ws)
+                recv = a.mean(-2).reshape(b, hp, wp, heads, ws, ws)
+                grid = recv.permute(0, 3, 1, 4, 2, 5).reshape(b, heads, hp * ws, wp * ws)
+                out[layer] = grid[:, :, :h, :w]
+            else:  # gsa: one query row over the (sub-sampled) key grid
+                sr = self.sr[layer]
+                b, heads = a.shape[:2]
+                q = self._query_token(st, layer)
+                rows = a[torch.arange(b, device=a.device), :, q.to(a.device)]
+                out[layer] = rows.reshape(b, heads, h // sr, w // sr)
+        if vit_maps:
+            h, w = st.sizes[self.layers[-1]]
+            out["rollout"] = self._rollout(vit_maps).reshape(-1, 1, h, w)
+        return {k: v.to(torch.float16).cpu() for k, v in out.items()}
+
+    def _rollout(self, maps: List[torch.Tensor]) -> torch.Tensor:
+        """Rollout read-out row over patch tokens: v^T Â_L ··· Â_1 with Â = 0.5·mean_heads(A) + 0.5·I.
+        Â's rows already sum to 1 (softmax rows), so no renormalisation is needed; multiplying a row
+        vector from the last layer down costs B·T² per layer instead of B·T³ for the full product."""
+        p = self.prefix
+        last = maps[-1]
+        b, t = last.shape[0], last.shape[-1]
+        if self.has_cls:
+            v = torch.zeros(b, t, dtype=torch.float32, device=last.device)
+            v[:, 0] = 1
+        else:  # mean over patch queries
+            v = torch.zeros(b, t, dtype=torch.float32, device=last.device)
+            v[:, p:] = 1.0 / (t - p)
+        for a in reversed(maps):
+            v = 0.5 * (v[:, None, None, :] @ a.float()).mean(1)[:, 0] + 0.5 * v
+        return v[:, p:]
+
+    def model_block(self, layer: str) -> nn.Module:
+        return dict(self.blocks)[layer]
+
+    def _query_token(self, st: _Pass, layer: str) -> torch.Tensor:
+        """Flat index of the GSA query token: the query pixel's token in the unshifted run, moved by the
+        layer's token shift (so the query stays on the same content)."""
+        h, w = st.sizes[layer]
+        g = self.layer_stride[layer]
+        if st.is_ref:
+            o = st.layer_offset[layer][0]
+            r = int(math.floor((self.query_px[0] + o[0].item()) / g)) % h
+            c = int(math.floor((self.query_px[1] + o[1].item()) / g)) % w
+            st.query[layer] = (r, c)
+            return torch.tensor([r * w + c])
+        r0, c0 = self.ref.query[layer]
+        t = self._token_shift(st, layer)
+        return ((r0 + t[:, 0]) % h) * w + (c0 + t[:, 1]) % w
+
+    def meta(self) -> Dict[str, Any]:
+        att_stride = {}
+        for layer in self.layers:
+            g = self.layer_stride.get(layer)
+            if g is not None:
+                att_stride[layer] = g * self.sr.get(layer, 1)
+        if self.layers and self.arch == "vit":
+            att_stride["rollout"] = self.layer_stride.get(self.layers[-1])
+        return {
+            "architecture": self.arch, "layers": self.layers, "attention_kind": self.kind,
+            "layer_stride": self.layer_stride, "attention_stride": att_stride,
+            "anchor_names": self.anchor_names, "anchor_stride": self.anchor_stride,
+            "query": list(self.query_px) if self.arch == "twins" else None,
+            "prefix_tokens": self.prefix, "cls_token": self.has_cls,
+        }
+
+
+# --- sweep ---------------------------------------------------------------------------------------
+def _is_oom(err: BaseException) -> bool:
+    return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
+
+
+def _per_sample_bytes(ref: _Pass, x: torch.Tensor) -> int:
+    """Rough peak memory of one shifted copy: the full attention maps the extractor holds until the pass
+    ends, ~12 block-output-sized buffers of working set (MLP hidden, q/k/v, residual, features) and the
+    input copies. Measured on the unshifted run."""
+    block = max((f[0].numel() * 4 for f in ref.features.values()), default=0)
+    if not block:  # features not recorded: assume a 256-wide token grid
+        block = max((256 * 4 * h * w for h, w in ref.sizes.values()), default=0)
+    return int(ref.raw_attention_bytes + 12 * block + 4 * x.numel() * x.element_size()) + 1
+
+
+def sweep(model, image: torch.Tensor, shifts: ShiftsLike, mode: str = "circular",
+          record: Sequence[str] = RECORDS, *, memory_budget_mb: float = DEFAULT_MEMORY_MB,
+          batch_size: Optional[int] = None, progress: Optional[Callable[[int, int], None]] = None,
+          size: Optional[Tuple[int, int]] = None, classes: Optional[Sequence[str]] = None,
+          query: Optional[Tuple[int, int]] = None) -> SweepResult:
+    """Run ``model`` on every shift of ``image`` and record logits, anchors, attention and per-layer
+    feature equivariance errors (module doc).
+
+    model: an ``nn.Module`` in eval mode, or a ``LoadedModel`` (its ``.model`` and ``.classes`` are used).
+    image: preprocessed (C, H, W) or (1, C, H, W) tensor. shifts: (dy, dx) pairs or [K, 2] tensor.
+    mode: one of ``equishift.shifts.MODES``; ``size`` = the (h, w) window for ``mode='crop'``.
+    memory_budget_mb: bounds the chunk of shifts run at once (estimated from the unshifted run);
+    ``batch_size`` overrides it. A CUDA out-of-memory halves the chunk and retries.
+    progress: ``callable(done, total)`` called after each chunk. query: pixel (y, x) of the unshifted
+    image whose token is the query of the Twins GSA maps (default: the centre).
+    """
+    if not isinstance(model, nn.Module) and hasattr(model, "model"):
+        classes = classes if classes is not None else getattr(model, "classes", None)
+        model = model.model
+    if not isinstance(model, nn.Module):
+        raise EquishiftError(f"sweep needs a torch model, got {type(model).__name__}")
+    if mode not in MODES:
+        raise EquishiftError(f"unknown shift mode {mode!r}; choose one of {', '.join(MODES)}")
+    bad = set(record) - set(RECORDS)
+    if bad:
+        raise EquishiftError(f"unknown record type(s) {sorted(bad)}; choose from {', '.join(RECORDS)}")
+    if mode == "crop" and size is None:
+        raise EquishiftError("mode='crop' needs size=(h, w): the window the model sees, cut from a larger image")
+    if not torch.is_tensor(image) or image.dim() not in (3, 4) or (image.dim() == 4 and image.shape[0] != 1):
+        shape = tuple(image.shape) if torch.is_tensor(image) else type(image).__name__
+        raise EquishiftError(f"image must be a preprocessed tensor (C, H, W) or (1, C, H, W), got {shape}")
+    image = image[0] if image.dim() == 4 else image
+    fractional = mode in ("bilinear", "fourier")
+    try:
+        s = as_shifts(shifts, integer=not fractional)
+    except ValueError as e:
+        raise EquishiftError(str(e)) from None
+    k = s.shape[0]
+    if k == 0:
+        raise EquishiftError("no shifts to sweep: pass at least one (dy, dx)")
+    if k > MAX_SHIFTS:
+        raise LimitError(f"{k} shifts exceed the sweep limit of {MAX_SHIFTS}; use a coarser grid")
+    if memory_budget_mb <= 0:
+        raise LimitError(f"memory_budget_mb must be positive, got {memory_budget_mb}")
+
+    param = next(iter(model.parameters()), None)
+    device = param.device if param is not None else torch.device("cpu")
+    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+    image = image.to(device=device, dtype=dtype)
+    hw = tuple(size) if mode == "crop" else tuple(image.shape[-2:])
+
+    work = working_copy(model).eval()
+    probe = _Probe(work, record, hw, query)
+    zero = torch.zeros(1, 2, dtype=s.dtype)
+    try:
+        with torch.inference_mode():
+            ref = probe.run(orbit(image, zero, mode, size), zero, is_ref=True)
+            if batch_size is not None:
+                if batch_size < 1:
+                    raise LimitError(f"batch_size must be at least 1, got {batch_size}")
+                chunk = int(batch_size)
+            else:
+                per = _per_sample_bytes(ref, image)
+                chunk = max(1, int(memory_budget_mb * 2 ** 20 // per))
+                if device.type == "cpu":
+                    chunk = min(chunk, _CPU_CHUNK_CAP)
+            chunk = min(chunk, k)
+            parts: List[_Pass] = []
+            done = 0
+            if progress is not None:
+                progress(0, k)
+            while done < k:
+                sl = s[done:done + chunk]
+                try:
+                    st = probe.run(orbit(image, sl, mode, size), sl, is_ref=False)
+                except (torch.OutOfMemoryError, RuntimeError) as err:
+                    if not _is_oom(err):
+                        raise
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
+                    if chunk == 1:
+                        raise LimitError("out of memory with one shift at a time; free GPU memory or use "
+                                         "device='cpu'") from err
+                    chunk = max(1, chunk // 2)
+                    continue
+                parts.append(st)
+                done += sl.shape[0]
+                if progress is not None:
+                    progress(done, k)
+    finally:
+        for h in probe._handles:
+            h.remove()
+    return _assemble(s, parts, ref, probe, record, mode, hw, tuple(image.shape[-2:]), classes, model)
+
+
+def _assemble(s, parts: List[_Pass], ref: _Pass, probe: _Probe, record, mode, hw, in_hw, classes,
+              model) -> SweepResult:
+    from .anchoring import anchoring_mode
+
+    def cat(get):
+        return torch.cat([get(p) for p in parts])
+
+    res = SweepResult(shifts=s.clone(), logits=None)
+    if "logits" in record:
+        res.logits = cat(lambda p: p.logits.float().cpu())
+        res.ref_logits = ref.logits.float().cpu()[0]
+    if "anchors" in record:
+        res.anchors = {n: cat(lambda p: p.anchors[n]) for n in ref.anchors}
+        res.ref_anchors = {n: v[0] for n, v in ref.anchors.items()}
+    if "attention" in record:
+        res.attention = {n: cat(lambda p: p.attention[n]) for n in ref.attention}
+        res.ref_attention = {n: v[0] for n, v in ref.attention.items()}
+    if "features" in record:
+        res.layer_error = {n: cat(lambda p: p.layer_error[n]).float() for n in ref.features}
+    res.offset = {n: cat(lambda p: p.layer_offset[n] - ref.layer_offset[n][0]).float() for n in ref.layer_offset}
+    meta = probe.meta()
+    if probe.arch == "vit":
+        meta["patch_size"] = _patch_size(model)
+    meta.update({
+        "mode": mode, "image_size": list(hw), "input_size": list(in_hw), "record": list(record),
+        "num_shifts": int(s.shape[0]), "model": type(model).__name__, "anchoring": anchoring_mode(model),
+        "classes": list(classes) if classes is not None else None,
+        "grid": {n: list(v) for n, v in ref.sizes.items()},
+    })
+    if probe.arch == "other":
+        skipped = [r for r in ("attention", "features") if r in record]
+        if skipped:
+            meta["not_recorded"] = {r: "only timm ViT/DeiT and Twins models expose these" for r in skipped}
+    res.meta = meta
+    return res
+
+
+# ``equishift.sweep`` names both this module and the function. Python binds a package attribute to the
+# submodule as soon as the submodule is imported, so ``equishift.sweep`` can be either; making the
+# module callable means ``equishift.sweep(model, image, shifts)`` works whichever one it is.
+class _CallableModule(types.ModuleType):
+    def __call__(self, *args, **kwargs) -> SweepResult:
+        return sweep(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
