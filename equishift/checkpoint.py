@@ -48,6 +48,7 @@ PathLike = Union[str, os.PathLike]
 _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "module", "net", "network", "weights",
                  "state_dict_ema", "model_ema")
 _PREFIXES = ("module.", "_orig_mod.")
+_MAX_SAFETENSORS_HEADER = 100 * 2**20   # safetensors' own cap on the JSON header
 _SAFE_HINT = "save the model's state_dict with safetensors (equishift.checkpoint.save_weights)"
 
 
@@ -72,8 +73,8 @@ def load_weights(path: PathLike, *, max_bytes: int = DEFAULT_MAX_BYTES) -> Dict[
     if size == 0:
         raise CheckpointError(f"{name}: the file is empty (0 bytes), not a checkpoint")
     if size > max_bytes:
-        raise CheckpointError(f"{name}: file is {size / 2**20:.1f} MiB, over the limit of "
-                              f"{max_bytes / 2**20:.1f} MiB (max_bytes={max_bytes}); refused before reading")
+        raise CheckpointError(f"{name}: file is {_human(size)}, over the limit of {_human(max_bytes)} "
+                              f"(max_bytes={max_bytes}); refused before reading")
     with open(path, "rb") as f:
         head = f.read(16)
     if _looks_like_safetensors(head):
@@ -112,11 +113,12 @@ def _describe(head: bytes) -> str:
 
 def _load_safetensors(path: Path, name: str, size: int) -> Dict[str, torch.Tensor]:
     """Validate the header against the file size (to name truncation), then safetensors' own loader."""
-    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     with open(path, "rb") as f:
         (n,) = struct.unpack("<Q", f.read(8))
+        if n > _MAX_SAFETENSORS_HEADER:
+            raise CheckpointError(f"{name}: corrupt safetensors header (declares {n} bytes of JSON)")
         if n > size - 8:
             raise CheckpointError(f"{name}: truncated safetensors file (header of {n} bytes, file has "
                                   f"{size} bytes)")
@@ -126,17 +128,17 @@ def _load_safetensors(path: Path, name: str, size: int) -> Dict[str, torch.Tenso
             raise CheckpointError(f"{name}: corrupt safetensors header ({e})") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{name}: corrupt safetensors header (not a JSON object)")
-    ends = [v.get("data_offsets", [0, 0])[1] for k, v in header.items()
+    ends = [v["data_offsets"][1] for k, v in header.items()
             if k != "__metadata__" and isinstance(v, dict) and isinstance(v.get("data_offsets"), list)
-            and len(v["data_offsets"]) == 2]
+            and len(v["data_offsets"]) == 2 and isinstance(v["data_offsets"][1], int)]
     needed = 8 + n + max(ends, default=0)
     if size < needed:
         raise CheckpointError(f"{name}: truncated safetensors file ({size} bytes, the header needs "
                               f"{needed}); download or copy it again")
     try:
         return load_file(str(path), device="cpu")
-    except (SafetensorError, ValueError, OSError, RuntimeError) as e:
-        raise CheckpointError(f"{name}: corrupt safetensors file ({e})") from None
+    except Exception as e:  # SafetensorError and friends: the header was plausible, the body is not
+        raise CheckpointError(f"{name}: corrupt safetensors file ({_short(e)})") from None
 
 
 def _load_torch_zip(path: Path, name: str, max_bytes: int) -> object:
@@ -145,8 +147,8 @@ def _load_torch_zip(path: Path, name: str, max_bytes: int) -> object:
             infos = z.infolist()
             total = sum(i.file_size for i in infos)
             if total > max_bytes:
-                raise CheckpointError(f"{name}: unpacks to {total / 2**20:.1f} MiB, over the limit of "
-                                      f"{max_bytes / 2**20:.1f} MiB (max_bytes={max_bytes})")
+                raise CheckpointError(f"{name}: unpacks to {_human(total)}, over the limit of "
+                                      f"{_human(max_bytes)} (max_bytes={max_bytes})")
             names = [i.filename for i in infos]
             if any(n.endswith("/constants.pkl") or "/code/" in n for n in names):
                 raise CheckpointError(f"{name}: is a TorchScript archive (running it executes code), "
@@ -175,8 +177,18 @@ def _torch_load(path: Path, name: str) -> object:
     except pickle.UnpicklingError as e:
         found = re.findall(r"GLOBAL ([\w.]+)", str(e))
         raise CheckpointError(_code_message(name, found or [_short(e)])) from None
-    except (RuntimeError, EOFError, OSError, ValueError, KeyError, struct.error) as e:
+    except MemoryError:
+        raise CheckpointError(f"{name}: declares more tensor data than there is memory; corrupt?") from None
+    except Exception as e:  # the globals were vetted: anything else is a damaged file, in torch's words
         raise CheckpointError(f"{name}: truncated or corrupt PyTorch checkpoint ({_short(e)})") from None
+
+
+def _human(n: int) -> str:
+    if n < 10 * 1024:
+        return f"{n} bytes"
+    if n < 10 * 2**20:
+        return f"{n / 1024:.1f} KiB"
+    return f"{n / 2**20:.1f} MiB"
 
 
 def _short(e: BaseException) -> str:
@@ -258,19 +270,23 @@ def _allowed_globals() -> Set[str]:
     return allowed
 
 
-def _refuse_unsafe_globals(found: Iterable[str], name: str) -> None:
+def _refuse_unsafe_globals(found: Set[str], name: str) -> None:
     allowed = _allowed_globals()
     if not allowed:
         return
     # torch.* names outside the list are left to torch.load, which knows its own special cases.
     unsafe = sorted(g for g in found if g not in allowed and not g.startswith("torch."))
     if unsafe:
-        raise CheckpointError(_code_message(name, unsafe))
+        raise CheckpointError(_code_message(name, unsafe, whole_model=_is_module_pickle(found)))
 
 
-def _code_message(name: str, globals_: List[str]) -> str:
+def _is_module_pickle(found: Iterable[str]) -> bool:
+    return any(g.startswith("torch.nn.modules.") for g in found)
+
+
+def _code_message(name: str, globals_: List[str], whole_model: bool = False) -> str:
     shown = ", ".join(globals_[:3]) + (f" and {len(globals_) - 3} more" if len(globals_) > 3 else "")
-    if any(g.startswith("torch.nn.modules.") for g in globals_):
+    if whole_model or _is_module_pickle(globals_):
         # torch.save(model) instead of torch.save(model.state_dict()): common, and harmless-looking.
         return (f"{name}: contains pickled code (a whole pickled model object: {shown}), refused; "
                 f"{_SAFE_HINT}")

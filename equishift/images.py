@@ -172,8 +172,16 @@ def _read_source(source: ImageSource, max_bytes: int) -> Tuple[bytes, str]:
 
 def _too_many_bytes(name: str, size: int, limit: int, at_least: bool = False) -> str:
     more = "more than " if at_least else ""
-    return (f"{name}: file is {more}{size / 2**20:.1f} MiB, over the limit of {limit / 2**20:.1f} MiB "
+    return (f"{name}: file is {more}{_human(size)}, over the limit of {_human(limit)} "
             f"(max_bytes={limit}); downscale or recompress it")
+
+
+def _human(n: int) -> str:
+    if n < 10 * 1024:
+        return f"{n} bytes"
+    if n < 10 * 2**20:
+        return f"{n / 1024:.1f} KiB"
+    return f"{n / 2**20:.1f} MiB"
 
 
 def _check_png_chunks(data: bytes, name: str) -> None:
