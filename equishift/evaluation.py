@@ -231,7 +231,10 @@ def wilson_interval(count: int, n: int, z: float = Z95) -> Tuple[float, float]:
     denom = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
+    # At p̂ = 0 or 1 the bound is exactly 0 or 1; floating point would leave it 1 ulp inside.
+    lo = 0.0 if count == 0 else max(0.0, centre - half)
+    hi = 1.0 if count == n else min(1.0, centre + half)
+    return lo, hi
 
 
 def _paired_drop(n10: int, n01: int, n: int) -> Tuple[float, Tuple[float, float]]:
@@ -302,6 +305,8 @@ def _label_map(dataset, classes: Sequence[str]) -> Optional[torch.Tensor]:
     ds_classes = getattr(dataset, "classes", None)
     if ds_classes is None or list(ds_classes) == list(classes):
         return None
+    if list(classes) == [f"class {k}" for k in range(len(classes))] and len(ds_classes) <= len(classes):
+        return None  # a model without class names (timm random init / local file): labels are indices
     pos = {c: k for k, c in enumerate(classes)}
     missing = [c for c in ds_classes if c not in pos]
     if missing:
