@@ -9,12 +9,14 @@ same messages. The rules, in order:
    accepted (``SUPPORTED_FORMATS``); SVG, HEIC/HEIF, AVIF, PDF, ... are refused with a hint to export a PNG;
    text and unknown bytes are refused. Only the sniffed format's decoder is ever run, so PIL's riskier
    plugins (e.g. EPS, which calls Ghostscript) are unreachable.
-3. Size in pixels: read from the header (``Image.open`` is lazy) and refused above ``max_pixels`` BEFORE
-   any pixel is decoded — a decompression bomb costs a header read. Huge valid images are refused the same
-   way (not downscaled): the message names the size and the limit. ``PIL.Image.MAX_IMAGE_PIXELS`` is global
-   and is never changed here; PIL's own refusal (``DecompressionBombError``, above 2 × that value) is
-   reported as the same ``ImageError``. PIL may still emit its ``DecompressionBombWarning`` for a header
-   between 1× and 2× its limit before we refuse the file: silencing it would need ``warnings``' global
+3. Size in pixels: read from the header and refused above ``max_pixels`` BEFORE any pixel is decoded or
+   any image buffer allocated — a decompression bomb costs a header read. PNG and WebP headers are read
+   here, before ``Image.open`` (PIL's WebP plugin creates its decoder inside ``open``); the other formats
+   through ``Image.open``, which is lazy. Huge valid images are refused the same way (not downscaled): the
+   message names the size and the limit. ``PIL.Image.MAX_IMAGE_PIXELS`` is global and is never changed
+   here; PIL's own refusal (``DecompressionBombError``, above 2 × that value) is reported as the same
+   ``ImageError``. For a JPEG/GIF/TIFF/BMP header between 1× and 2× PIL's limit PIL may emit its
+   ``DecompressionBombWarning`` before we refuse the file: silencing it would need ``warnings``' global
    filters, which other threads share.
 4. Decode fully (truncated or corrupt files fail here, PNG chunk CRCs are verified first), then apply the
    EXIF orientation (``ImageOps.exif_transpose``), then convert to RGB:
