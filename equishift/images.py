@@ -27,7 +27,10 @@ same messages. The rules, in order:
      scaled to 8 bits by ``round(v / 257)`` (values outside 0..65535 are clipped);
    - float (``F``, e.g. float TIFF): values in [0, 1] are scaled by 255, values in [0, 255] are rounded;
      NaN/Inf or values outside [0, 255] are refused, since any rescaling would be a guess;
-   - CMYK is converted with PIL's formula, grayscale and bilevel are replicated to three channels.
+   - CMYK is converted with PIL's formula, grayscale and bilevel are replicated to three channels; LAB and
+     HSV (TIFF) are refused;
+   - embedded ICC profiles are ignored, as timm/torchvision data loaders ignore them: the model sees the
+     pixel values it would have seen in training.
 """
 from __future__ import annotations
 
@@ -284,9 +287,17 @@ def _to_rgb(im: Image.Image, name: str) -> Image.Image:
         return im.copy()
     if mode.startswith("I;16") or mode == "I":
         values = np.asarray(im, dtype=np.float64)
-        return Image.fromarray(_round_u8(np.clip(values, 0, 65535) / 257.0), "L").convert("RGB")
+        gray = _round_u8(np.clip(values, 0, 65535) / 257.0)
+        key = im.info.get("transparency")
+        if isinstance(key, int):
+            gray[values == key] = BACKGROUND[0]   # colour-key transparency (16-bit PNG tRNS); white is grey
+        return Image.fromarray(gray, "L").convert("RGB")
     if mode == "F":
         return Image.fromarray(_float_to_u8(np.asarray(im, dtype=np.float64), name), "L").convert("RGB")
+    if mode in ("LAB", "HSV"):
+        # PIL would reinterpret the channels as RGB bytes: silently wrong colours.
+        raise ImageError(f"{name}: colour mode {mode} is not supported (PIL cannot convert it to RGB "
+                         "correctly); save the image as RGB")
     has_alpha = mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in im.info
     try:
         if has_alpha:

@@ -157,6 +157,11 @@ def image_cases() -> List[ImageCase]:
     add(ImageCase("png16_gray", "depth16.png", "image/png",
                   encode_png(10, 12, bit_depth=16, color_type=0, rows=[r.tobytes() for r in v16]),
                   expected=_gray3(k16.astype(np.uint8))))
+    key16 = int(v16[0, 0])                                # every pixel of that value becomes white
+    add(ImageCase("png16_gray_colour_key", "depth16.png", "image/png",
+                  encode_png(10, 12, bit_depth=16, color_type=0, rows=[r.tobytes() for r in v16],
+                             extra_chunks=png_chunk(b"tRNS", struct.pack(">H", key16))),
+                  expected=_gray3(np.where(v16 == key16, 255, k16).astype(np.uint8))))
     k16c = rng.integers(0, 256, (12, 10, 3), dtype=np.int64)
     v16c = np.clip(k16c * 257 + rng.integers(-100, 101, k16c.shape), 0, 65535).astype(">u2")
     add(ImageCase("png16_rgb", "depth16.png", "image/png",
@@ -201,6 +206,9 @@ def image_cases() -> List[ImageCase]:
     fnan[0, 0] = np.nan
     add(ImageCase("float_tiff_nan", "float.tiff", "image/tiff", _save(Image.fromarray(fnan, "F"), "TIFF"),
                   error="NaN or Inf"))
+
+    add(ImageCase("tiff_lab_refused", "lab.tiff", "image/tiff", _save(Image.new("LAB", (4, 5), (50, 10, 10)),
+                  "TIFF"), error="colour mode LAB is not supported"))
 
     # --- EXIF orientation: stored landscape, displayed rotated
     quad = _blocks(rng, 32, 48, block=16)
