@@ -413,9 +413,10 @@ def _create_timm(s: Spec, **extra):
 def _hub_reachable(timeout: float = 3.0) -> bool:
     """A quick TCP probe of the hub, so that no network fails in seconds instead of ~47 s of retries."""
     endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
-    host = urlparse(endpoint).hostname or "huggingface.co"
+    url = urlparse(endpoint)
+    host, port = url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
     try:
-        with socket.create_connection((host, 443), timeout=timeout):
+        with socket.create_connection((host, port), timeout=timeout):
             return True
     except OSError:
         return False
@@ -483,7 +484,14 @@ def _load_timm(s: Spec):
         if "num_classes" not in dict(s.kwargs) and head in state and state[head].dim() == 2:
             extra["num_classes"] = int(state[head].shape[0])
         model = _create_timm(s, **extra)
-        apply_weights(model, state, strict=True)
+        try:
+            apply_weights(model, state, strict=True)
+        except CheckpointError as e:
+            if any("pos_conv." in k or "patch_embed.embed." in k for k in state):
+                raise CheckpointError(f"{e}. These look like the weights of an anchorized model: load them "
+                                      f"with their card (zoo:DIR/NAME.json), which rebuilds the anchors "
+                                      f"before loading") from None
+            raise
     else:
         model = _create_timm(s)
     if getattr(model, "num_classes", 1) == 0:

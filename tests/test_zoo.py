@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import builtins
 import json
-import math
 import time
 from pathlib import Path
 
@@ -330,3 +329,11 @@ def test_shipped_model_loads_fast_and_its_card_metrics_reproduce(spec, fmnist):
         assert result["protocols"].get("consistency-a", {"value": 1.0})["value"] >= 0.995
         x, _ = fmnist.batch(torch.arange(4))
         assert_shift_invariant(loaded.model, x, shifts=[(1, 3), (2, 2), (-9, 17)], atol=1e-3)
+
+
+def test_anchored_weights_under_a_plain_timm_spec_get_a_hint(zoo):
+    spec = ("timm:vit_tiny_patch16_224?img_size=32&patch_size=4&embed_dim=32&depth=2&num_heads=2"
+            f"@{zoo / 'tiny-vit-anchored.safetensors'}")
+    with pytest.raises(CheckpointError) as e:
+        load_model(spec)
+    assert "patch_embed.embed.proj.weight" in str(e.value) and "anchorized" in str(e.value)
