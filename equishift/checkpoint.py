@@ -30,7 +30,7 @@ import warnings
 import zipfile
 from _compat_pickle import IMPORT_MAPPING, NAME_MAPPING
 from pathlib import Path
-from typing import BinaryIO, Dict, Iterable, List, Mapping, Optional, Set, Union
+from typing import BinaryIO, Dict, Iterable, Iterator, List, Mapping, Optional, Set, Tuple, Union
 
 import torch
 from torch import nn
@@ -168,7 +168,47 @@ def _load_torch_legacy(path: Path, name: str) -> object:
     # storage bytes; a plain pickle is one. Scan all pickles that precede the raw bytes.
     with open(path, "rb") as f:   # streamed: the raw storage bytes after the pickles are never read
         _refuse_unsafe_globals(pickle_globals(f, name, max_pickles=5), name)
+        f.seek(0)
+        try:
+            declared = _legacy_storage_bytes(f)
+        except Exception as e:  # pickletools raises ValueError, UnicodeDecodeError, MemoryError, ...
+            raise CheckpointError(f"{name}: truncated or corrupt PyTorch checkpoint ({_short(e)})") from None
+    # The legacy loader allocates each storage at its pickled size before reading it (the zip loader
+    # checks the record size first): a lying size would be a memory bomb.
+    size = path.stat().st_size
+    if declared > size:
+        raise CheckpointError(f"{name}: declares {_human(declared)} of tensor data but the file holds "
+                              f"{_human(size)}; truncated or corrupt PyTorch checkpoint")
     return _torch_load(path, name)
+
+
+def _legacy_storage_bytes(stream: BinaryIO) -> int:
+    """Bytes of tensor data the object pickle of a legacy torch.save file declares, found statically.
+
+    Each storage is a persistent id ('storage', <dtype>Storage, key, location, numel, ...): the numel is
+    the first integer after the two strings that follow the storage class."""
+    for _ in range(3):                                 # skip magic number, protocol, sys info
+        for _op in pickletools.genops(stream):
+            pass
+    total, storage_class, strings = 0, None, 0
+    for kind, arg in _resolved_ops(stream):
+        if kind in _STRING_OPS and arg == "storage":
+            storage_class, strings = "", 0
+        elif storage_class == "" and kind == "GLOBAL":
+            storage_class = str(arg).split(" ")[-1]
+        elif storage_class and kind in _STRING_OPS:
+            strings += 1
+        elif storage_class and strings >= 2 and kind in ("BININT", "BININT1", "BININT2", "LONG1", "INT"):
+            total += int(arg) * _STORAGE_ELEMENT_BYTES.get(storage_class, 1)
+            storage_class = None
+    return total
+
+
+# torch's legacy typed storages; an unknown name counts 1 byte per element (never refuses a valid file).
+_STORAGE_ELEMENT_BYTES = {"DoubleStorage": 8, "FloatStorage": 4, "HalfStorage": 2, "BFloat16Storage": 2,
+                          "LongStorage": 8, "IntStorage": 4, "ShortStorage": 2, "CharStorage": 1,
+                          "ByteStorage": 1, "BoolStorage": 1, "ComplexDoubleStorage": 16,
+                          "ComplexFloatStorage": 8, "UntypedStorage": 1}
 
 
 def _torch_load(path: Path, name: str) -> object:
@@ -222,31 +262,42 @@ def pickle_globals(data: Union[bytes, BinaryIO], name: str = "checkpoint", *, ma
     return found
 
 
-def _globals_of_one_pickle(stream: BinaryIO) -> Set[str]:
-    found: Set[str] = set()
-    recent: List[Optional[str]] = []   # values pushed, as far as they are literal strings
-    memo: Dict[int, Optional[str]] = {}
+def _resolved_ops(stream: BinaryIO) -> Iterator[Tuple[str, object]]:
+    """(opcode name, argument) for each opcode of one pickle, with memo fetches (GET, BINGET, ...) replaced
+    by the item that was memoized: a string or GLOBAL pickled once and fetched again is seen again."""
+    memo: Dict[int, Tuple[str, object]] = {}
+    last: Tuple[str, object] = ("NONE", None)
     for op, arg, _ in pickletools.genops(stream):
         kind = op.name
+        if kind == "MEMOIZE":
+            memo[len(memo)] = last
+        elif kind in ("PUT", "BINPUT", "LONG_BINPUT"):
+            memo[int(arg)] = last
+        else:
+            if kind in ("GET", "BINGET", "LONG_BINGET"):
+                last = memo.get(int(arg), ("GET", None))
+            elif kind in _STRING_OPS and isinstance(arg, bytes):
+                last = (kind, arg.decode("latin-1"))
+            else:
+                last = (kind, arg)
+            yield last
+
+
+def _globals_of_one_pickle(stream: BinaryIO) -> Set[str]:
+    found: Set[str] = set()
+    recent: List[Tuple[str, object]] = []
+    for kind, arg in _resolved_ops(stream):
         if kind in ("GLOBAL", "INST"):
             module, _, attr = str(arg).partition(" ")
             found.add(_python3_name(module, attr))
-            recent.append(None)
         elif kind == "STACK_GLOBAL":
-            module, attr = (recent[-2], recent[-1]) if len(recent) >= 2 else (None, None)
-            found.add(_python3_name(module, attr) if module and attr else "<dynamic STACK_GLOBAL>")
-            recent[-2:] = [None]
-        elif kind == "MEMOIZE":
-            memo[len(memo)] = recent[-1] if recent else None
-        elif kind in ("PUT", "BINPUT", "LONG_BINPUT"):
-            memo[int(arg)] = recent[-1] if recent else None
-        elif kind in ("GET", "BINGET", "LONG_BINGET"):
-            recent.append(memo.get(int(arg)))
-        elif kind in _STRING_OPS:
-            recent.append(arg if isinstance(arg, str) else arg.decode("latin-1"))
-        else:
-            recent.append(None)
-        del recent[:-8]   # only the last two values matter; keep memory bounded
+            operands = recent[-2:]
+            if len(operands) == 2 and all(k in _STRING_OPS for k, _ in operands):
+                found.add(_python3_name(str(operands[0][1]), str(operands[1][1])))
+            else:
+                found.add("<dynamic STACK_GLOBAL>")
+        recent.append((kind, arg))
+        del recent[:-2]   # STACK_GLOBAL needs the two values before it; keep memory bounded
     return found
 
 

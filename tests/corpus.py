@@ -397,6 +397,12 @@ def checkpoint_cases(directory: Path) -> List[CheckpointCase]:
     path("garbled.safetensors").write_bytes(struct.pack("<Q", 20) + b'{"a": [1, 2, oops!!]' + bytes(64))
     add(CheckpointCase("corrupt_safetensors_header", path("garbled.safetensors"),
                        error="corrupt safetensors header"))
+    torch.save({"w": torch.arange(4.0)}, path("small_legacy.pt"), _use_new_zipfile_serialization=False)
+    legacy = path("small_legacy.pt").read_bytes()
+    numel = legacy.index(b"K\x04", legacy.index(b"cpu"))   # BININT1 4: the storage's element count
+    path("lying_legacy.pt").write_bytes(legacy[:numel] + b"J" + struct.pack("<i", 2**31 - 1) + legacy[numel + 2:])
+    add(CheckpointCase("legacy_storage_size_bomb", path("lying_legacy.pt"),
+                       error="declares 8192.0 MiB of tensor data but the file holds"))
     zipped = path("vit_state.pt").read_bytes()
     path("truncated.pt").write_bytes(zipped[: len(zipped) // 2])
     add(CheckpointCase("truncated_torch_zip", path("truncated.pt"), error="truncated or corrupt"))
