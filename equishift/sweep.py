@@ -461,6 +461,9 @@ class _Probe:
 
 
 # --- sweep ---------------------------------------------------------------------------------------
+_OOM_ONE = "out of memory with one shift at a time; free GPU memory or run on device='cpu'"
+
+
 def _is_oom(err: BaseException) -> bool:
     return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
 
@@ -531,7 +534,12 @@ def sweep(model, image: torch.Tensor, shifts: ShiftsLike, mode: str = "circular"
     zero = torch.zeros(1, 2, dtype=s.dtype)
     try:
         with torch.inference_mode():
-            ref = probe.run(orbit(image, zero, mode, size), zero, is_ref=True)
+            try:
+                ref = probe.run(orbit(image, zero, mode, size), zero, is_ref=True)
+            except (torch.OutOfMemoryError, RuntimeError) as err:
+                if not _is_oom(err):
+                    raise
+                raise LimitError(_OOM_ONE) from err
             if batch_size is not None:
                 if batch_size < 1:
                     raise LimitError(f"batch_size must be at least 1, got {batch_size}")
@@ -556,8 +564,7 @@ def sweep(model, image: torch.Tensor, shifts: ShiftsLike, mode: str = "circular"
                     if device.type == "cuda":
                         torch.cuda.empty_cache()
                     if chunk == 1:
-                        raise LimitError("out of memory with one shift at a time; free GPU memory or use "
-                                         "device='cpu'") from err
+                        raise LimitError(_OOM_ONE) from err
                     chunk = max(1, chunk // 2)
                     continue
                 parts.append(st)
