@@ -30,7 +30,7 @@ import warnings
 import zipfile
 from _compat_pickle import IMPORT_MAPPING, NAME_MAPPING
 from pathlib import Path
-from typing import BinaryIO, Dict, Iterable, Iterator, List, Mapping, Optional, Set, Tuple, Union
+from typing import BinaryIO, Dict, Iterable, Iterator, List, Mapping, Set, Tuple, Union
 
 import torch
 from torch import nn
@@ -157,8 +157,10 @@ def _load_torch_zip(path: Path, name: str, max_bytes: int) -> object:
             if len(pkl) != 1:
                 raise CheckpointError(f"{name}: a zip file but not a torch.save checkpoint (no data.pkl)")
             payload = z.read(pkl[0])
-    except (zipfile.BadZipFile, EOFError, OSError) as e:
-        raise CheckpointError(f"{name}: truncated or corrupt PyTorch checkpoint ({e})") from None
+    except CheckpointError:
+        raise
+    except Exception as e:  # BadZipFile, EOFError, NotImplementedError (odd compression), ...
+        raise CheckpointError(f"{name}: truncated or corrupt PyTorch checkpoint ({_short(e)})") from None
     _refuse_unsafe_globals(pickle_globals(payload, name), name)
     return _torch_load(path, name)
 

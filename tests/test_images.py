@@ -2,9 +2,7 @@
 from __future__ import annotations
 
 import io
-import os
 import struct
-import threading
 import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
