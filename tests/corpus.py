@@ -14,6 +14,7 @@ import os
 import pickle
 import shlex
 import struct
+import warnings
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -367,7 +368,9 @@ def checkpoint_cases(directory: Path) -> List[CheckpointCase]:
         add(CheckpointCase(kind, path(f"{kind}.pt"), error="contains pickled code", marker=marker))
     torch.save(tiny_vit(), path("whole_model.pt"))
     add(CheckpointCase("pickled_whole_model", path("whole_model.pt"), error="whole pickled model"))
-    torch.jit.script(torch.nn.Linear(2, 2)).save(str(path("scripted.pt")))
+    with warnings.catch_warnings():                   # torch.jit is deprecated, its archives still exist
+        warnings.simplefilter("ignore", FutureWarning)
+        torch.jit.script(torch.nn.Linear(2, 2)).save(str(path("scripted.pt")))
     add(CheckpointCase("torchscript_archive", path("scripted.pt"), error="TorchScript"))
 
     # --- files that load but do not fit tiny_vit()
