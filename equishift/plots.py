@@ -177,6 +177,16 @@ def orbit_heatmap(baseline: SweepResult, anchored: Optional[SweepResult] = None,
             x=xs, y=ys, z=z.numpy(), text=text, coloraxis="coloraxis",
             hovertemplate="dy=%{y}, dx=%{x}<br>value=%{z:.4f}<br>top-1: %{text}<extra>" + name + "</extra>",
         ), row=1, col=col)
+        # Transparent click targets, one per swept shift, over the heatmap: a click on a heatmap cell
+        # carries no point index, so the dashboard (st.plotly_chart on_select) could not tell which
+        # shift was clicked; a click on a marker does. They carry the same hover text.
+        names = [_class_name(res, int(p)) for p in res.pred.tolist()]
+        fig.add_trace(go.Scatter(
+            x=res.shifts[:, 1].tolist(), y=res.shifts[:, 0].tolist(), mode="markers", showlegend=False,
+            name="shifts", marker=dict(size=8, color="rgba(0,0,0,0)"), customdata=list(zip(v.tolist(), names)),
+            hovertemplate="dy=%{y}, dx=%{x}<br>value=%{customdata[0]:.4f}<br>top-1: %{customdata[1]}<extra>"
+                          + name + "</extra>",
+        ), row=1, col=col)
         if current is not None:
             dy, dx = res.shifts[int(current)].tolist()
             fig.add_trace(go.Scatter(x=[dx], y=[dy], mode="markers", name="current shift", showlegend=col == 1,
@@ -191,7 +201,8 @@ def orbit_heatmap(baseline: SweepResult, anchored: Optional[SweepResult] = None,
         what = "Where the top-1 flips (1 = differs from the unshifted prediction)"
         fig.update_layout(coloraxis=dict(colorscale=[[0, "#f0f0f0"], [1, BASE_COLOR]], cmin=0, cmax=1,
                                          colorbar=dict(title="flip", tickvals=[0, 1])))
-    fig.update_layout(title=_title(what, baseline), height=420, margin=dict(t=90))
+    # hoverdistance -1: a click anywhere in a panel picks the nearest swept shift
+    fig.update_layout(title=_title(what, baseline), height=420, margin=dict(t=90), hoverdistance=-1)
     return fig
 
 
