@@ -1,0 +1,235 @@
+"""Attribution maps at any shift (captum), at image resolution, and the un-shift-and-compare score.
+
+>>> ref = saliency(model, x)                       # unshifted
+>>> att = saliency(model, x, shift=(3, 5))         # same target class, shifted input
+>>> r, iou = compare(att, ref)                     # roll att back by (3, 5), Pearson r and top-10% IoU
+
+Each map is [H, W] in the frame of the input the model saw (the shifted image):
+- ``saliency``: |∂f_target/∂x| summed over channels (captum Saliency).
+- ``integrated_gradients``: attributions summed over channels (captum IntegratedGradients, baseline =
+  zeros in model-input space, i.e. the mean colour for normalised inputs).
+- ``gradcam``: captum LayerGradCam (ReLU'd) on the first patch conv by default, or on a token layer
+  (``layer='blocks.3'``): the block's patch tokens are reshaped (B, N, C) → (B, C, h, w) first, because
+  GradCAM on token-shaped outputs averages over the wrong axis. The h×w cell map is upsampled to
+  H×W by nearest neighbour (each cell covers exactly its patch) and, for anchored models, rolled by the
+  anchors selected upstream so it lies in the input frame (the network works in the anchored frame).
+
+The target defaults to the model's top-1 on the UNSHIFTED image, so maps at different shifts explain
+the same class. Models are used through a structural working copy (``equishift.sweep.working_copy``):
+captum's hooks never land on a shared, cached model.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional, Tuple
+
+import torch
+from torch import nn
+
+from .errors import EquishiftError
+from .metrics import attention_equivariance
+from .polyphase import PolyphaseAnchor, record_anchors
+from .shifts import MODES
+from .shifts import shift as shift_image
+from .sweep import _blocks, architecture, working_copy
+
+__all__ = ["Attribution", "saliency", "integrated_gradients", "gradcam", "compare", "METHODS"]
+
+
+@dataclass
+class Attribution:
+    """One attribution map [H, W] (float32, CPU) of ``target`` for ``image`` shifted by ``shift``."""
+
+    map: torch.Tensor
+    method: str
+    target: int
+    shift: Tuple[float, float]
+    mode: str
+    layer: Optional[str] = None
+
+    def aligned(self) -> torch.Tensor:
+        """The map rolled back by the shift (circular, nearest pixel): comparable with the unshifted map."""
+        from .shifts import shift_batch
+
+        s = torch.tensor([[round(-self.shift[0]), round(-self.shift[1])]])
+        return shift_batch(self.map[None, None], s, "circular")[0, 0]
+
+
+# --- shared steps ----------------------------------------------------------------------------------
+def _prepare(model, image: torch.Tensor, shift: Tuple[float, float], mode: str, size) -> Tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    if not isinstance(model, nn.Module) and hasattr(model, "model"):
+        model = model.model
+    if not isinstance(model, nn.Module):
+        raise EquishiftError(f"attribution needs a torch model, got {type(model).__name__}")
+    if mode not in MODES:
+        raise EquishiftError(f"unknown shift mode {mode!r}; choose one of {', '.join(MODES)}")
+    if not torch.is_tensor(image) or image.dim() not in (3, 4) or (image.dim() == 4 and image.shape[0] != 1):
+        raise EquishiftError("image must be a preprocessed tensor (C, H, W) or (1, C, H, W)")
+    if mode == "crop" and size is None:
+        raise EquishiftError("mode='crop' needs size=(h, w)")
+    image = image[0] if image.dim() == 4 else image
+    param = next(iter(model.parameters()), None)
+    if param is not None:
+        image = image.to(device=param.device, dtype=param.dtype)
+    try:
+        ref = shift_image(image, 0, 0, mode, size)[None]
+        x = shift_image(image, shift[0], shift[1], mode, size)[None]
+    except ValueError as e:
+        raise EquishiftError(str(e)) from None
+    return working_copy(model).eval(), x, ref
+
+
+def _target(model: nn.Module, ref: torch.Tensor, target: Optional[int]) -> int:
+    if target is not None:
+        return int(target)
+    with torch.no_grad():
+        return int(model(ref).argmax(-1)[0])
+
+
+def _grad_input(x: torch.Tensor) -> torch.Tensor:
+    return x.detach().clone().requires_grad_(True)
+
+
+# --- methods ---------------------------------------------------------------------------------------
+def saliency(model, image: torch.Tensor, target: Optional[int] = None, shift: Tuple[float, float] = (0, 0),
+             mode: str = "circular", size: Optional[Tuple[int, int]] = None) -> Attribution:
+    """|gradient| of the target logit w.r.t. the shifted input, summed over channels → [H, W]."""
+    from captum.attr import Saliency
+
+    work, x, ref = _prepare(model, image, shift, mode, size)
+    t = _target(work, ref, target)
+    with torch.enable_grad():
+        a = Saliency(work).attribute(_grad_input(x), target=t, abs=True)
+    return Attribution(a[0].sum(0).detach().float().cpu(), "saliency", t, tuple(shift), mode)
+
+
+def integrated_gradients(model, image: torch.Tensor, target: Optional[int] = None,
+                         shift: Tuple[float, float] = (0, 0), mode: str = "circular", steps: int = 32,
+                         size: Optional[Tuple[int, int]] = None, internal_batch_size: int = 32) -> Attribution:
+    """Integrated gradients from a zero baseline with ``steps`` Gauss-Legendre points, summed over
+    channels → [H, W] (signed)."""
+    from captum.attr import IntegratedGradients
+
+    if steps < 1:
+        raise EquishiftError(f"steps must be at least 1, got {steps}")
+    work, x, ref = _prepare(model, image, shift, mode, size)
+    t = _target(work, ref, target)
+    with torch.enable_grad():
+        a = IntegratedGradients(work).attribute(_grad_input(x), baselines=torch.zeros_like(x), target=t,
+                                                n_steps=steps, internal_batch_size=internal_batch_size)
+    return Attribution(a[0].sum(0).detach().float().cpu(), "integrated gradients", t, tuple(shift), mode)
+
+
+class _TokenTap(nn.Module):
+    """Wraps a transformer block so its patch tokens pass through ``tap`` (an identity) as a (B, C, h, w)
+    grid: a conv-shaped layer for LayerGradCam."""
+
+    def __init__(self, block: nn.Module, prefix: int, grid: Callable[[tuple], Tuple[int, int]]):
+        super().__init__()
+        self.block, self.prefix, self.grid = block, prefix, grid
+        self.tap = nn.Identity()
+
+    def forward(self, *args, **kwargs):
+        out = self.block(*args, **kwargs)
+        h, w = self.grid(args)
+        head, tokens = out[:, :self.prefix], out[:, self.prefix:]
+        g = self.tap(tokens.transpose(1, 2).unflatten(2, (h, w)))
+        return torch.cat((head, g.flatten(2).transpose(1, 2)), dim=1)
+
+
+def _first_patch_conv(model: nn.Module, arch: str) -> nn.Module:
+    embed = model.patch_embed if arch == "vit" else model.patch_embeds[0]
+    proj = getattr(embed, "proj", None)  # an AnchoredPatchEmbed forwards this to the wrapped embedding
+    if not isinstance(proj, nn.Conv2d):
+        raise EquishiftError("this model has no patch convolution for GradCAM")
+    return proj
+
+
+def _tap_layer(work: nn.Module, arch: str, layer: Optional[str], hw: Tuple[int, int]) -> Tuple[nn.Module, str]:
+    """The module LayerGradCam hooks: the first patch conv, or a tap inserted after block ``layer``."""
+    if layer in (None, "patch"):
+        return _first_patch_conv(work, arch), "patch"
+    names = [n for n, _ in _blocks(work, arch)]
+    if layer not in names:
+        raise EquishiftError(f"unknown layer {layer!r} for GradCAM; choose 'patch' or one of {', '.join(names)}")
+    parts = layer.split(".")
+    parent = work.blocks if arch == "vit" else work.blocks[int(parts[1])]
+    idx = int(parts[-1])
+    if arch == "vit":
+        p = work.patch_embed.patch_size
+        p = p if isinstance(p, int) else p[0]
+        tap = _TokenTap(parent[idx], int(work.num_prefix_tokens), lambda args: (hw[0] // p, hw[1] // p))
+    else:
+        tap = _TokenTap(parent[idx], 0, lambda args: tuple(args[1]))
+    parent[idx] = tap
+    return tap.tap, layer
+
+
+def _frame_roll(work: nn.Module, target_module: nn.Module, x: torch.Tensor) -> Tuple[int, int]:
+    """Pixels by which the network frame at ``target_module``'s output is rolled relative to the input:
+    the sum of every upstream anchor's phase times its map stride (the anchored frame is never undone)."""
+    total = [0.0, 0.0]
+    done = {"hit": False}
+    handles = []
+
+    def on_anchor(name):
+        def hook(mod, args, out):
+            if not done["hit"]:
+                g = x.shape[-2] / args[0].shape[-2]
+                idx = rec[name][-1]
+                total[0] += float(idx[0]) * g
+                total[1] += float(idx[1]) * g
+        return hook
+
+    def on_target(mod, args, out):
+        done["hit"] = True
+
+    for n, m in work.named_modules():
+        if isinstance(m, PolyphaseAnchor):
+            handles.append(m.register_forward_hook(on_anchor(n)))
+    handles.append(target_module.register_forward_hook(on_target))
+    try:
+        with torch.no_grad(), record_anchors(work) as rec:
+            work(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return round(total[0]), round(total[1])
+
+
+def gradcam(model, image: torch.Tensor, target: Optional[int] = None, shift: Tuple[float, float] = (0, 0),
+            mode: str = "circular", layer: Optional[str] = None,
+            size: Optional[Tuple[int, int]] = None) -> Attribution:
+    """GradCAM (ReLU'd) on the first patch conv (``layer=None`` or ``'patch'``) or on a block's patch
+    tokens (``layer='blocks.3'``, Twins ``'blocks.1.0'``), nearest-upsampled to [H, W] in the input
+    frame (module doc)."""
+    from captum.attr import LayerAttribution, LayerGradCam
+
+    work, x, ref = _prepare(model, image, shift, mode, size)
+    arch = architecture(work)
+    if arch == "other":
+        raise EquishiftError("GradCAM here supports timm ViT/DeiT and Twins models")
+    t = _target(work, ref, target)
+    module, name = _tap_layer(work, arch, layer, tuple(x.shape[-2:]))
+    with torch.enable_grad():
+        cam = LayerGradCam(work, module).attribute(_grad_input(x), target=t, relu_attributions=True)
+    cam = LayerAttribution.interpolate(cam.detach(), tuple(x.shape[-2:]), interpolate_mode="nearest")[0, 0]
+    dy, dx = _frame_roll(work, module, x)
+    cam = torch.roll(cam, (dy, dx), dims=(-2, -1))
+    return Attribution(cam.float().cpu(), "GradCAM", t, tuple(shift), mode, name)
+
+
+METHODS: Dict[str, Callable[..., Attribution]] = {
+    "saliency": saliency, "integrated_gradients": integrated_gradients, "gradcam": gradcam,
+}
+
+
+def compare(shifted: Attribution, reference: Attribution, frac: float = 0.1) -> Tuple[float, float]:
+    """Un-shift ``shifted``'s map (circular roll by minus its shift, rounded to whole pixels) and compare
+    with ``reference``'s: (Pearson r, IoU of the top-``frac`` pixels). Exact for circular integer shifts;
+    for other modes the border content differs and counts against the score."""
+    if shifted.map.shape != reference.map.shape:
+        raise EquishiftError(f"maps differ in size: {tuple(shifted.map.shape)} vs {tuple(reference.map.shape)}")
+    cell = torch.tensor([[round(shifted.shift[0] - reference.shift[0]), round(shifted.shift[1] - reference.shift[1])]])
+    r, iou = attention_equivariance(shifted.map[None], reference.map, cell, frac)
+    return float(r[0]), float(iou[0])
