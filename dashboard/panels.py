@@ -1,16 +1,29 @@
 """The comparison panels, baseline | anchored on the same scales. Layout only: numbers come from
-equishift.metrics and the sweep results, figures from equishift.plots builders."""
+equishift.metrics and the sweep results, figures from equishift.plots builders (each builder takes both
+results and puts them on one scale).
+
+What always shows (cheap, follows the shift at once): the summary row, and per model the shifted input
+with its patch grid and the top-5 at this shift. The deeper panels sit in tabs that run lazily — only the
+open tab is computed — so moving the shift re-draws one figure, not eight.
+"""
 from __future__ import annotations
 
-from typing import Callable, List, Sequence
+from typing import Dict, List, Optional
 
 import numpy as np
 import streamlit as st
 import torch
 
-from equishift import metrics
+from equishift import metrics, plots
 
-__all__ = ["preprocessing", "heatmap_keys", "summary", "top5", "render", "export"]
+from dashboard import compute
+from dashboard.export import show
+
+__all__ = ["preprocessing", "heatmap_keys", "summary", "render", "TABS"]
+
+TABS = ("Logit curves", "Orbit heatmaps", "Attention", "Polyphase indices", "Layer × shift error",
+        "Attribution", "Export")
+HEATMAPS = ("orbit_prob", "orbit_flip")
 
 
 def preprocessing(sides, pil, choice) -> None:
@@ -19,11 +32,10 @@ def preprocessing(sides, pil, choice) -> None:
         cols = st.columns(1 + len(sides))
         cols[0].image(pil, caption=f"original · {pil.width}×{pil.height} RGB", width=200)
         for col, side in zip(cols[1:], sides):
-            card = side.loaded.card
             img = side.loaded.denormalize(side.x[0]).float().cpu()
             arr = img.expand(3, -1, -1) if img.shape[0] == 1 else img
             col.image(arr.permute(1, 2, 0).numpy(), width=200, clamp=True,
-                      caption=f"{side.role} input · {_recipe(card)}")
+                      caption=f"{side.role} input · {_recipe(side.loaded.card)}")
 
 
 def _recipe(card) -> str:
@@ -40,12 +52,19 @@ def _recipe(card) -> str:
 
 
 def heatmap_keys(sides) -> List[str]:
-    """Widget keys of the clickable orbit heatmaps (their selections move the shift)."""
-    return [f"orbit_{s.role}" for s in sides]
+    """Widget keys of the clickable orbit heatmaps (a click moves the shift)."""
+    return list(HEATMAPS)
 
 
+def _pair(sides):
+    """(baseline result, anchored result or None) for the plots builders; a lone side goes first."""
+    res = [s.result for s in sides]
+    return res[0], (res[1] if len(res) > 1 else None)
+
+
+# --- always shown ----------------------------------------------------------------------------------
 def summary(sides, mode: str) -> None:
-    """One row per model: consistency over the swept orbit, smallest flipping shift, largest drop."""
+    """One row per model: consistency over the swept orbit, smallest flipping shift, largest change."""
     st.subheader("Summary over the swept shifts")
     for side in sides:
         r = side.result
@@ -62,40 +81,177 @@ def summary(sides, mode: str) -> None:
                             f"top-1 (consistency A against the unshifted image). 95% Wilson CI "
                             f"[{100 * est.low:.1f}, {100 * est.high:.1f}]%.")
         cols[2].metric("smallest flipping shift", "none" if np.isinf(flip) else f"{flip:g} px",
-                       help="Smallest max(|dy|, |dx|) of a swept shift that changes the top-1 (L∞).")
+                       help="Smallest max(|dy|, |dx|) of a swept shift that changes the top-1 (L∞); "
+                            "'none': no swept shift flips it.")
         dy, dx = (float(v) for v in r.shifts[worst])
-        cols[3].metric("largest probability change", f"{100 * float(change[worst]):.1f} pp",
-                       help=f"max over shifts of |p(x)[ŷ] − p(shifted x)[ŷ]|, ŷ = unshifted top-1; "
-                            f"at (dy, dx) = ({dy:g}, {dx:g}).")
+        cols[3].metric("largest probability drop", f"{100 * float(change[worst]):.1f} pp",
+                       help=f"max over the swept shifts of |p(x)[ŷ] − p(shifted x)[ŷ]|, ŷ = unshifted top-1 "
+                            f"(percentage points); reached at (dy, dx) = ({dy:g}, {dx:g}).")
 
 
-def top5(side, index: int) -> None:
-    """Top-5 classes and probabilities at the current shift, with the change from the unshifted image."""
+def _top5(side, index: int) -> None:
     r = side.result
     p = r.probs[index]
     classes = r.classes or [str(i) for i in range(p.numel())]
     vals, idx = p.topk(min(5, p.numel()))
     rows = ["| class | p | Δ vs unshifted |", "|---|---:|---:|"]
     for v, i in zip(vals.tolist(), idx.tolist()):
-        d = v - float(r.ref_probs[i])
         mark = " ★" if i == r.ref_pred else ""
-        rows.append(f"| {classes[i]}{mark} | {100 * v:.1f}% | {100 * d:+.1f} pp |")
+        rows.append(f"| {classes[i]}{mark} | {100 * v:.1f}% | {100 * (v - float(r.ref_probs[i])):+.1f} pp |")
     st.markdown("\n".join(rows))
+    st.caption("★ = the unshifted top-1; Δ in percentage points.")
 
 
-def render(sides, mode: str, grid, shift, shifted: Callable) -> None:
+def _first_anchor(res, index: int):
+    """(a, b) the image-level anchor selected at this shift (the one before the first patch embedding)."""
+    names = res.meta.get("anchor_names") or list(res.anchors)
+    if not names or names[0] not in res.anchors:
+        return None
+    return tuple(int(v) for v in res.anchors[names[0]][index])
+
+
+def _column(side, mode: str, shift, index: int) -> None:
+    r = side.result
+    pred = int(r.pred[index])
+    classes = r.classes or [str(i) for i in range(r.logits.shape[1])]
+    flipped = pred != r.ref_pred
+    st.markdown(f"### {side.role}\nPrediction at this shift: **{classes[pred]}** "
+                f"({100 * float(r.probs[index, pred]):.1f}%)" + (" — **flipped**" if flipped else ""))
+    image = side.loaded.denormalize((side.canvas if mode == "crop" else side.x)[0]).cpu()
+    size = tuple(side.x.shape[-2:]) if mode == "crop" else None
+    fig = plots.shifted_image(image, shift, mode, patch=side.loaded.stride, anchor=_first_anchor(r, index),
+                              size=size)
+    show(fig, f"shifted-input-{side.role}", key=f"img_{side.role}")
+    _top5(side, index)
+
+
+def render(sides, mode: str, grid, shift) -> None:
+    """Everything below the shift controls."""
     summary(sides, mode)
-    cols = st.columns(len(sides))
-    for col, side in zip(cols, sides):
+    index = {s.role: s.result.index_of(*shift) for s in sides}
+    for col, side in zip(st.columns(len(sides)), sides):
         with col:
-            st.subheader(side.role)
-            idx = side.result.index_of(*shift)
-            pred = int(side.result.pred[idx])
-            classes = side.result.classes or []
-            name = classes[pred] if pred < len(classes) else str(pred)
-            st.markdown(f"Prediction at this shift: **{name}**")
-            top5(side, idx)
+            _column(side, mode, shift, index[side.role])
+    tabs = st.tabs(TABS, key="panel", on_change="rerun")
+    panels = (_curves, _heatmaps, _attention, _polyphase, _layer_error, _attribution, _export_tab)
+    for tab, panel in zip(tabs, panels):
+        # .open is None when tab state is not tracked (AppTest before any switch): render the first only
+        if tab.open or (tab.open is None and panel is panels[0]):
+            with tab:
+                panel(sides, mode, grid, shift, index)
 
 
-def export(sides, mode, grid, choice) -> None:
-    pass
+# --- tabs ------------------------------------------------------------------------------------------
+def _path_indices(res, shift, kind: str) -> torch.Tensor:
+    s = res.shifts
+    if kind == "row":
+        return (s[:, 0] == shift[0]).nonzero()[:, 0]
+    if kind == "column":
+        return (s[:, 1] == shift[1]).nonzero()[:, 0]
+    return plots.default_path(res)
+
+
+def _curves(sides, mode, grid, shift, index) -> None:
+    c1, c2 = st.columns(2)
+    kind = c1.radio("path through the orbit", ("diagonal", "row", "column"), horizontal=True, key="curve_path",
+                    format_func={"diagonal": "diagonal dy = dx", "row": "row through this shift (dx varies)",
+                                 "column": "column through this shift (dy varies)"}.get)
+    value = c2.radio("value", ("prob", "logit"), horizontal=True, key="curve_value",
+                     format_func={"prob": "probability", "logit": "logit"}.get)
+    base, anch = _pair(sides)
+    # the two sweeps share one grid, so one path of indices serves both
+    path = _path_indices(base, shift, kind)
+    fig = plots.logit_curve(base, anch, path=path, current=index[sides[0].role], value=value)
+    show(fig, "logit-curves", key="fig_curves")
+    if kind == "diagonal" and not bool((base.shifts[index[sides[0].role]].diff() == 0).all()):
+        st.caption("The current shift is off the diagonal, so no marker: pick the row or column path.")
+
+
+def _heatmaps(sides, mode, grid, shift, index) -> None:
+    base, anch = _pair(sides)
+    cur = index[sides[0].role]
+    st.caption("Click a cell to jump to that shift. × marks the current shift.")
+    show(plots.orbit_heatmap(base, anch, "prob", current=cur), "orbit-probability", key=HEATMAPS[0],
+         on_select="rerun", selection_mode="points")
+    show(plots.orbit_heatmap(base, anch, "flip", current=cur), "orbit-flip-map", key=HEATMAPS[1],
+         on_select="rerun", selection_mode="points")
+
+
+def _attention_scores(side, layer: str):
+    """Attention equivariance per shift for one layer: (Pearson r [K], top-10% IoU [K]) of the head-mean
+    map, un-shifted into the unshifted frame, against the unshifted map. Cached per sweep."""
+    def compute_scores():
+        res = side.result
+        aligned = res.aligned_attention(layer).float().mean(1)          # [K, h, w]
+        ref = res.ref_attention[layer].float().mean(0)                  # [h, w]
+        zero = torch.zeros(aligned.shape[0], 2, dtype=torch.long)
+        return metrics.attention_equivariance(aligned, ref, zero)
+    return compute.cached(("attention-scores", side.key, layer), compute_scores)
+
+
+def _attention(sides, mode, grid, shift, index) -> None:
+    base, anch = _pair(sides)
+    layers = list(base.attention)
+    if not layers:
+        st.info("No attention maps were recorded (only timm ViT/DeiT and Twins models expose them).")
+        return
+    c1, c2, c3 = st.columns([3, 1, 1])
+    chosen = c1.multiselect("layers", layers, default=layers if len(layers) <= 6 else layers[-3:],
+                            key="att_layers")
+    heads = c2.radio("heads", ("mean", "all"), horizontal=True, key="att_heads")
+    align = c3.toggle("align to unshifted", value=True, key="att_align",
+                      help="Roll each map back by the shift (tokens) or the recorded anchors, so an "
+                           "equivariant model shows the same picture at every shift.")
+    if not chosen:
+        st.info("Pick at least one layer.")
+        return
+    if anch is not None and any(layer not in anch.attention for layer in chosen):
+        st.warning("The two models have different layers; showing the baseline's layer names only.")
+        anch = None
+    fig = plots.attention_grid(base, anch, current=index[sides[0].role], layers=chosen, heads=heads, align=align)
+    show(fig, "attention", key="fig_attention")
+    rows = ["| model | layer | r at this shift | IoU@10% at this shift | mean r over the orbit | mean IoU |",
+            "|---|---|---:|---:|---:|---:|"]
+    for side in sides:
+        for layer in chosen:
+            if layer not in side.result.attention:
+                continue
+            r, iou = _attention_scores(side, layer)
+            k = index[side.role]
+            rows.append(f"| {side.role} | {layer} | {float(r[k]):.3f} | {float(iou[k]):.3f} | "
+                        f"{float(r.nanmean()):.3f} | {float(iou.nanmean()):.3f} |")
+    st.markdown("**Attention equivariance** — Pearson r and IoU of the top-10% region between the un-shifted "
+                "head-mean map at each shift and the unshifted map (1 = equivariant):\n\n" + "\n".join(rows))
+
+
+def _polyphase(sides, mode, grid, shift, index) -> None:
+    anchored = [s for s in sides if s.result.anchors]
+    if not anchored:
+        st.info("Neither model has polyphase anchors. Choose an anchored model (or 'Anchorize the baseline').")
+        return
+    for side in anchored:
+        show(plots.polyphase_panel(side.result, current=index[side.role]), f"polyphase-{side.role}",
+             key=f"fig_poly_{side.role}")
+
+
+def _layer_error(sides, mode, grid, shift, index) -> None:
+    base, anch = _pair(sides)
+    if not base.layer_error:
+        st.info("No per-layer features were recorded (only timm ViT/DeiT and Twins models expose them).")
+        return
+    log = st.toggle("log scale", value=True, key="err_log", help="log10 of the error, so float noise "
+                                                                  "(~1e-7) and real errors are both visible")
+    show(plots.layer_error_map(base, anch, current=index[sides[0].role], log=log), "layer-shift-error",
+         key="fig_layer_error")
+
+
+def _attribution(sides, mode, grid, shift, index) -> None:
+    from dashboard import attribution_panel
+
+    attribution_panel.render(sides, mode, shift, index)
+
+
+def _export_tab(sides, mode, grid, shift, index) -> None:
+    from dashboard import export
+
+    export.report_panel(sides, mode, grid)

@@ -39,6 +39,7 @@ class Side:
     x: Optional[torch.Tensor] = None        # the model input at shift 0, [1, C, H, W]
     canvas: Optional[torch.Tensor] = None   # the larger canvas crop mode cuts windows from
     result: Optional[SweepResult] = None
+    key: Optional[tuple] = None             # the sweep's cache key
     error: Optional[str] = None
     notes: List[str] = field(default_factory=list)
 
@@ -151,7 +152,7 @@ def _run_sweeps(sides: List[Side], choice, mode: str, grid: state.GridSpec) -> N
     for side in sides:
         if not side.ok:
             continue
-        key = ("sweep", side.spec, choice.sha256, mode, grid.key)
+        key = side.key = ("sweep", side.spec, choice.sha256, mode, grid.key)
         if key not in compute.store():
             bar = st.progress(0.0, text=f"Sweeping {len(shifts)} shifts through the {side.role} model …")
 
@@ -259,6 +260,5 @@ def main() -> None:
     if not ok:
         return
     shift = _shift_controls(ref, mode, grid, panels.heatmap_keys(ok))
-    panels.render(ok, mode, grid, shift, shifted=lambda s: shifted_display(s, mode, shift))
-    panels.export(ok, mode, grid, choice)
+    panels.render(ok, mode, grid, shift)
     st.session_state["_render_s"] = time.perf_counter() - t0

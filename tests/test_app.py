@@ -117,14 +117,30 @@ def test_reset_returns_to_zero(app):
 
 def test_heatmap_selection_moves_the_shift(app):
     at = open_app()
-    at.session_state["orbit_baseline"] = {"selection": {"points": [{"x": -3, "y": 2}], "point_indices": [],
-                                                        "box": [], "lasso": []}}
+    at.session_state["panel"] = "Orbit heatmaps"
+    at.run()
+    assert len(charts(at)) == 2 + 2  # two shifted inputs, the probability and the flip heatmaps
+    at.session_state["orbit_prob"] = {"selection": {"points": [{"x": -3, "y": 2, "curve_number": 1}],
+                                                    "point_indices": [], "box": [], "lasso": []}}
     at.run()
     assert not at.exception
     assert shift_text(at).startswith("**Shift** (dy, dx) = `2, -3`")
     # the same (persisting) selection does not pin the shift: the inputs still move it
     at.number_input(key="shift_dx").set_value(1).run()
     assert shift_text(at).startswith("**Shift** (dy, dx) = `2, 1`")
+
+
+@pytest.mark.parametrize("tab", ["Logit curves", "Orbit heatmaps", "Attention", "Polyphase indices",
+                                 "Layer × shift error", "Attribution", "Export"])
+def test_every_tab_renders(app, tab):
+    from dashboard.panels import TABS
+
+    assert tab in TABS
+    at = open_app()
+    at.session_state["panel"] = tab
+    at.number_input(key="shift_dx").set_value(1).run()
+    assert not at.exception, at.exception
+    assert errors(at) == []
 
 
 def test_mode_switch(app):

@@ -1,0 +1,195 @@
+"""The dashboard in a real browser: `streamlit run` as a subprocess, driven by Playwright with the Debian
+chromium (never `playwright install`). Skips cleanly when /usr/bin/chromium is absent.
+
+Full-page screenshots go to artifacts/ (gitignored); ``test_readme_screenshot`` also refreshes
+docs/screenshots/dashboard.png when EQUISHIFT_UPDATE_SCREENSHOTS=1.
+"""
+from __future__ import annotations
+
+import io
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM = "/usr/bin/chromium"
+ARTIFACTS = ROOT / "artifacts"
+CHROME_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
+               "--disable-component-update", "--no-first-run", "--disable-sync", "--disable-quic"]
+GRID = "r3"  # ±3 px: 49 shifts per model, so a cold server answers in seconds
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow,
+              pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"no browser: {CHROMIUM} is absent")]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"streamlit exited with code {proc.returncode}")
+        try:
+            with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.3)
+    raise TimeoutError(f"{url} not healthy after {timeout:.0f} s")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    port = _free_port()
+    log = tmp_path_factory.mktemp("server") / "streamlit.log"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, "-m", "streamlit", "run", str(ROOT / "dashboard" / "app.py"),
+           "--server.headless", "true", "--server.address", "127.0.0.1", "--server.port", str(port),
+           "--browser.gatherUsageStats", "false"]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_healthy(url, proc)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        if proc.returncode not in (0, -15, None):
+            print(log.read_text()[-4000:])
+
+
+@pytest.fixture(scope="module")
+def browser():
+    sync_api = pytest.importorskip("playwright.sync_api")
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROME_ARGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page(browser, server):
+    ctx = browser.new_context(viewport={"width": 1600, "height": 1000}, accept_downloads=True)
+    pg = ctx.new_page()
+    pg.set_default_timeout(120_000)
+    pg.goto(f"{server}/?grid={GRID}")
+    pg.locator("canvas.es-canvas").wait_for()
+    _settled(pg)
+    yield pg
+    ctx.close()
+
+
+def _settled(pg, timeout_ms: int = 120_000) -> None:
+    """Wait until the script run is over: Streamlit marks the app 'running' while a rerun is in flight."""
+    pg.wait_for_function(
+        "() => !document.querySelector('[data-testid=\"stStatusWidget\"]')"
+        " || !document.querySelector('[data-testid=\"stStatusWidget\"]').innerText.includes('Running')",
+        timeout=timeout_ms)
+    pg.wait_for_timeout(300)
+
+
+def _shown_shift(pg) -> tuple:
+    text = pg.locator("p", has_text=re.compile(r"^Shift \(dy, dx\) =")).first.inner_text()
+    m = re.search(r"=\s*(-?[\d.]+),\s*(-?[\d.]+)", text)
+    return float(m.group(1)), float(m.group(2))
+
+
+def _shot(pg, name: str) -> Path:
+    """A screenshot of the whole page: Streamlit scrolls inside its main block, so the viewport is
+    grown to the content's height first (a plain full_page shot would stop at the window)."""
+    ARTIFACTS.mkdir(exist_ok=True)
+    path = ARTIFACTS / f"{name}.png"
+    size = pg.viewport_size
+    height = pg.evaluate("() => document.querySelector('[data-testid=\"stMain\"]').scrollHeight")
+    pg.set_viewport_size({"width": size["width"], "height": max(size["height"], int(height) + 40)})
+    pg.wait_for_timeout(800)  # plotly re-lays out on resize
+    pg.screenshot(path=str(path), full_page=True)
+    pg.set_viewport_size(size)
+    return path
+
+
+def _open_tab(pg, name: str) -> None:
+    pg.get_by_role("tab", name=name).click()
+    _settled(pg)
+
+
+def test_loads(page):
+    assert page.get_by_text("Summary over the swept shifts").is_visible()
+    assert _shown_shift(page) == (0, 0)
+    assert page.locator(".stException").count() == 0
+    _shot(page, "dashboard-default")
+
+
+def test_drag_moves_the_shift(page):
+    canvas = page.locator("canvas.es-canvas")
+    scale = float(canvas.get_attribute("data-scale"))  # screen px per model px
+    box = canvas.bounding_box()
+    x0, y0 = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+    want = (2, -3)  # model px: down 2, left 3
+    page.mouse.move(x0, y0)
+    page.mouse.down()
+    for k in range(1, 11):  # a real drag: many small moves
+        page.mouse.move(x0 + want[1] * scale * k / 10, y0 + want[0] * scale * k / 10)
+        page.wait_for_timeout(40)
+    page.mouse.up()
+    page.wait_for_function(f"() => document.body.innerText.includes('Shift (dy, dx) = {want[0]}, {want[1]}')")
+    _settled(page)
+    assert _shown_shift(page) == want
+    assert canvas.get_attribute("data-dy") == str(want[0]) and canvas.get_attribute("data-dx") == str(want[1])
+    _shot(page, "dashboard-dragged")
+
+
+def test_upload_image(page):
+    page.get_by_text("Upload", exact=True).click()
+    _settled(page)
+    img = np.zeros((28, 28), np.uint8)
+    img[4:24, 10:18] = 200
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG")
+    page.locator("[data-testid='stSidebar'] input[type=file]").set_input_files(
+        files=[{"name": "trouser-upload.png", "mimeType": "image/png", "buffer": buf.getvalue()}])
+    page.get_by_text("trouser-upload.png").first.wait_for()
+    _settled(page)
+    assert page.locator("[data-testid='stAlertContentError']").count() == 0
+    assert page.get_by_text("Summary over the swept shifts").is_visible()
+    _shot(page, "dashboard-upload")
+
+
+def test_heatmap_click_jumps_to_the_shift(page):
+    _open_tab(page, "Orbit heatmaps")
+    heat = page.locator(".stPlotlyChart").filter(has_text="Probability of the unshifted top-1").first
+    heat.locator(".js-plotly-plot").wait_for()
+    want = (-2, 2)
+    # pixel of data point (dx, dy) in the first (baseline) panel, from plotly's own axis mapping
+    xy = heat.locator(".js-plotly-plot").evaluate(
+        """(gd, p) => { const L = gd._fullLayout, r = gd.getBoundingClientRect();
+             return [r.left + L.xaxis._offset + L.xaxis.d2p(p[0]), r.top + L.yaxis._offset + L.yaxis.d2p(p[1])]; }""",
+        [want[1], want[0]])
+    page.mouse.move(xy[0] - 6, xy[1])
+    page.wait_for_timeout(200)
+    page.mouse.move(xy[0], xy[1])   # plotly picks the clicked point from the hover
+    page.wait_for_timeout(400)
+    page.mouse.click(xy[0], xy[1])
+    page.wait_for_function(f"() => document.body.innerText.includes('Shift (dy, dx) = {want[0]}, {want[1]}')")
+    _settled(page)
+    assert _shown_shift(page) == want
+    _shot(page, "dashboard-heatmap-click")
