@@ -374,7 +374,7 @@ def attribution_overlay(image, maps: Dict[str, torch.Tensor], method: str = "att
         t = k
         if scores and k in scores:
             r, iou = scores[k]
-            t += f" — r={r:.3f}, IoU@10%={iou:.3f}"
+            t += f"<br>r={r:.3f}, IoU@10%={iou:.3f}"
         titles.append(t)
     fig = make_subplots(rows=1, cols=len(labels), subplot_titles=titles, horizontal_spacing=0.04)
     for c, k in enumerate(labels, start=1):

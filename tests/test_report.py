@@ -1,0 +1,166 @@
+"""The report bundle: the CLI run end to end and its files opened and checked; no-browser fallback;
+the zip bytes the dashboard downloads."""
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import re
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from equishift import report
+from equishift.cli import main
+from equishift.errors import EquishiftError
+from equishift.shifts import period_grid
+from equishift.sweep import SweepResult
+
+from zoo_helpers import write_tiny
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("engine-report")
+    base = write_tiny(root / "zoo", "tiny-base", seed=3)
+    anch = write_tiny(root / "zoo", "tiny-anch", anchoring="full", seed=3)
+    rng = np.random.default_rng(0)
+    img = np.zeros((28, 28), np.uint8)
+    img[6:22, 8:20] = rng.integers(120, 255, (16, 12))
+    path = root / "item.png"
+    Image.fromarray(img).save(path)
+    return {"root": root, "base": f"zoo:{base}", "anch": f"zoo:{anch}", "image": path}
+
+
+@pytest.fixture(scope="module")
+def bundle(setup):
+    out = setup["root"] / "bundle"
+    rc = main(["sweep", "--baseline", setup["base"], "--anchored", setup["anch"], "--image", str(setup["image"]),
+               "--mode", "circular", "--grid", "period", "--out", str(out), "--zip", "--device", "cpu"])
+    assert rc == 0
+    return out
+
+
+def _figure_names(folder: Path):
+    return sorted(p.stem for p in (folder / "figures").glob("*.png"))
+
+
+def test_every_figure_is_a_non_blank_png_and_an_svg(bundle):
+    names = _figure_names(bundle)
+    assert {"logit_curve", "orbit_probability", "orbit_flips", "attention_aligned", "polyphase_anchored",
+            "layer_error", "attribution_saliency", "attribution_gradcam", "input_anchored"} <= set(names)
+    for n in names:
+        im = Image.open(bundle / "figures" / f"{n}.png").convert("RGB")
+        a = np.asarray(im)[::3, ::3].astype(np.int32)
+        assert im.size[0] >= 1000 and im.size[1] >= 500, n          # scale=2 export
+        colours = np.unique(a[..., 0] * 65536 + a[..., 1] * 256 + a[..., 2])
+        assert a.std() > 10 and len(colours) > 50, n  # real content, not a blank page
+        svg = (bundle / "figures" / f"{n}.svg").read_text()
+        assert svg.lstrip().startswith("<svg") or "<svg" in svg[:500], n
+    assert not (bundle / "figures" / "STATIC_EXPORT_UNAVAILABLE.txt").exists()
+
+
+def test_html_is_offline_and_holds_the_figures_and_the_data(bundle):
+    html = (bundle / "report.html").read_text()
+    # plotly.js inline (no external script), so the page opens offline
+    assert "<script src" not in html and "Plotly" in html and len(html) > 3_000_000
+    assert html.count('class="plotly-graph-div"') == len(_figure_names(bundle))
+    found = re.search(r"<script type='application/json' id='equishift-summary'>(.*?)</script>", html, re.S)
+    summary = json.loads(found.group(1))
+    assert summary == json.loads((bundle / "data" / "summary.json").read_text())
+    for role in ("baseline", "anchored"):
+        assert summary[role]["num_shifts"] == 16 and summary[role]["shift_mode"] == "circular"
+        assert "circular" in summary[role]["shift_range"]
+
+
+def test_data_files_agree_with_each_other(bundle):
+    res = {r: SweepResult.load(bundle / "data" / f"{r}.npz") for r in ("baseline", "anchored")}
+    assert torch.equal(res["baseline"].shifts, period_grid(4))
+    with open(bundle / "data" / "per_shift.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 16
+    for k, row in enumerate(rows):
+        assert [int(row["dy"]), int(row["dx"])] == res["baseline"].shifts[k].tolist()
+        for role in ("baseline", "anchored"):
+            assert int(row[f"{role}_pred"]) == int(res[role].pred[k])
+            c = res[role].ref_pred
+            assert float(row[f"{role}_prob_unshifted_top1"]) == pytest.approx(float(res[role].probs[k, c]), rel=1e-6)
+    summary = json.loads((bundle / "data" / "summary.json").read_text())
+    for role in ("baseline", "anchored"):
+        flips = int((res[role].pred != res[role].ref_pred).sum())
+        assert summary[role]["top1_flips"] == flips
+        assert summary[role]["consistency_A_over_grid"]["value"] == pytest.approx(1 - flips / 16)
+    # The anchored model is exactly invariant under circular shifts: its image anchor follows the shift.
+    assert summary["anchored"]["top1_flips"] == 0
+    assert summary["anchored"]["image_anchor_follows_shift_fraction"]["patch_embed.anchor"] == 1.0
+
+
+def test_metadata_names_everything_needed_to_reproduce(bundle, setup):
+    meta = json.loads((bundle / "metadata.json").read_text())
+    assert meta["image_sha256"] == hashlib.sha256(setup["image"].read_bytes()).hexdigest()
+    assert meta["mode"] == "circular" and meta["grid"] == "period" and meta["num_shifts"] == 16
+    assert meta["shifts"] == period_grid(4).tolist()
+    assert meta["device"] == "cpu" and meta["static_export"] == "ok"
+    for pkg in ("torch", "timm", "plotly", "kaleido", "captum", "python"):
+        assert meta["versions"][pkg]
+    card = json.loads(Path(setup["base"][4:]).read_text())
+    assert meta["baseline"]["spec"] == setup["base"] and meta["baseline"]["weights_file_sha256"] == card["weights_sha256"]
+    assert re.fullmatch(r"[0-9a-f]{64}", meta["anchored"]["state_dict_sha256"])
+    assert meta["baseline"]["state_dict_sha256"] != meta["anchored"]["state_dict_sha256"]
+    assert meta["focus_shift"] in meta["shifts"]
+
+
+def test_zip_holds_the_same_files(bundle):
+    with zipfile.ZipFile(bundle.with_name(bundle.name + ".zip")) as zf:
+        names = {n.split("/", 1)[1] for n in zf.namelist()}
+    on_disk = {str(p.relative_to(bundle)) for p in bundle.rglob("*") if p.is_file()}
+    assert names == on_disk
+
+
+def test_without_a_browser_the_bundle_says_so_and_the_rest_is_written(setup, tmp_path, monkeypatch):
+    import kaleido
+
+    def no_browser(*a, **k):
+        raise RuntimeError("Kaleido requires Google Chrome to be installed (plotly_get_chrome)")
+
+    monkeypatch.setattr(kaleido, "start_sync_server", no_browser)
+    out = report.build_report(setup["base"], setup["anch"], setup["image"], tmp_path / "b", grid=1, device="cpu")
+    note = (out / "figures" / "STATIC_EXPORT_UNAVAILABLE.txt").read_text()
+    assert "Chrome" in note and "report.html" in note
+    assert not list((out / "figures").glob("*.png")) and not list((out / "figures").glob("*.svg"))
+    assert (out / "report.html").stat().st_size > 3_000_000
+    meta = json.loads((out / "metadata.json").read_text())
+    assert meta["static_export"].startswith("RuntimeError") and meta["num_shifts"] == 9  # {-1..1}²
+
+
+def test_zip_bytes_for_the_dashboard_with_precomputed_sweeps(setup):
+    from equishift.sweep import sweep
+    from equishift.zoo import load_model
+
+    base, anch = load_model(setup["base"], "cpu"), load_model(setup["anch"], "cpu")
+    img = Image.open(setup["image"])
+    s = period_grid(4)
+    results = [sweep(m, m.preprocess(img.convert("RGB")), s) for m in (base, anch)]
+    data = report.build_report(base, anch, img, zip=True, static=False, results=results)
+    with zipfile.ZipFile(io.BytesIO(data)) as zf:
+        names = zf.namelist()
+        assert "equishift-report/report.html" in names and "equishift-report/data/per_shift.csv" in names
+        back = SweepResult.load(io.BytesIO(zf.read("equishift-report/data/anchored.npz")))
+    assert torch.equal(back.logits, results[1].logits)
+
+
+def test_bad_requests_are_explained(setup, tmp_path, capsys):
+    with pytest.raises(EquishiftError, match="grid must be"):
+        report.choose_shifts("diagonal", 4, (32, 32))
+    with pytest.raises(EquishiftError, match="output folder"):
+        report.build_report(setup["base"], setup["anch"], setup["image"])
+    rc = main(["sweep", "--baseline", setup["base"], "--anchored", setup["anch"], "--image",
+               str(tmp_path / "missing.png"), "--out", str(tmp_path / "x")])
+    assert rc == 2 and "not found" in capsys.readouterr().err
+    assert report.choose_shifts("full", 4, (5, 6)).shape == (30, 2)
+    assert report.choose_shifts("2", 4, (32, 32)).shape == (25, 2)
