@@ -1,0 +1,164 @@
+"""equishift.plots: each builder shows the right numbers, puts baseline and anchored on one scale, marks
+the current shift and names metric, shift mode and range in its title."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from equishift import plots
+from equishift.errors import EquishiftError
+from equishift.shifts import grid, shift
+from equishift.sweep import sweep
+
+from engine_helpers import anchored, image, twins, vit
+
+
+@pytest.fixture(scope="module")
+def pair():
+    v = vit()
+    x = image(21)
+    s = grid(range(-2, 6), range(-2, 6))
+    return sweep(v, x, s), sweep(anchored(v), x, s), x
+
+
+@pytest.fixture(scope="module")
+def twins_pair():
+    t = twins()
+    x = image(22)
+    s = grid(range(4), range(4))
+    return sweep(t, x, s), sweep(anchored(t), x, s)
+
+
+def _title(fig) -> str:
+    return fig.layout.title.text
+
+
+def _assert_names_range(fig, res):
+    t = _title(fig)
+    assert f"{res.meta['mode']} shifts" in t and "dy∈[-2, 5], dx∈[-2, 5] (64 shifts)" in t
+
+
+def test_orbit_heatmaps_show_the_probabilities_and_flips_on_one_scale(pair):
+    base, anch, _ = pair
+    k = base.index_of(3, 1)
+    fig = plots.orbit_heatmap(base, anch, "prob", current=k)
+    _assert_names_range(fig, base)
+    assert "Probability of the unshifted top-1" in _title(fig)
+    heat = [d for d in fig.data if d.type == "heatmap"]
+    assert len(heat) == 2 and all(h.coloraxis == "coloraxis" for h in heat)
+    assert (fig.layout.coloraxis.cmin, fig.layout.coloraxis.cmax) == (0, 1)
+    for h, r in zip(heat, (base, anch)):
+        _, _, z = r.to_grid(r.probs[:, r.ref_pred])
+        np.testing.assert_allclose(np.asarray(h.z, dtype=float), z.numpy(), rtol=1e-6)
+    marks = [d for d in fig.data if d.name == "current shift"]
+    assert all((list(m.x), list(m.y)) == ([1], [3]) for m in marks) and len(marks) == 2
+    flips = plots.orbit_heatmap(base, anch, "flip")
+    z = np.asarray([d for d in flips.data if d.type == "heatmap"][0].z, dtype=float)
+    assert int(np.nansum(z)) == int((base.pred != base.ref_pred).sum())
+    assert f"{int((base.pred != base.ref_pred).sum())}/64" in flips.layout.annotations[0].text
+
+
+def test_logit_curve_follows_the_path_on_a_shared_y_scale(pair):
+    base, anch, _ = pair
+    fig = plots.logit_curve(base, anch, value="logit", current=base.index_of(2, 2))
+    _assert_names_range(fig, base)
+    path = plots.default_path(base)
+    assert base.shifts[path].tolist() == [[t, t] for t in range(-2, 6)]  # the diagonal
+    lines = [d for d in fig.data if d.mode == "lines+markers"]
+    c = lines[0].legendgroup
+    np.testing.assert_allclose(lines[0].y, base.logits[path, int(c)].numpy(), rtol=1e-6)
+    lo = min(float(r.logits[path][:, [base.ref_pred, anch.ref_pred]].min()) for r in (base, anch))
+    hi = max(float(r.logits[path][:, [base.ref_pred, anch.ref_pred]].max()) for r in (base, anch))
+    r1, r2 = fig.layout.yaxis.range, fig.layout.yaxis2.range
+    assert tuple(r1) == tuple(r2) and r1[0] < lo and r1[1] > hi
+    marker = [d for d in fig.data if d.name == "current shift"]
+    assert marker and all(list(m.x) == [4] * len(m.x) for m in marker)  # (2, 2) is step 4 of the diagonal
+    custom = plots.logit_curve(base, None, path=[(0, 0), (0, 1), (0, 2)], classes=[3])
+    assert list(custom.data[0].y) == pytest.approx(base.probs[[base.index_of(0, i) for i in range(3)], 3].tolist())
+
+
+def test_attention_grid_shares_one_scale_and_aligns(pair):
+    base, anch, _ = pair
+    k = base.index_of(1, 3)
+    fig = plots.attention_grid(base, anch, current=k, align=True)
+    _assert_names_range(fig, base)
+    heat = [d for d in fig.data if d.type == "heatmap"]
+    assert len(heat) == 2 * len(base.attention)  # models × (layers + rollout), head means
+    top = max(float(r.aligned_attention(l)[k].float().mean(0).max()) for r in (base, anch) for l in base.attention)
+    assert fig.layout.coloraxis.cmax == pytest.approx(top)
+    # Anchored and aligned: the map at the shift IS the unshifted map.
+    last = heat[len(base.attention):][0]
+    want = anch.ref_attention["blocks.0"].float().mean(0).numpy()
+    np.testing.assert_allclose(np.asarray(last.z, dtype=float), want, rtol=2e-3, atol=1e-6)
+    per_head = plots.attention_grid(base, None, current=k, heads="all", layers=["blocks.1"])
+    assert len(per_head.data) == base.attention["blocks.1"].shape[1]
+    with pytest.raises(EquishiftError, match="not in the"):
+        plots.attention_grid(base, anch, layers=["blocks.9"])
+
+
+def test_twins_figures_build(twins_pair):
+    base, anch = twins_pair
+    fig = plots.attention_grid(base, anch, current=5)
+    assert len([d for d in fig.data if d.type == "heatmap"]) == 2 * len(base.layers)
+    assert "GSA" in _title(fig) and "LSA" in _title(fig)
+    pp = plots.polyphase_panel(anch, current=5)
+    assert len(pp.layout.annotations) >= 2 * len(anch.anchors)
+
+
+def test_polyphase_panel_marks_the_selected_phase(pair):
+    base, anch, _ = pair
+    k = anch.index_of(3, 5)
+    fig = plots.polyphase_panel(anch, current=k)
+    a, b = anch.anchors["patch_embed.anchor"][k].tolist()
+    top = fig.data[0].z
+    assert np.asarray(top).sum() == 1 and np.asarray(top)[a][b] == 1
+    flat = [d for d in fig.data if d.type == "heatmap"][1]
+    _, _, z = anch.to_grid((anch.anchors["patch_embed.anchor"] * torch.tensor([4, 1])).sum(1).float())
+    np.testing.assert_array_equal(np.asarray(flat.z, dtype=float), z.numpy())
+    _assert_names_range(fig, anch)
+    empty = plots.polyphase_panel(base)
+    assert "not anchored" in empty.layout.annotations[0].text
+
+
+def test_layer_error_map_uses_one_colour_scale(pair):
+    base, anch, _ = pair
+    fig = plots.layer_error_map(base, anch)
+    _assert_names_range(fig, base)
+    top = max(float(v.max()) for r in (base, anch) for v in r.layer_error.values())
+    assert fig.layout.coloraxis.cmax == pytest.approx(top)
+    np.testing.assert_allclose(np.asarray(fig.data[0].z, dtype=float)[1], base.layer_error["blocks.1"].numpy(), rtol=1e-6)
+    log = plots.layer_error_map(base, anch, log=True)
+    assert log.layout.coloraxis.cmin == -8 and np.asarray(log.data[1].z).max() < -4  # anchored: float noise
+
+
+def test_attribution_overlay_and_shifted_image(pair):
+    _, _, x = pair
+    m1, m2 = torch.rand(32, 32), 3 * torch.rand(32, 32)
+    fig = plots.attribution_overlay(x.sigmoid(), {"baseline": m1, "anchored": -m2}, method="saliency", shift=(2, 1),
+                                    scores={"anchored": (0.5, 0.25)})
+    assert fig.layout.coloraxis.cmax == pytest.approx(float(m2.max()))
+    assert "saliency at circular shift (dy=2, dx=1)" in _title(fig)
+    assert "r=0.500" in fig.layout.annotations[1].text
+    with pytest.raises(EquishiftError, match="image is"):
+        plots.attribution_overlay(x, {"a": torch.rand(8, 8)})
+    img = torch.rand(1, 32, 32)
+    fig = plots.shifted_image(img, (3, -2), "circular", patch=4, anchor=(1, 2))
+    want = (shift(img, 3, -2)[0].clamp(0, 1) * 255).round().byte().numpy()
+    np.testing.assert_array_equal(np.asarray(fig.data[0].z)[..., 0], want)
+    shapes = fig.layout.shapes
+    assert len([s for s in shapes if s.line.color == plots.ANCH_COLOR]) == 8 + 8
+    assert len([s for s in shapes if s.type == "rect"]) == 1
+    assert "dy=3, dx=-2" in _title(fig) and "phase (1, 2)" in _title(fig)
+
+
+def test_mismatched_modes_and_missing_records_are_refused():
+    v = vit()
+    a = sweep(v, image(1), [(0, 1)], "circular", record=("logits",))
+    b = sweep(v, image(1), [(0, 1)], "zero", record=("logits",))
+    with pytest.raises(EquishiftError, match="different shift modes"):
+        plots.orbit_heatmap(a, b)
+    with pytest.raises(EquishiftError, match="recorded no attention"):
+        plots.attention_grid(a)
+    with pytest.raises(EquishiftError, match="recorded no features"):
+        plots.layer_error_map(a)
