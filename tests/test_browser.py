@@ -177,7 +177,8 @@ def test_upload_image(page):
 def test_heatmap_click_jumps_to_the_shift(page):
     _open_tab(page, "Orbit heatmaps")
     heat = page.locator(".stPlotlyChart").filter(has_text="Probability of the unshifted top-1").first
-    heat.locator(".js-plotly-plot").wait_for()
+    heat.locator(".js-plotly-plot").scroll_into_view_if_needed()  # a click outside the viewport is lost
+    page.wait_for_timeout(300)
     want = (-2, 2)
     # pixel of data point (dx, dy) in the first (baseline) panel, from plotly's own axis mapping
     xy = heat.locator(".js-plotly-plot").evaluate(
