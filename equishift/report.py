@@ -316,7 +316,8 @@ def build_report(baseline, anchored, image, out: Optional[Union[str, Path]] = No
     if tuple(loaded["anchored"].input_size[1:]) != (h, w):
         raise EquishiftError(f"the two models take different input sizes ({h}x{w} vs "
                              f"{loaded['anchored'].input_size[1]}x{loaded['anchored'].input_size[2]})")
-    shifts = choose_shifts(grid, stride, (h, w))
+    # Results passed in (the dashboard's cached sweeps) define the grid; ``grid`` is then only a label.
+    shifts = choose_shifts(grid, stride, (h, w)) if results is None else results[0].shifts
     size = (h, w) if mode == "crop" else None
     margin = int(shifts.abs().max()) if mode == "crop" else 0
     x = {role: lm.preprocess(pil, margin=margin) for role, lm in loaded.items()}
