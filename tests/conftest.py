@@ -1,0 +1,117 @@
+"""Shared fixtures. Tiny timm models with random weights for the core (anchoring) tests.
+
+The suite runs offline: HF_HUB_OFFLINE is set before anything imports timm or huggingface_hub, so a
+stray ``pretrained=True`` fails at once instead of retrying the network for ~47 s.
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+# Tiny configurations (shared/notes/stack.md). Twins: SVT alternates locally-grouped (LSA, window ws) and
+# global sub-sampled (GSA, ratio sr) attention; PCPVT is all GSA; "svt-odd" has stages of odd depth, so a
+# stage ends on an LSA block and the next stride-2 patch embedding must be anchored on its own.
+TWINS_CONFIGS = {
+    "svt": dict(embed_dims=(32, 64), num_heads=(1, 2), mlp_ratios=(2, 2), depths=(2, 2), wss=(4, 2),
+                sr_ratios=(2, 1)),
+    "pcpvt": dict(embed_dims=(32, 64), num_heads=(1, 2), mlp_ratios=(2, 2), depths=(2, 2), sr_ratios=(2, 1)),
+    "svt-odd": dict(embed_dims=(32, 64), num_heads=(1, 2), mlp_ratios=(2, 2), depths=(3, 1), wss=(4, 2),
+                    sr_ratios=(2, 1)),
+}
+
+
+@torch.no_grad()
+def _randomize(model: nn.Module, seed: int) -> nn.Module:
+    """Give the weights that timm initialises trivially random values, as training would.
+
+    - LayerNorm affine: with γ = 1, β = 0 every normalised token has norm ≈ sqrt(C), so the polyphase
+      components right after a norm (Twins' first LSA anchor) nearly tie and the anchor is decided by
+      rounding noise — the known failure mode, not what these tests are about.
+    - pos_embed: timm draws it with std 0.02, so an absolute PE barely moves the logits; std 0.5 makes
+      its damage (patch-only mode, untouched models) plainly visible.
+    - classifier heads (``head``, DeiT's ``head_dist``): timm draws them with std 0.02, so random logits
+      are ~0.05 and every absolute error is tiny; ×20 gives logits of order 1.
+    - ConvPosEmbed: anchorize starts it at zero (the identity); random weights exercise its circular
+      padding. Twins PEGs already have PyTorch's default (random) init.
+    """
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.LayerNorm) and m.elementwise_affine:
+            m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
+            m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.2)
+    pos = getattr(model, "pos_embed", None)
+    if isinstance(pos, nn.Parameter):
+        pos.copy_(torch.randn(pos.shape, generator=g) * 0.5)
+    for name in ("head", "head_dist"):
+        head = getattr(model, name, None)
+        if isinstance(head, nn.Linear):
+            head.weight.mul_(20)
+    return _randomize_pos_convs(model, seed)
+
+
+@torch.no_grad()
+def _randomize_pos_convs(model: nn.Module, seed: int) -> nn.Module:
+    from equishift.anchoring import ConvPosEmbed
+
+    g = torch.Generator().manual_seed(seed + 1000)
+    for m in model.modules():
+        if isinstance(m, ConvPosEmbed):
+            m.proj.weight.copy_(torch.randn(m.proj.weight.shape, generator=g) * 0.2)
+            m.proj.bias.copy_(torch.randn(m.proj.bias.shape, generator=g) * 0.2)
+    return model
+
+
+@pytest.fixture(scope="session")
+def randomize():
+    """``randomize(model, seed)``: in-place random LayerNorm affine, pos_embed and ConvPosEmbed weights."""
+    return _randomize
+
+
+@pytest.fixture(scope="session")
+def make_vit():
+    """``make_vit(patch=4, img=32, cls=True, seed=0, **timm_kwargs)``: a tiny random timm VisionTransformer
+    in eval mode. ``img`` may be an int or (H, W); without CLS the model average-pools."""
+
+    def build(patch: int = 4, img=32, cls: bool = True, seed: int = 0, **kw) -> nn.Module:
+        from timm.models.vision_transformer import VisionTransformer
+
+        torch.manual_seed(seed)
+        cfg = dict(img_size=img, patch_size=patch, embed_dim=32, depth=2, num_heads=2, num_classes=10)
+        if not cls:
+            cfg.update(class_token=False, global_pool="avg")
+        cfg.update(kw)
+        return _randomize(VisionTransformer(**cfg), seed).eval()
+
+    return build
+
+
+@pytest.fixture(scope="session")
+def make_twins():
+    """``make_twins(kind="svt" | "pcpvt" | "svt-odd", seed=0, img=32)``: a tiny random timm Twins, eval mode."""
+
+    def build(kind: str = "svt", seed: int = 0, img: int = 32, **kw) -> nn.Module:
+        from timm.models.twins import Twins
+
+        torch.manual_seed(seed)
+        cfg = dict(img_size=img, patch_size=4, num_classes=10, **TWINS_CONFIGS[kind])
+        cfg.update(kw)
+        return _randomize(Twins(**cfg), seed).eval()
+
+    return build
+
+
+@pytest.fixture(scope="session")
+def anchored():
+    """``anchored(model, mode="full", seed=0)``: ``anchorize`` + random ConvPosEmbed weights, eval mode."""
+
+    def build(model: nn.Module, mode: str = "full", seed: int = 0) -> nn.Module:
+        from equishift import anchorize
+
+        return _randomize_pos_convs(anchorize(model, mode), seed).eval()
+
+    return build

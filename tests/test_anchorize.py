@@ -1,0 +1,392 @@
+"""anchorize on timm ViT/DeiT and Twins: exact invariance under circular shifts (and its absence without
+anchoring), where the anchors go, and that the result is an ordinary nn.Module.
+
+Tolerance: max |Δ logits| ≤ 1e-4 in float32 (logits of order 1, see conftest._randomize); the untouched
+models must exceed 1e-2, so every invariance test here is able to fail."""
+from __future__ import annotations
+
+import copy
+import threading
+import time
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+from torch import nn
+
+from equishift import anchorize, anchoring_mode, record_anchors
+from equishift.anchoring import ConvPosEmbed
+from equishift.polyphase import PolyphaseAnchor, polyphase_norms
+from equishift.shifts import period_grid, random_shifts
+from equishift.testing import assert_shift_invariant, check_shift_invariant
+
+ATOL = 1e-4
+BROKEN = 1e-2  # an untouched model must miss invariance by at least 100 x ATOL
+PARTIAL = 1e-3  # pos-only / patch-only must miss it by at least 10 x ATOL (patch-only ViT: ~4e-3)
+MODES = ("full", "pos-only", "patch-only")
+
+
+def shift_set(period: int, size: int, seed: int, n_random: int = 20) -> torch.Tensor:
+    """Every shift of one period plus ``n_random`` larger ones (up to 3 image sizes, negative too)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.cat((period_grid(period), random_shifts(n_random, -3 * size, 3 * size, g)))
+
+
+def first_anchor_moves_with_shift(rec: torch.Tensor, x: torch.Tensor, shifts: torch.Tensor, s: int) -> int:
+    """Check a' = (a + δ) mod s for the image-level anchor recorded during check_shift_invariant (which runs
+    x first, then every image under every shift, shift-major). Only images with a unique maximum count;
+    returns how many were checked."""
+    b = x.shape[0]
+    assert rec.shape == ((1 + len(shifts)) * b, 2)
+    top = polyphase_norms(x, s).flatten(1).topk(2, dim=1).values
+    unique = (top[:, 0] - top[:, 1]) / top[:, 0] > 1e-4
+    ref, moved = rec[:b], rec[b:].reshape(len(shifts), b, 2)
+    want = (ref[None] + shifts[:, None]) % s
+    assert torch.equal(moved[:, unique], want[:, unique])
+    return int(unique.sum())
+
+
+def invariance_and_its_absence(base: nn.Module, model: nn.Module, x: torch.Tensor, shifts: torch.Tensor,
+                               stride: int, first_anchor: str):
+    with record_anchors(model) as rec:
+        report = assert_shift_invariant(model, x, shifts, atol=ATOL, batch_size=128)
+    assert first_anchor_moves_with_shift(rec[first_anchor], x, shifts, stride) > 0
+    broken = check_shift_invariant(base, x, shifts, batch_size=128)
+    assert broken.max_error > BROKEN, f"untouched model unexpectedly invariant: {broken}"
+    return report, broken
+
+
+# --- invariance: ViT / DeiT ------------------------------------------------------------------------
+@pytest.mark.parametrize("cls", [True, False], ids=["cls", "avg"])
+@pytest.mark.parametrize("patch, img", [(p, i) for p in (4, 8, 16) for i in (32, 48, 64)])
+def test_vit_full_is_invariant_untouched_is_not(make_vit, anchored, patch, img, cls):
+    seed = patch * 100 + img + cls
+    base = make_vit(patch=patch, img=img, cls=cls, seed=seed)
+    model = anchored(base, "full", seed)
+    x = torch.randn(2, 3, img, img, generator=torch.Generator().manual_seed(seed))
+    invariance_and_its_absence(base, model, x, shift_set(patch, img, seed), patch, "patch_embed.anchor")
+
+
+@settings(max_examples=8, deadline=None, derandomize=True, database=None)
+@given(patch=st.sampled_from([2, 4, 8]), rows=st.integers(2, 6), cols=st.integers(2, 6), cls=st.booleans(),
+       reg=st.integers(0, 2), batch=st.integers(1, 3), seed=st.integers(0, 10_000))
+def test_vit_full_invariant_on_non_square_images(make_vit, anchored, patch, rows, cols, cls, reg, batch, seed):
+    h, w = rows * patch, cols * patch
+    base = make_vit(patch=patch, img=(h, w), cls=cls, seed=seed, reg_tokens=reg)
+    model = anchored(base, "full", seed)
+    x = torch.randn(batch, 3, h, w, generator=torch.Generator().manual_seed(seed))
+    shifts = shift_set(patch, max(h, w), seed, n_random=6)
+    with record_anchors(model) as rec:
+        assert_shift_invariant(model, x, shifts, atol=ATOL)
+    first_anchor_moves_with_shift(rec["patch_embed.anchor"], x, shifts, patch)
+
+
+def test_vit_dynamic_img_size_runs_any_size_invariantly(make_vit, anchored):
+    base = make_vit(patch=4, img=32, cls=True, seed=7, dynamic_img_size=True)
+    for mode in ("full", "pos-only"):
+        model = anchored(base, mode, 7)
+        for h, w in [(32, 32), (48, 40), (24, 64)]:
+            x = torch.randn(2, 3, h, w, generator=torch.Generator().manual_seed(h + w))
+            report = check_shift_invariant(model, x, shift_set(4, max(h, w), h, n_random=8))
+            assert report.ok if mode == "full" else report.max_error > BROKEN, (mode, h, w, str(report))
+
+
+def test_distilled_deit_full_is_invariant(randomize, anchored):
+    import timm
+
+    base = timm.create_model("deit_tiny_distilled_patch16_224", pretrained=False, img_size=32, patch_size=4,
+                             depth=2, num_classes=10)
+    base = randomize(base.eval(), 11)
+    model = anchored(base, "full", 11)
+    assert isinstance(model.pos_embed, torch.Tensor) and not isinstance(model.pos_embed, nn.Parameter)
+    assert not model.pos_embed.any()  # distilled DeiT always adds pos_embed: it becomes a zero buffer
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(11))
+    invariance_and_its_absence(base, model, x, shift_set(4, 32, 11), 4, "patch_embed.anchor")
+
+
+@pytest.mark.slow
+def test_vit_tiny_224_full_is_invariant(randomize, anchored):
+    import timm
+
+    base = randomize(timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10).eval(), 3)
+    model = anchored(base, "full", 3)
+    x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(3))
+    invariance_and_its_absence(base, model, x, shift_set(16, 224, 3), 16, "patch_embed.anchor")
+
+
+# --- invariance: Twins ----------------------------------------------------------------------------------
+@settings(max_examples=2, deadline=None, derandomize=True, database=None)
+@given(seed=st.integers(0, 10_000), batch=st.integers(1, 3))
+@pytest.mark.parametrize("kind", ["svt", "pcpvt", "svt-odd"])
+def test_twins_full_is_invariant_untouched_is_not(make_twins, anchored, kind, seed, batch):
+    base = make_twins(kind, seed=seed)
+    model = anchored(base, "full", seed)
+    x = torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+    # The period of the whole tiny network (patch 4 x window 4 = 16 px), not only the first anchor's.
+    shifts = shift_set(16, 32, seed)
+    invariance_and_its_absence(base, model, x, shifts, 4, "patch_embeds.0.anchor")
+
+
+def test_twins_full_at_64px(make_twins, anchored):
+    base = make_twins("svt", seed=5, img=64)
+    model = anchored(base, "full", 5)
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(5))  # image 0: a near-tie (5e-5)
+    invariance_and_its_absence(base, model, x, shift_set(4, 64, 5), 4, "patch_embeds.0.anchor")
+
+
+# --- partial modes are not enough ------------------------------------------------------------------
+@pytest.mark.parametrize("arch", ["vit-cls", "vit-avg", "svt", "pcpvt"])
+@pytest.mark.parametrize("mode", ["pos-only", "patch-only"])
+def test_partial_modes_are_not_invariant(make_vit, make_twins, anchored, arch, mode):
+    base = make_vit(cls=arch == "vit-cls", seed=21) if arch.startswith("vit") else make_twins(arch, seed=21)
+    model = anchored(base, mode, 21)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(21))
+    report = check_shift_invariant(model, x, shift_set(4, 32, 21))
+    assert report.max_error > PARTIAL, str(report)
+    if mode == "patch-only":
+        # Shifts by multiples of the patch size are token permutations: only the position code (ViT) or the
+        # windows and sub-sampling grids (Twins) break them.
+        coarse = check_shift_invariant(model, x, period_grid(4)[1:] * 4)
+        assert coarse.max_error > PARTIAL, str(coarse)
+
+
+# --- where the anchors go ------------------------------------------------------------------------------
+EXPECTED_ANCHORS = {  # name -> stride, for the tiny configs in conftest
+    ("svt", "full"): {"patch_embeds.0.anchor": 4, "patch_embeds.1.anchor": 2, "blocks.0.0.anchor": 4,
+                      "blocks.0.1.anchor": 2, "blocks.1.0.anchor": 2},
+    ("pcpvt", "full"): {"patch_embeds.0.anchor": 4, "patch_embeds.1.anchor": 2, "blocks.0.0.anchor": 2,
+                        "blocks.0.1.anchor": 2},
+    ("svt-odd", "full"): {"patch_embeds.0.anchor": 4, "patch_embeds.1.anchor": 2, "blocks.0.0.anchor": 4,
+                          "blocks.0.1.anchor": 2, "blocks.0.2.anchor": 4, "blocks.1.0.anchor": 2},
+    ("svt", "patch-only"): {"patch_embeds.0.anchor": 4, "patch_embeds.1.anchor": 2},
+    ("svt", "pos-only"): {},
+}
+
+
+@pytest.mark.parametrize("kind, mode", list(EXPECTED_ANCHORS))
+def test_twins_anchor_placement_and_circular_pegs(make_twins, kind, mode):
+    base = make_twins(kind)
+    model = anchorize(base, mode).eval()
+    strides = {n: m.stride for n, m in model.named_modules() if isinstance(m, PolyphaseAnchor)}
+    assert strides == EXPECTED_ANCHORS[kind, mode]
+    x = torch.randn(3, 3, 32, 32)
+    with record_anchors(model) as rec:
+        model(x)
+    assert set(rec) == set(strides)
+    for name, idx in rec.items():
+        assert idx.shape == (3, 2) and idx.dtype == torch.long
+        assert ((idx >= 0) & (idx < strides[name])).all()
+    pads = {m.padding_mode for peg in model.pos_block for m in peg.modules() if isinstance(m, nn.Conv2d)}
+    assert pads == ({"zeros"} if mode == "patch-only" else {"circular"})
+    assert anchoring_mode(model) == mode and anchoring_mode(base) == "none"
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_vit_structure_per_mode(make_vit, mode):
+    base = make_vit(patch=8, img=32)
+    model = anchorize(base, mode)
+    assert type(model) is type(base)
+    has_anchor = model.patch_embed.anchor is not None
+    assert has_anchor == (mode != "pos-only")
+    if has_anchor:
+        assert model.patch_embed.anchor.stride == 8
+    assert (model.pos_embed is None) == (mode != "patch-only")
+    assert isinstance(model.patch_embed.pos_conv, ConvPosEmbed) == (mode != "patch-only")
+    assert model.patch_embed.grid_size == base.patch_embed.grid_size  # timm attributes still resolve
+
+
+def test_conv_pos_embed_is_the_identity_at_init_and_circular(make_vit):
+    base = make_vit(seed=9)
+    x = torch.randn(2, 3, 32, 32)
+    # Starting from zero, pos-only differs from the original only by the absolute embedding it drops.
+    no_pe = copy.deepcopy(base)
+    with torch.no_grad():
+        no_pe.pos_embed.zero_()
+        torch.testing.assert_close(anchorize(base, "pos-only").eval()(x), no_pe(x), rtol=0, atol=1e-6)
+        assert (base(x) - no_pe(x)).abs().max() > BROKEN  # the embedding it drops did matter
+    conv = ConvPosEmbed(8, init="default")
+    grid = torch.randn(2, 8, 6, 5)
+    for dy, dx in [(1, 0), (0, 4), (-2, 3)]:
+        torch.testing.assert_close(conv(torch.roll(grid, (dy, dx), (-2, -1))),
+                                   torch.roll(conv(grid), (dy, dx), (-2, -1)), rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="init"):
+        ConvPosEmbed(8, init="ones")
+
+
+# --- an ordinary nn.Module -----------------------------------------------------------------------------
+def _snapshot(model: nn.Module):
+    return ({k: v.clone() for k, v in model.state_dict().items()}, repr(model),
+            [(n, type(m)) for n, m in model.named_modules()],
+            sorted(m.padding_mode for m in model.modules() if isinstance(m, nn.Conv2d)))
+
+
+@pytest.mark.parametrize("arch", ["vit", "svt", "pcpvt"])
+@pytest.mark.parametrize("mode", MODES)
+def test_input_model_is_not_mutated(make_vit, make_twins, arch, mode):
+    base = make_vit() if arch == "vit" else make_twins(arch)
+    x = torch.randn(2, 3, 32, 32)
+    before, out_before = _snapshot(base), base(x)
+    anchorize(base, mode)
+    after = _snapshot(base)
+    assert before[1:] == after[1:]
+    assert before[0].keys() == after[0].keys()
+    assert all(torch.equal(before[0][k], after[0][k]) for k in before[0])
+    assert torch.equal(base(x), out_before)
+
+
+def _fresh(arch: str, make_vit, make_twins, randomize, seed: int) -> nn.Module:
+    if arch == "deit":
+        import timm
+
+        torch.manual_seed(seed)
+        return randomize(timm.create_model("deit_tiny_distilled_patch16_224", pretrained=False, img_size=32,
+                                           patch_size=4, depth=2, num_classes=10).eval(), seed)
+    if arch.startswith("vit"):
+        return make_vit(cls=arch == "vit-cls", seed=seed)
+    return make_twins(arch, seed=seed)
+
+
+@pytest.mark.parametrize("arch", ["vit-cls", "vit-avg", "deit", "svt", "pcpvt"])
+@pytest.mark.parametrize("mode", MODES)
+def test_state_dict_and_safetensors_round_trip(tmp_path, make_vit, make_twins, randomize, anchored, arch, mode):
+    from safetensors.torch import load_file, save_file
+
+    model = anchored(_fresh(arch, make_vit, make_twins, randomize, seed=1), mode, seed=1)
+    x = torch.randn(2, 3, 32, 32)
+    want = model(x)
+    sd = model.state_dict()
+    if arch.startswith("vit") and mode != "patch-only":
+        assert "pos_embed" not in sd and "patch_embed.pos_conv.proj.weight" in sd
+    path = tmp_path / "anchored.safetensors"
+    save_file(sd, str(path))
+    for loaded in (sd, load_file(str(path))):
+        fresh = anchorize(_fresh(arch, make_vit, make_twins, randomize, seed=2), mode).eval()  # other random weights
+        assert not torch.equal(fresh(x), want)
+        fresh.load_state_dict(loaded)  # strict: same keys, same shapes
+        assert torch.equal(fresh(x), want)
+    other = next(m for m in MODES if m != mode)
+    # A ViT's full and pos-only modes have the same weights (an anchor has none); all others differ.
+    if not (arch in ("vit-cls", "vit-avg", "deit") and {mode, other} == {"full", "pos-only"}):
+        with pytest.raises(RuntimeError):  # a checkpoint of another mode does not fit
+            anchorize(_fresh(arch, make_vit, make_twins, randomize, seed=2), other).load_state_dict(sd)
+
+
+def test_to_device_and_dtype(make_vit, anchored):
+    from equishift.device import default_device
+
+    model = anchored(make_vit(seed=4), "full", 4)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    ref = model(x)
+    dev = default_device()
+    moved = model.to(dev)
+    assert all(p.device.type == dev.type for p in moved.parameters())
+    torch.testing.assert_close(moved(x.to(dev)).cpu(), ref, rtol=1e-4, atol=1e-4)
+    double = model.to("cpu", torch.float64)
+    xd = x.double()
+    torch.testing.assert_close(double(xd).float(), ref, rtol=1e-4, atol=1e-4)
+    # In float64 invariance holds to float64 rounding, far below the float32 tolerance.
+    assert assert_shift_invariant(double, xd, shift_set(4, 32, 4), atol=1e-10).max_error <= 1e-10
+
+
+def test_gradients_reach_all_weights(make_twins, anchored):
+    model = anchored(make_twins("svt", seed=6), "full", 6).train()
+    x = torch.randn(2, 3, 32, 32, requires_grad=True)
+    model(x).square().sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert missing == []
+
+
+@pytest.mark.slow
+def test_torch_compile_matches_eager(make_vit, anchored):
+    """torch.compile (inductor, CPU) of a tiny anchored ViT: same logits, still invariant, no graph break."""
+    import torch._dynamo
+
+    model = anchored(make_vit(patch=4, img=32, seed=8), "full", 8)
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(8))
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(model)(x)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    t0 = time.perf_counter()
+    compiled = torch.compile(model)
+    with torch.no_grad():
+        got = compiled(x)
+        shifted = compiled(torch.roll(x, (3, -5), (-2, -1)))
+    seconds = time.perf_counter() - t0
+    torch.testing.assert_close(got, model(x), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(shifted, got, rtol=0, atol=ATOL)
+    torch._dynamo.reset()
+    assert seconds < 120, f"compiling took {seconds:.0f} s"
+
+
+# --- refusals --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name, kw", [("resnet18", {}),
+                                      ("swin_tiny_patch4_window7_224", dict(depths=(1, 1), embed_dim=24,
+                                                                             num_heads=(1, 1)))])
+def test_other_architectures_raise_type_error_listing_supported(name, kw):
+    import timm
+
+    model = timm.create_model(name, pretrained=False, num_classes=10, **kw)
+    with pytest.raises(TypeError) as err:
+        anchorize(model)
+    msg = str(err.value)
+    assert "VisionTransformer" in msg and "Twins" in msg and type(model).__name__ in msg
+
+
+def test_bad_mode_and_double_anchorize_raise(make_vit):
+    base = make_vit()
+    with pytest.raises(ValueError, match="full, pos-only, patch-only"):
+        anchorize(base, "everything")
+    with pytest.raises(ValueError, match="already anchorized"):
+        anchorize(anchorize(base, "full"), "full")
+
+
+def test_image_size_not_divisible_by_patch_raises(make_vit, anchored):
+    model = anchored(make_vit(patch=4, img=32, dynamic_img_size=True), "full")
+    with pytest.raises(ValueError, match="H=30, W=32, stride=4"):
+        model(torch.randn(1, 3, 30, 32))
+
+
+# --- record_anchors across threads ---------------------------------------------------------------------
+def test_record_anchors_is_per_thread(make_twins, anchored):
+    """Two threads run one model at the same time (a barrier inside the forward pass holds both mid-way):
+    each records exactly its own anchors, equal to a sequential run."""
+    model = anchored(make_twins("svt", seed=12), "full", 12)
+    xs = [torch.randn(b, 3, 32, 32, generator=torch.Generator().manual_seed(b)) for b in (2, 3)]
+    sequential = []
+    for x in xs:
+        with record_anchors(model) as rec:
+            model(x)
+        sequential.append(dict(rec))
+
+    barrier = threading.Barrier(2, timeout=60)
+    # After the first two anchors have fired, both threads wait for each other, so the remaining anchors of
+    # the two passes are recorded while both passes are in flight.
+    def wait(module, args):
+        barrier.wait()  # returns None: the block's inputs are left as they are
+
+    hook = model.blocks[0][1].register_forward_pre_hook(wait)
+    results, errors = [None, None], []
+
+    def run(i):
+        try:
+            with record_anchors(model) as rec:
+                model(xs[i])
+            results[i] = dict(rec)
+        except BaseException as e:  # noqa: BLE001 — reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+    finally:
+        hook.remove()
+    assert not errors, errors
+    for got, want in zip(results, sequential):
+        assert got.keys() == want.keys()
+        assert all(torch.equal(got[k], want[k]) for k in want)
+    assert sequential[0]["patch_embeds.0.anchor"].shape == (2, 2)
+    assert sequential[1]["patch_embeds.0.anchor"].shape == (3, 2)

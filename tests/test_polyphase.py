@@ -1,0 +1,248 @@
+"""Polyphase anchoring primitives: select_anchor, anchor, roll_batch, PolyphaseAnchor, record_anchors.
+
+References are computed here by brute force (a Python loop over phases and images, in float64)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+from torch.fx.experimental.proxy_tensor import make_fx
+
+from equishift.polyphase import (PolyphaseAnchor, anchor, polyphase_norms, record_anchors, roll_batch,
+                                 select_anchor)
+
+BOUNDED = settings(max_examples=40, deadline=None, derandomize=True, database=None)
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def brute_norms(x: torch.Tensor, s: int) -> torch.Tensor:
+    """(B, s, s) squared norms, one phase at a time, in float64."""
+    x = x.double()
+    return torch.stack([torch.stack([x[:, :, a::s, b::s].square().sum(dim=(1, 2, 3)) for b in range(s)], 1)
+                        for a in range(s)], 1)
+
+
+def brute_anchor_index(x: torch.Tensor, s: int) -> torch.Tensor:
+    """First maximal phase in row-major order, per image, by a Python loop."""
+    out = []
+    for n in brute_norms(x, s):
+        best, arg = None, None
+        for a in range(s):
+            for b in range(s):
+                if best is None or n[a, b] > best:  # strict: keeps the first of equal scores
+                    best, arg = n[a, b], (a, b)
+        out.append(arg)
+    return torch.tensor(out, dtype=torch.long)
+
+
+def unique_gap(x: torch.Tensor, s: int) -> torch.Tensor:
+    """Relative gap between the best and second-best phase per image (0 for a tie; 1 for s = 1)."""
+    if s == 1:
+        return torch.ones(x.shape[0], dtype=torch.float64)
+    top = brute_norms(x, s).flatten(1).topk(2, dim=1).values
+    return (top[:, 0] - top[:, 1]) / top[:, 0]
+
+
+shapes = st.tuples(st.integers(1, 4), st.integers(1, 5), st.integers(1, 4), st.integers(1, 4),
+                   st.integers(1, 4))  # B, C, H/s, W/s, s
+
+
+@BOUNDED
+@given(shape=shapes, seed=st.integers(0, 2**16))
+def test_norms_and_index_match_brute_force(shape, seed):
+    b, c, hb, wb, s = shape
+    x = torch.randn(b, c, hb * s, wb * s, generator=torch.Generator().manual_seed(seed))
+    torch.testing.assert_close(polyphase_norms(x, s).double(), brute_norms(x, s), rtol=1e-5, atol=1e-6)
+    idx = select_anchor(x, s)
+    assert idx.dtype == torch.long and idx.shape == (b, 2)
+    assert torch.equal(idx, brute_anchor_index(x, s))
+
+
+@pytest.mark.parametrize("s", [1, 2, 3, 4, 16])
+def test_constant_image_anchors_at_origin(s):
+    x = torch.full((3, 2, 2 * s, 3 * s), 0.7)
+    assert torch.equal(select_anchor(x, s), torch.zeros(3, 2, dtype=torch.long))
+    assert torch.equal(select_anchor(torch.zeros_like(x), s), torch.zeros(3, 2, dtype=torch.long))
+
+
+def test_exact_tie_goes_to_first_in_row_major_order():
+    s = 3
+    x = torch.zeros(2, 1, 6, 6)
+    # Image 0: equal energy at phases (2, 1) and (1, 2), opposite signs; row-major 1*3+2 = 5 < 2*3+1 = 7.
+    x[0, 0, 2, 4] = 2.0  # row 2, col 4 -> phase (2, 1)
+    x[0, 0, 4, 2] = -2.0  # row 4, col 2 -> phase (1, 2)
+    # Image 1: the same tie, but the later phase (2, 1) is a hair stronger and must win.
+    x[1, 0, 2, 4] = 2.0 + 1e-3
+    x[1, 0, 4, 2] = -2.0
+    assert brute_anchor_index(x, s).tolist() == [[1, 2], [2, 1]]
+    assert select_anchor(x, s).tolist() == [[1, 2], [2, 1]]
+
+
+def test_anchor_rolls_by_minus_index():
+    torch.manual_seed(0)
+    x = torch.randn(5, 3, 8, 12)
+    rolled, idx = anchor(x, 4)
+    assert torch.equal(idx, brute_anchor_index(x, 4))
+    for i in range(5):
+        a, b = idx[i].tolist()
+        assert torch.equal(rolled[i], torch.roll(x[i], (-a, -b), dims=(-2, -1)))
+    # The chosen component now sits at phase (0, 0).
+    assert (select_anchor(rolled, 4) == 0).all()
+
+
+@BOUNDED
+@given(shape=shapes, seed=st.integers(0, 2**16), shift=st.tuples(st.integers(-50, 50), st.integers(-50, 50)))
+def test_anchor_is_equivariant_to_every_circular_shift(shape, seed, shift):
+    """A(R_δ x) = R_{δ + a - a'} A(x) with δ + a - a' ≡ 0 (mod s), and a' = (a + δ) mod s (unique max)."""
+    b, c, hb, wb, s = shape
+    x = torch.randn(b, c, hb * s, wb * s, generator=torch.Generator().manual_seed(seed))
+    dy, dx = shift
+    xs = torch.roll(x, (dy, dx), dims=(-2, -1))
+    ax, ia = anchor(x, s)
+    axs, ib = anchor(xs, s)
+    unique = unique_gap(x, s) > 1e-4  # float32 sums of the same numbers in another order agree to ~1e-7
+    want = torch.stack(((ia[:, 0] + dy) % s, (ia[:, 1] + dx) % s), 1)
+    assert torch.equal(ib[unique], want[unique])
+    for i in torch.nonzero(unique).flatten().tolist():
+        ry, rx = dy + ia[i, 0].item() - ib[i, 0].item(), dx + ia[i, 1].item() - ib[i, 1].item()
+        assert ry % s == 0 and rx % s == 0
+        assert torch.equal(axs[i], torch.roll(ax[i], (ry, rx), dims=(-2, -1)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_scores_in_float32_without_overflow(dtype):
+    # Squares of 300 (9e4) overflow float16 (max 65504): scored in float16 every phase would be inf and
+    # tie at (0, 0). The strongest phase here is (2, 3).
+    x = torch.full((1, 3, 8, 8), 100.0)
+    x[:, :, 2::4, 3::4] = 300.0
+    x = x.to(dtype)
+    assert polyphase_norms(x, 4).dtype == torch.float32
+    assert torch.isfinite(polyphase_norms(x, 4)).all()
+    assert select_anchor(x, 4).tolist() == [[2, 3]]
+    rolled, _ = anchor(x, 4)
+    assert rolled.dtype == dtype and torch.equal(rolled, torch.roll(x, (-2, -3), (-2, -1)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_does_not_tie_spuriously(dtype):
+    # 16 x 16 ones per phase: score 256 + tiny. Phase (1, 1) has one entry 1 + eps (the next representable
+    # number above 1). Its score differs by ~2 eps, far below the float16/bfloat16 spacing at 256 (0.25 / 2),
+    # so a half-precision accumulator would tie all phases and return (0, 0).
+    eps = torch.finfo(dtype).eps
+    x = torch.ones(1, 1, 32, 32, dtype=dtype)
+    x[0, 0, 5, 7] = 1 + eps  # phase (1, 1)
+    assert (x[0, 0, 5, 7].float() > 1).item()
+    n = polyphase_norms(x, 2)
+    assert n.dtype == torch.float32 and torch.equal(n, brute_norms(x, 2).float())
+    assert select_anchor(x, 2).tolist() == [[1, 1]]
+    # The same sums rounded to the input dtype do tie: this is what scoring in float32 avoids.
+    assert torch.unique(n.to(dtype)).numel() == 1
+
+
+def test_float64_scores_in_float64():
+    x = torch.ones(1, 1, 4, 4, dtype=torch.float64)
+    x[0, 0, 1, 1] += 1e-12  # invisible in float32
+    assert polyphase_norms(x, 2).dtype == torch.float64
+    assert select_anchor(x, 2).tolist() == [[1, 1]]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_any_device_and_dtype(device, dtype):
+    torch.manual_seed(1)
+    x = torch.randn(3, 2, 6, 9).to(device=device, dtype=dtype)
+    rolled, idx = anchor(x, 3)
+    assert rolled.device == x.device and rolled.dtype == dtype and idx.device == x.device
+    assert torch.equal(idx.cpu(), brute_anchor_index(x.cpu(), 3))
+    for i in range(3):
+        assert torch.equal(rolled[i], torch.roll(x[i], tuple((-idx[i]).tolist()), dims=(-2, -1)))
+
+
+def test_gradients_flow_through_the_roll():
+    torch.manual_seed(2)
+    x = torch.randn(3, 2, 8, 8, dtype=torch.float64, requires_grad=True)
+    rolled, idx = anchor(x, 4)
+    assert rolled.requires_grad and not idx.requires_grad
+    g = torch.randn_like(rolled)
+    (grad,) = torch.autograd.grad((rolled * g).sum(), x)
+    # d/dx <roll(x, -a), g> = roll(g, +a)
+    want = torch.stack([torch.roll(g[i], tuple(idx[i].tolist()), dims=(-2, -1)) for i in range(3)])
+    assert torch.equal(grad, want)
+    # Finite differences agree (the index is locally constant away from ties).
+    assert torch.autograd.gradcheck(lambda t: anchor(t, 4)[0], (x,))
+
+
+@pytest.mark.parametrize("h, w, s", [(10, 12, 4), (12, 10, 4), (7, 7, 2), (16, 15, 16)])
+def test_non_divisible_size_raises_value_error_naming_the_sizes(h, w, s):
+    x = torch.randn(1, 3, h, w)
+    for fn in (select_anchor, anchor, polyphase_norms, lambda t, k: PolyphaseAnchor(k)(t)):
+        with pytest.raises(ValueError) as err:
+            fn(x, s)
+        msg = str(err.value)
+        assert f"H={h}" in msg and f"W={w}" in msg and f"stride={s}" in msg
+
+
+@pytest.mark.parametrize("bad", [torch.randn(3, 8, 8), torch.randn(1, 1, 3, 8, 8)])
+def test_wrong_rank_raises(bad):
+    with pytest.raises(ValueError, match="B, C, H, W"):
+        select_anchor(bad, 2)
+
+
+@pytest.mark.parametrize("stride", [0, -2, 2.0])
+def test_bad_stride_raises(stride):
+    with pytest.raises(ValueError, match="stride"):
+        select_anchor(torch.randn(1, 1, 4, 4), stride)
+
+
+def test_no_python_loop_over_images():
+    """The traced graph of ``anchor`` has the same number of operations for 2 and for 9 images."""
+    sizes = []
+    for b in (2, 9):
+        gm = make_fx(lambda t: anchor(t, 4))(torch.randn(b, 3, 8, 8))
+        sizes.append(len(gm.graph.nodes))
+    assert sizes[0] == sizes[1]
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "transposed", "token_view"])
+def test_roll_batch_matches_per_image_roll_and_keeps_layout(layout):
+    torch.manual_seed(3)
+    x = torch.randn(4, 6, 5, 7)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "transposed":
+        x = torch.randn(4, 6, 7, 5).transpose(-1, -2)
+    elif layout == "token_view":  # (B, N, C) tokens viewed as a grid, as anchorize does for Twins
+        x = torch.randn(4, 35, 6).transpose(1, 2).reshape(4, 6, 5, 7)
+    shifts = torch.tensor([[0, 0], [1, -3], [-7, 12], [5, 7]])
+    out = roll_batch(x, shifts)
+    for i in range(4):
+        assert torch.equal(out[i], torch.roll(x[i], tuple(shifts[i].tolist()), dims=(-2, -1)))
+    if x.is_contiguous(memory_format=torch.channels_last):
+        assert out.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_stride_one_is_identity():
+    x = torch.randn(2, 3, 5, 7)
+    rolled, idx = anchor(x, 1)
+    assert torch.equal(rolled, x) and torch.equal(idx, torch.zeros(2, 2, dtype=torch.long))
+
+
+def test_record_anchors_names_batches_and_scope():
+    torch.manual_seed(4)
+    model = torch.nn.Sequential(PolyphaseAnchor(2), torch.nn.Conv2d(3, 3, 1), PolyphaseAnchor(4))
+    x1, x2 = torch.randn(2, 3, 8, 8), torch.randn(3, 3, 8, 8)
+    model(x1)  # outside a recorder: nothing to record, nothing breaks
+    with record_anchors(model) as rec:
+        model(x1)
+        model(x2)  # a second pass inside one context appends along the batch
+    assert set(rec) == {"0", "2"}
+    assert torch.equal(rec["0"], torch.cat((select_anchor(x1, 2), select_anchor(x2, 2))))
+    mid = model[1](torch.cat((anchor(x1, 2)[0], anchor(x2, 2)[0])))
+    assert torch.equal(rec["2"], select_anchor(mid, 4))
+    model(x1)
+    assert rec["0"].shape == (5, 2)  # closed: later passes are not recorded
+
+    other = torch.nn.Sequential(PolyphaseAnchor(2))
+    with record_anchors(model) as rec:
+        other(x1)  # another model's anchors inside the same context are ignored
+    assert rec == {}
