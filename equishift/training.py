@@ -233,7 +233,7 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
     steps_per_epoch = len(tr) // cfg.batch_size
     if steps_per_epoch == 0:
         raise DataError(f"the training set has {len(tr)} images, fewer than one batch of {cfg.batch_size}")
-    total = max(1, round(cfg.epochs * steps_per_epoch))
+    total = max(0, round(cfg.epochs * steps_per_epoch))  # 0 steps: just re-save (e.g. anchorize --init)
     decay = [p for n, p in model.named_parameters() if p.ndim > 1 and "pos_embed" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim > 1 and "pos_embed" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
@@ -275,6 +275,10 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
     if bar is not None:
         bar.close()
     test_acc = accuracy(model, te, device) if (te is not None and rank == 0) else None
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
     model.eval().to("cpu")
     return dict(model=model, timm_class=timm_class, arch_config=kwargs, data=info, seconds=round(seconds, 1),
                 steps=step, test_accuracy=test_acc, rank=rank, world_size=world, device=device.type)
