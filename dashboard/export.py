@@ -70,6 +70,43 @@ def show(fig: go.Figure, name: str, key: Optional[str] = None, **chart_kwargs):
     return event
 
 
-def report_panel(sides, mode: str, grid) -> None:
-    """Placeholder until equishift.report lands."""
-    st.info("The comparison report is not available in this build.")
+REPORT = "report_zip"
+
+
+def _report_key(sides, mode: str) -> tuple:
+    return tuple(s.key for s in sides) + (mode,)
+
+
+def report_panel(sides, mode: str, grid, image_bytes: bytes) -> None:
+    """"Download comparison report": the engine's bundle (equishift.report.build_report) for this pair,
+    image, mode and grid, from the sweeps already cached here. Built on request (it renders every figure
+    to PNG/SVG and writes an offline HTML page: seconds), then offered as a zip download."""
+    st.markdown("The **comparison report** is one zip: every figure as PNG and SVG, `report.html` (all "
+                "figures, plotly.js inline, opens offline), the sweeps as `.npz`, a per-shift CSV, a summary "
+                "JSON and `metadata.json` (specs, weights and image sha256, grid, mode, versions, device).")
+    if len(sides) < 2:
+        st.info("The report compares two models: fix the model that failed to load first.")
+        return
+    if mode in ("bilinear", "fourier"):
+        st.info("The report sweeps integer shift grids: pick circular, zero-pad, reflect or crop.")
+        return
+    key = _report_key(sides, mode)
+    built = st.session_state.get(REPORT)
+    if st.button("Build comparison report", key="build_report", icon=":material/inventory_2:"):
+        from equishift.report import build_report
+
+        try:
+            with st.spinner("Building the report (figures to PNG/SVG, offline HTML, data) …"):
+                data = build_report(sides[0].loaded, sides[1].loaded, image_bytes, zip=True, mode=mode, grid=grid.label,
+                                    results=(sides[0].result, sides[1].result),
+                                    static=static_export_problem() is None)
+            built = st.session_state[REPORT] = {"key": key, "data": data}
+        except Exception as e:  # noqa: BLE001 - the page must survive a failed export
+            st.error(f"The report could not be built: {type(e).__name__}: {e}")
+    if built and built["key"] == key:
+        st.download_button("Download comparison report", data=built["data"], file_name="equishift-report.zip",
+                           mime="application/zip", on_click="ignore", type="primary", key="download_report",
+                           icon=":material/download:")
+        st.caption(f"{len(built['data']) / 1e6:.1f} MB · for the models, image, mode and grid shown above.")
+    elif built:
+        st.caption("The models, image, mode or grid changed since the last report: build it again.")

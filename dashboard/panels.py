@@ -8,7 +8,8 @@ open tab is computed — so moving the shift re-draws one figure, not eight.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import streamlit as st
@@ -125,20 +126,39 @@ def _column(side, mode: str, shift, index: int) -> None:
     _top5(side, index)
 
 
-def render(sides, mode: str, grid, shift) -> None:
+@dataclass
+class View:
+    """What every tab draws from: the sides with their sweeps, the shift mode and grid, the current
+    shift and its row in each sweep, and the image file's bytes (the report hashes and re-reads them)."""
+
+    sides: list
+    mode: str
+    grid: Any
+    shift: Tuple[float, float]
+    index: Dict[str, int]
+    image_bytes: bytes = b""
+
+    @property
+    def current(self) -> int:
+        """Row of the current shift in the first side's sweep (all sweeps share one grid)."""
+        return self.index[self.sides[0].role]
+
+
+def render(sides, mode: str, grid, shift, image_bytes: bytes = b"") -> None:
     """Everything below the shift controls."""
     summary(sides, mode)
-    index = {s.role: s.result.index_of(*shift) for s in sides}
+    view = View(sides, mode, grid, tuple(shift), {s.role: s.result.index_of(*shift) for s in sides},
+                image_bytes)
     for col, side in zip(st.columns(len(sides)), sides):
         with col:
-            _column(side, mode, shift, index[side.role])
+            _column(side, mode, shift, view.index[side.role])
     tabs = st.tabs(TABS, key="panel", on_change="rerun")
     panels = (_curves, _heatmaps, _attention, _polyphase, _layer_error, _attribution, _export_tab)
     for tab, panel in zip(tabs, panels):
         # .open is None when tab state is not tracked (AppTest before any switch): render the first only
         if tab.open or (tab.open is None and panel is panels[0]):
             with tab:
-                panel(sides, mode, grid, shift, index)
+                panel(view)
 
 
 # --- tabs ------------------------------------------------------------------------------------------
@@ -151,7 +171,8 @@ def _path_indices(res, shift, kind: str) -> torch.Tensor:
     return plots.default_path(res)
 
 
-def _curves(sides, mode, grid, shift, index) -> None:
+def _curves(v: View) -> None:
+    sides, shift, index = v.sides, v.shift, v.index
     c1, c2 = st.columns(2)
     kind = c1.radio("path through the orbit", ("diagonal", "row", "column"), horizontal=True, key="curve_path",
                     format_func={"diagonal": "diagonal dy = dx", "row": "row through this shift (dx varies)",
@@ -167,7 +188,8 @@ def _curves(sides, mode, grid, shift, index) -> None:
         st.caption("The current shift is off the diagonal, so no marker: pick the row or column path.")
 
 
-def _heatmaps(sides, mode, grid, shift, index) -> None:
+def _heatmaps(v: View) -> None:
+    sides, index = v.sides, v.index
     base, anch = _pair(sides)
     cur = index[sides[0].role]
     st.caption("Click a cell to jump to that shift. × marks the current shift.")
@@ -189,7 +211,8 @@ def _attention_scores(side, layer: str):
     return compute.cached(("attention-scores", side.key, layer), compute_scores)
 
 
-def _attention(sides, mode, grid, shift, index) -> None:
+def _attention(v: View) -> None:
+    sides, index = v.sides, v.index
     base, anch = _pair(sides)
     layers = list(base.attention)
     if not layers:
@@ -224,7 +247,8 @@ def _attention(sides, mode, grid, shift, index) -> None:
                 "head-mean map at each shift and the unshifted map (1 = equivariant):\n\n" + "\n".join(rows))
 
 
-def _polyphase(sides, mode, grid, shift, index) -> None:
+def _polyphase(v: View) -> None:
+    sides, index = v.sides, v.index
     anchored = [s for s in sides if s.result.anchors]
     if not anchored:
         st.info("Neither model has polyphase anchors. Choose an anchored model (or 'Anchorize the baseline').")
@@ -234,7 +258,8 @@ def _polyphase(sides, mode, grid, shift, index) -> None:
              key=f"fig_poly_{side.role}")
 
 
-def _layer_error(sides, mode, grid, shift, index) -> None:
+def _layer_error(v: View) -> None:
+    sides, index = v.sides, v.index
     base, anch = _pair(sides)
     if not base.layer_error:
         st.info("No per-layer features were recorded (only timm ViT/DeiT and Twins models expose them).")
@@ -245,13 +270,13 @@ def _layer_error(sides, mode, grid, shift, index) -> None:
          key="fig_layer_error")
 
 
-def _attribution(sides, mode, grid, shift, index) -> None:
+def _attribution(v: View) -> None:
     from dashboard import attribution_panel
 
-    attribution_panel.render(sides, mode, shift, index)
+    attribution_panel.render(v.sides, v.mode, v.shift, v.index)
 
 
-def _export_tab(sides, mode, grid, shift, index) -> None:
+def _export_tab(v: View) -> None:
     from dashboard import export
 
-    export.report_panel(sides, mode, grid)
+    export.report_panel(v.sides, v.mode, v.grid, v.image_bytes)

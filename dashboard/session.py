@@ -260,5 +260,5 @@ def main() -> None:
     if not ok:
         return
     shift = _shift_controls(ref, mode, grid, panels.heatmap_keys(ok))
-    panels.render(ok, mode, grid, shift)
+    panels.render(ok, mode, grid, shift, choice.data)
     st.session_state["_render_s"] = time.perf_counter() - t0

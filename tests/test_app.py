@@ -7,10 +7,12 @@ equishift directly, never copied from a previous run.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
 import sys
+import tempfile
 import zipfile
 from pathlib import Path
 
@@ -214,3 +216,43 @@ def test_upload_garbage_shows_error_and_app_lives(app):
     assert len(msgs) == 1 and "photo.png" in msgs[0], msgs
     assert len(top5_tables(at)) == 2, "the page must keep working on the fallback sample"
     assert any("instead" in i.value for i in at.info)
+
+
+def test_report_download_is_a_checked_zip(app):
+    from dashboard.sources import DEFAULT_ANCHORED, DEFAULT_BASELINE, default_sample
+    from equishift.sweep import SweepResult
+
+    at = open_app()
+    at.session_state["panel"] = "Export"
+    at.run()
+    assert not [b for b in at.download_button if b.label == "Download comparison report"]
+    at.button(key="build_report").click().run(timeout=TIMEOUT)
+    assert not at.exception, at.exception
+    assert errors(at) == []
+    assert [b for b in at.download_button if b.label == "Download comparison report"]
+    data = at.session_state["report_zip"]["data"]  # the bytes the download button serves
+    zf = zipfile.ZipFile(io.BytesIO(data))
+    names = set(zf.namelist())
+    root = "equishift-report/"
+    for want in ("report.html", "metadata.json", "data/summary.json", "data/per_shift.csv",
+                 "data/baseline.npz", "data/anchored.npz"):
+        assert root + want in names, (want, sorted(names))
+    meta = json.loads(zf.read(root + "metadata.json"))
+    assert meta["baseline"]["spec"] == DEFAULT_BASELINE and meta["anchored"]["spec"] == DEFAULT_ANCHORED
+    assert meta["mode"] == "circular" and meta["num_shifts"] == 49  # the page's ±3 px grid
+    assert meta["image_sha256"] == hashlib.sha256(default_sample().read_bytes()).hexdigest()
+    # the data in the bundle is the page's: recompute a number from the npz and find it in the summary
+    tmp = Path(tempfile.mkdtemp())
+    (tmp / "b.npz").write_bytes(zf.read(root + "data/baseline.npz"))
+    res = SweepResult.load(tmp / "b.npz")
+    summary = json.loads(zf.read(root + "data/summary.json"))
+    flips = int((res.pred != res.ref_pred).sum())
+    assert summary["baseline"]["top1_flips"] == flips
+    assert len(zf.read(root + "data/per_shift.csv").decode().strip().splitlines()) == 1 + 49
+    html = zf.read(root + "report.html").decode()
+    assert "equishift comparison report" in html and "plotly" in html.lower()
+    pngs = [n for n in names if n.endswith(".png")]
+    if Path("/usr/bin/chromium").exists():
+        assert pngs, "chromium is here, so the figures must be exported as PNG"
+        png = Image.open(io.BytesIO(zf.read(pngs[0])))
+        assert np.asarray(png.convert("L")).std() > 1, "blank PNG"
