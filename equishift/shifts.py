@@ -34,7 +34,8 @@ ShiftsLike = Union[torch.Tensor, Sequence[Tuple[float, float]]]
 
 def as_shifts(shifts: ShiftsLike, *, integer: bool = True) -> torch.Tensor:
     """Normalise a list of (dy, dx) or a tensor to a [K, 2] tensor (long when ``integer``)."""
-    t = torch.as_tensor(shifts)
+    # Fractional shifts given as Python floats go straight to float64 (via float32 0.3 would become 0.30000001).
+    t = torch.as_tensor(shifts, dtype=None if integer or torch.is_tensor(shifts) else torch.float64)
     if t.dim() == 1 and t.numel() == 2:
         t = t[None]
     if t.dim() != 2 or t.shape[1] != 2:

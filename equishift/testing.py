@@ -63,7 +63,7 @@ def check_shift_invariant(model: Callable[[torch.Tensor], torch.Tensor], x: torc
                           batch_size: int = 256) -> ShiftReport:
     """Max |f(T_δ x) − f(x)| for each shift δ (over the whole batch ``x`` and every output entry)."""
     x = x if x.dim() == 4 else x[None]
-    s = default_shifts() if shifts is None else as_shifts(shifts)
+    s = default_shifts() if shifts is None else as_shifts(shifts, integer=mode not in ("bilinear", "fourier"))
     b = x.shape[0]
     ref = model(x)
     # One big batch: every image under every shift (shift-major), so the model runs in few calls.
