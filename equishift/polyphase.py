@@ -38,9 +38,11 @@ def polyphase_norms(x: torch.Tensor, stride: int) -> torch.Tensor:
     _check(x, stride)
     b, c, h, w = x.shape
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    # (B, C, H/s, s, W/s, s): component (a, b) is [..., a, :, b]; one reduction, no loop over phases.
-    sq = x.to(acc).reshape(b, c, h // stride, stride, w // stride, stride).square()
-    return sq.sum(dim=(1, 2, 4))
+    x = x.to(acc)
+    # Per-pixel energy first (a cheap reduction over channels, innermost for token grids), then
+    # (B, H/s, s, W/s, s): component (a, b) is [:, :, a, :, b]; no loop over phases.
+    energy = (x * x).sum(dim=1)
+    return energy.reshape(b, h // stride, stride, w // stride, stride).sum(dim=(1, 3))
 
 
 def select_anchor(x: torch.Tensor, stride: int) -> torch.Tensor:
@@ -56,13 +58,22 @@ def select_anchor(x: torch.Tensor, stride: int) -> torch.Tensor:
 def roll_batch(x: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
     """Roll each image of ``x`` (B, C, H, W) circularly by its own (dy, dx) in ``shifts`` (B, 2).
 
-    A gather with per-sample indices: no Python loop over the batch, differentiable in ``x``."""
+    One indexed copy with per-sample indices: no Python loop over the batch, differentiable in ``x``.
+    The output keeps the memory format of ``x``."""
     b, c, h, w = x.shape
     shifts = shifts.to(device=x.device, dtype=torch.long)
     rows = (torch.arange(h, device=x.device).unsqueeze(0) - shifts[:, :1]) % h  # (B, H)
     cols = (torch.arange(w, device=x.device).unsqueeze(0) - shifts[:, 1:]) % w  # (B, W)
-    x = x.gather(2, rows[:, None, :, None].expand(b, c, h, w))
-    return x.gather(3, cols[:, None, None, :].expand(b, c, h, w))
+    src = (rows[:, :, None] * w + cols[:, None, :]).reshape(b, h * w)  # source pixel of each output pixel
+    if c > 1 and x.stride(1) == 1 and x.is_contiguous(memory_format=torch.channels_last):
+        # A token grid ((B, N, C) tokens viewed as (B, C, H, W)): move whole C-vectors with index_select,
+        # a contiguous copy per pixel and ~10x faster than an element-wise gather on this layout.
+        offset = torch.arange(b, device=x.device).unsqueeze(1) * (h * w)
+        pixels = x.permute(0, 2, 3, 1).reshape(b * h * w, c)
+        out = pixels.index_select(0, (src + offset).reshape(-1))
+        return out.reshape(b, h, w, c).permute(0, 3, 1, 2)
+    flat = x.reshape(b, c, h * w)
+    return flat.gather(2, src.unsqueeze(1).expand(b, c, h * w)).reshape(b, c, h, w)
 
 
 def anchor(x: torch.Tensor, stride: int) -> tuple[torch.Tensor, torch.Tensor]:

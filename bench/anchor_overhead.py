@@ -1,0 +1,107 @@
+"""Forward-time overhead of adaptive polyphase anchoring: anchored ÷ baseline, measured in one run.
+
+    HF_HUB_OFFLINE=1 nice -n 15 .venv/bin/python bench/anchor_overhead.py [--reps 9] [--batch 64]
+
+For each model the untouched timm model and ``anchorize(model, "full")`` run the same batch under
+``torch.inference_mode``; repetitions are interleaved (A B, B A, A B, ...) so that load from other
+processes hits both alike, and the ratio of the medians is printed (target ≤ 1.15), together with the
+median of the per-repetition ratios and the share of the anchored forward spent in the anchors themselves.
+Random weights: speed does not depend on them.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from equishift import anchorize
+from equishift.polyphase import PolyphaseAnchor
+
+
+def _models(only):
+    import timm
+    from timm.models.twins import Twins
+    from timm.models.vision_transformer import VisionTransformer
+
+    cases = {
+        "tiny ViT p4 @32": (lambda: VisionTransformer(img_size=32, patch_size=4, embed_dim=64, depth=4,
+                                                      num_heads=2, num_classes=10), 32),
+        "tiny Twins-SVT @32": (lambda: Twins(img_size=32, patch_size=4, embed_dims=(32, 64), num_heads=(1, 2),
+                                             mlp_ratios=(2, 2), depths=(2, 2), wss=(4, 2), sr_ratios=(2, 1),
+                                             num_classes=10), 32),
+        "tiny Twins-PCPVT @32": (lambda: Twins(img_size=32, patch_size=4, embed_dims=(32, 64), num_heads=(1, 2),
+                                               mlp_ratios=(2, 2), depths=(2, 2), sr_ratios=(2, 1),
+                                               num_classes=10), 32),
+        "vit_small_patch16_224 @224": (lambda: timm.create_model("vit_small_patch16_224", pretrained=False), 224),
+    }
+    return {k: v for k, v in cases.items() if not only or any(o.lower() in k.lower() for o in only)}
+
+
+def _time(model, x) -> float:
+    t = time.perf_counter()
+    model(x)
+    return time.perf_counter() - t
+
+
+def _anchor_time(model, x, reps: int) -> float:
+    """Median seconds the PolyphaseAnchor modules take inside one anchored forward (forward hooks)."""
+    spent, starts = [], {}
+
+    def pre(mod, args):
+        starts[id(mod)] = time.perf_counter()
+
+    def post(mod, args, out):
+        spent.append(time.perf_counter() - starts.pop(id(mod)))
+
+    hooks = []
+    for m in model.modules():
+        if isinstance(m, PolyphaseAnchor):
+            hooks += [m.register_forward_pre_hook(pre), m.register_forward_hook(post)]
+    per_forward = []
+    try:
+        for _ in range(reps):
+            spent.clear()
+            model(x)
+            per_forward.append(sum(spent))
+    finally:
+        for h in hooks:
+            h.remove()
+    return statistics.median(per_forward)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--reps", type=int, default=9, help="timed repetitions per model (interleaved)")
+    ap.add_argument("--only", nargs="*", help="substrings of the model names to run")
+    args = ap.parse_args(argv)
+    torch.manual_seed(0)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, "
+          f"{args.reps} interleaved reps, CPU, torch.inference_mode")
+    print(f"{'model':28s} {'base ms':>9s} {'anch ms':>9s} {'ratio':>6s} {'paired':>7s} {'anchors':>8s}")
+    for name, (build, size) in _models(args.only).items():
+        base = build().eval()
+        anch = anchorize(base, "full").eval()
+        x = torch.randn(args.batch, 3, size, size)
+        with torch.inference_mode():
+            for _ in range(2):  # warm-up: allocator, oneDNN primitive caches
+                base(x), anch(x)
+            tb, ta = [], []
+            for r in range(args.reps):
+                pair = (base, anch) if r % 2 == 0 else (anch, base)
+                t = {id(m): _time(m, x) for m in pair}
+                tb.append(t[id(base)])
+                ta.append(t[id(anch)])
+            share = _anchor_time(anch, x, max(3, args.reps // 3))
+        mb, ma = statistics.median(tb), statistics.median(ta)
+        paired = statistics.median(a / b for a, b in zip(ta, tb))
+        print(f"{name:28s} {mb * 1e3:9.1f} {ma * 1e3:9.1f} {ma / mb:6.3f} {paired:7.3f} {share / ma:7.1%}",
+              flush=True)
+    print("ratio = median(anchored) / median(baseline); paired = median of per-rep ratios; "
+          "anchors = share of the anchored forward spent in PolyphaseAnchor modules. Target ratio ≤ 1.15.")
+
+
+if __name__ == "__main__":
+    main()
