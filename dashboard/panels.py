@@ -64,30 +64,42 @@ def _pair(sides):
 
 
 # --- always shown ----------------------------------------------------------------------------------
+def _numbers(side) -> Dict[str, Any]:
+    """The summary of one sweep (equishift.report.summarize — the same numbers the report writes) and
+    where the drop is largest; they do not depend on the current shift, so they are cached per sweep."""
+    def compute_numbers():
+        from equishift.report import summarize
+
+        r = side.result
+        out = summarize(r)
+        out["drop_at"] = tuple(float(v) for v in r.shifts[int(r.probs[:, r.ref_pred].argmin())])
+        out["classes"] = r.classes or [str(i) for i in range(r.logits.shape[1])]
+        return out
+    return compute.cached(("summary", side.key), compute_numbers)
+
+
 def summary(sides, mode: str) -> None:
-    """One row per model: consistency over the swept orbit, smallest flipping shift, largest change."""
+    """One row per model: consistency over the swept orbit, smallest flipping shift, largest drop."""
     st.subheader("Summary over the swept shifts")
     for side in sides:
-        r = side.result
-        est = metrics.consistency_a(torch.full((len(r),), r.ref_pred), r.pred)
-        flip = float(metrics.minimal_flipping_shift(r.pred, r.ref_pred, r.shifts))
-        change = metrics.absolute_change(r.ref_probs, r.probs)
-        worst = int(change.argmax())
-        classes = r.classes or [str(i) for i in range(r.logits.shape[1])]
+        n = _numbers(side)
+        est, flip, (dy, dx) = n["consistency_A_over_grid"], n["minimal_flipping_shift_linf"], n["drop_at"]
+        lo, hi = est["ci95"]
+        drop = n["unshifted_top1_prob"] - n["min_prob_top1"]
         cols = st.columns([2, 2, 2, 2])
-        cols[0].markdown(f"**{side.role}**  \n`{side.spec}`  \nunshifted: **{classes[r.ref_pred]}** "
-                         f"({100 * float(r.ref_probs[r.ref_pred]):.1f}%)")
-        cols[1].metric("consistency over the orbit", f"{100 * est.value:.1f}%",
-                       help=f"Fraction of the {est.n} swept {mode} shifts whose top-1 equals the unshifted "
-                            f"top-1 (consistency A against the unshifted image). 95% Wilson CI "
-                            f"[{100 * est.low:.1f}, {100 * est.high:.1f}]%.")
-        cols[2].metric("smallest flipping shift", "none" if np.isinf(flip) else f"{flip:g} px",
+        cols[0].markdown(f"**{side.role}**  \n`{side.spec}`  \nunshifted: **{n['classes'][n['unshifted_top1']]}** "
+                         f"({100 * n['unshifted_top1_prob']:.1f}%)")
+        cols[1].metric("consistency over the orbit", f"{100 * est['value']:.1f}%",
+                       help=f"Fraction of the {est['n']} swept {mode} shifts whose top-1 equals the unshifted "
+                            f"top-1 (consistency A against the unshifted image); 95% Wilson CI "
+                            f"[{100 * lo:.1f}, {100 * hi:.1f}]%. Strictly orbit-consistent: "
+                            f"{'yes' if n['orbit_consistent'] else 'no'}.")
+        cols[2].metric("smallest flipping shift", "none" if flip is None else f"{flip:g} px",
                        help="Smallest max(|dy|, |dx|) of a swept shift that changes the top-1 (L∞); "
                             "'none': no swept shift flips it.")
-        dy, dx = (float(v) for v in r.shifts[worst])
-        cols[3].metric("largest probability drop", f"{100 * float(change[worst]):.1f} pp",
-                       help=f"max over the swept shifts of |p(x)[ŷ] − p(shifted x)[ŷ]|, ŷ = unshifted top-1 "
-                            f"(percentage points); reached at (dy, dx) = ({dy:g}, {dx:g}).")
+        cols[3].metric("largest probability drop", f"{100 * drop:.1f} pp",
+                       help=f"p(x)[ŷ] − min over the swept shifts of p(shifted x)[ŷ], ŷ = the unshifted top-1, "
+                            f"in percentage points; lowest at (dy, dx) = ({dy:g}, {dx:g}).")
 
 
 def _top5(side, index: int) -> None:
