@@ -56,11 +56,11 @@ class TrainConfig:
     anchoring: str = "none"
     init: Optional[str] = None  # a zoo.load_model spec to start from (then anchorized if anchoring != none)
     dataset: str = "fashion-mnist"
-    epochs: float = 5.0
-    batch_size: int = 128
+    epochs: float = 10.0
+    batch_size: int = 64
     lr: float = 2e-3
     weight_decay: float = 0.05
-    warmup_steps: int = 200
+    warmup_steps: int = 300
     label_smoothing: float = 0.1
     clip_grad: float = 1.0
     flip: bool = True
@@ -73,11 +73,15 @@ class TrainConfig:
 
 
 # --- data ------------------------------------------------------------------------------------------
-def _datasets(cfg: TrainConfig):
-    """(train set, test set or None, card fields describing the data)."""
+def _datasets(cfg: TrainConfig, init_card: Optional[Dict[str, Any]] = None):
+    """(train set, test set or None, card fields describing the data). With an ``--init`` model, image
+    folders are prepared at its input size with its mean/std (timm models: ImageNet statistics)."""
     from . import data
 
     if cfg.dataset == "fashion-mnist":
+        if init_card is not None and list(init_card["input_size"]) != [3, 32, 32]:
+            raise DataError(f"Fashion-MNIST is prepared as 3x32x32 images, but --init {cfg.init} takes "
+                            f"{init_card['input_size']}; build it for 32 px (e.g. timm:NAME?img_size=32@PATH)")
         train_idx = range(cfg.limit) if cfg.limit else None
         test_idx = range(cfg.eval_limit) if cfg.eval_limit else None
         tr = data.FashionMNIST("train", indices=train_idx)
@@ -89,11 +93,15 @@ def _datasets(cfg: TrainConfig):
     if not root.is_dir():
         raise DataError(f"--dataset must be 'fashion-mnist' or an image folder; {root} is neither")
     size = int(ARCHS[cfg.arch][1]["img_size"] if "img_size" not in cfg.arch_config else cfg.arch_config["img_size"])
+    norm = {}
+    if init_card is not None:
+        size = int(init_card["input_size"][-1])
+        norm = dict(mean=init_card["mean"], std=init_card["std"])
     # ROOT/train + ROOT/val (or test) when present, else ROOT itself with no held-out set.
     train_root = root / "train" if (root / "train").is_dir() else root
     test_root = next((root / s for s in ("val", "test") if (root / s).is_dir()), None)
-    tr = data.ImageFolder(train_root, size=size)
-    te = data.ImageFolder(test_root, size=size) if test_root is not None and train_root != root else None
+    tr = data.ImageFolder(train_root, size=size, **norm)
+    te = data.ImageFolder(test_root, size=size, **norm) if test_root is not None and train_root != root else None
     if te is not None and te.classes != tr.classes:
         raise DataError(f"{test_root} has classes {te.classes}, but {train_root} has {tr.classes}")
     if cfg.limit:
@@ -124,26 +132,90 @@ def build_model(arch: str, arch_config: Optional[Dict[str, Any]] = None, anchori
     return model, timm_class, kwargs
 
 
-def _from_init(cfg: TrainConfig, num_classes: int):
-    """Start from ``cfg.init`` (a zoo.load_model spec), anchorized when asked; returns like build_model."""
-    from .anchoring import anchorize, anchoring_mode
+def _vit_config(m: nn.Module) -> Dict[str, Any]:
+    """Constructor kwargs of a timm VisionTransformer, read back from its modules."""
+    b = m.blocks[0]
+    pe = m.patch_embed
+    cfg = dict(img_size=list(pe.img_size), patch_size=list(pe.patch_size), in_chans=pe.proj.in_channels,
+               num_classes=m.num_classes, global_pool=m.global_pool, embed_dim=m.embed_dim, depth=len(m.blocks),
+               num_heads=b.attn.num_heads, mlp_ratio=b.mlp.fc1.out_features / m.embed_dim,
+               qkv_bias=b.attn.qkv.bias is not None, qk_norm=not isinstance(b.attn.q_norm, nn.Identity),
+               class_token=m.cls_token is not None, reg_tokens=m.num_reg_tokens, no_embed_class=m.no_embed_class,
+               pos_embed="none" if m.pos_embed is None else "learn",
+               pre_norm=not isinstance(m.norm_pre, nn.Identity), fc_norm=not isinstance(m.fc_norm, nn.Identity),
+               dynamic_img_size=m.dynamic_img_size, patch_bias=pe.proj.bias is not None)
+    if not isinstance(b.ls1, nn.Identity):
+        cfg["init_values"] = 1e-5  # only the presence of LayerScale matters: the weights are loaded next
+    return cfg
+
+
+def _twins_config(m: nn.Module) -> Dict[str, Any]:
+    """Constructor kwargs of a timm Twins, read back from its modules."""
+    stages = [list(stage) for stage in m.blocks]
+    wss = [int(st[0].attn.ws) if hasattr(st[0].attn, "ws") else 1 for st in stages]
+    srs = [next((int(b.attn.sr_ratio) for b in st if hasattr(b.attn, "sr_ratio")), 1) for st in stages]
+    pe = m.patch_embeds[0]
+    return dict(img_size=list(pe.img_size), patch_size=int(pe.patch_size[0]), in_chans=m.in_chans,
+                num_classes=m.num_classes, global_pool=m.global_pool, embed_dims=list(m.embed_dims),
+                num_heads=[st[0].attn.num_heads for st in stages],
+                mlp_ratios=[st[0].mlp.fc1.out_features / d for st, d in zip(stages, m.embed_dims)],
+                depths=list(m.depths), sr_ratios=srs, wss=None if all(w == 1 for w in wss) else wss)
+
+
+def arch_config_of(model: nn.Module) -> Tuple[str, Dict[str, Any]]:
+    """(timm class name, constructor kwargs) that rebuild ``model`` (un-anchored), checked by rebuilding it,
+    loading its weights and comparing outputs; ModelSpecError when the model cannot be described so."""
+    import timm.models
+
+    name = type(model).__name__
+    read = {"VisionTransformer": _vit_config, "Twins": _twins_config}.get(name)
+    if read is None or getattr(timm.models, name, None) is not type(model):
+        raise ModelSpecError(f"--init needs a timm VisionTransformer or Twins (a card must be able to rebuild it);"
+                             f" got {type(model).__module__}.{name}")
+    try:
+        import inspect
+
+        accepted = inspect.signature(getattr(timm.models, name).__init__).parameters
+        kwargs = {k: v for k, v in read(model).items() if k in accepted}  # options this timm version has
+        twin = getattr(timm.models, name)(**kwargs).eval()
+        twin.load_state_dict(model.state_dict())
+        c, h, w = model.patch_embed.proj.in_channels if name == "VisionTransformer" else kwargs["in_chans"], \
+            *kwargs["img_size"]
+        x = torch.randn(2, c, h, w, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            same = torch.allclose(twin(x), model.eval()(x), atol=1e-5, rtol=1e-4)
+    except (AttributeError, TypeError, RuntimeError, AssertionError) as e:
+        raise ModelSpecError(f"cannot describe this {name} by constructor arguments for its card ({e}); "
+                             "start from a zoo model or a plain timm ViT/Twins") from None
+    if not same:
+        raise ModelSpecError(f"this {name} uses options the card cannot record (its rebuild differs); "
+                             "start from a zoo model or a plain timm ViT/Twins")
+    return name, kwargs
+
+
+def _load_init(cfg: TrainConfig):
+    """The ``--init`` model (any zoo.load_model spec) on the CPU, with its card."""
     from .zoo import load_model
 
-    loaded = load_model(cfg.init)
-    model = getattr(loaded, "model", loaded)
-    card = dict(getattr(loaded, "card", None) or {})
+    loaded = load_model(cfg.init, device="cpu")
+    return loaded.model, dict(loaded.card)
+
+
+def _from_init(cfg: TrainConfig, model: nn.Module, init_card: Dict[str, Any], num_classes: int):
+    """The ``--init`` model with a head for ``num_classes``, anchorized when asked; returns like build_model."""
+    from .anchoring import anchorize, anchoring_mode
+
     if anchoring_mode(model) != "none":
         raise ModelSpecError(f"--init {cfg.init} is already anchored ({anchoring_mode(model)}); "
                              "start from a baseline model")
-    out_features = getattr(model.get_classifier(), "out_features", None)
-    if out_features != num_classes:
+    if model.num_classes != num_classes:
         model.reset_classifier(num_classes)
+    if "arch_config" in init_card:  # a zoo card already says how to rebuild it
+        timm_class, kwargs = init_card["timm_class"], dict(init_card["arch_config"], num_classes=num_classes)
+    else:
+        timm_class, kwargs = arch_config_of(model)
     if cfg.anchoring != "none":
         model = anchorize(model, cfg.anchoring)
-    timm_class = card.get("timm_class", type(model).__name__)
-    kwargs = dict(card.get("arch_config", {}))
-    if kwargs and out_features != num_classes:
-        kwargs["num_classes"] = num_classes
     return model, timm_class, kwargs
 
 
@@ -217,10 +289,11 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
         torch.cuda.set_device(device)
     if cfg.batch_size % world:
         raise ValueError(f"--batch-size {cfg.batch_size} must be divisible by the number of processes {world}")
-    tr, te, info = _datasets(cfg)
+    init_model, init_card = _load_init(cfg) if cfg.init else (None, None)
+    tr, te, info = _datasets(cfg, init_card)
     torch.manual_seed(cfg.seed)
     if cfg.init:
-        model, timm_class, kwargs = _from_init(cfg, len(info["classes"]))
+        model, timm_class, kwargs = _from_init(cfg, init_model, init_card, len(info["classes"]))
     else:
         model, timm_class, kwargs = build_model(cfg.arch, {**cfg.arch_config,
                                                            "num_classes": len(info["classes"])}, cfg.anchoring)

@@ -188,3 +188,28 @@ def rebuild_init(key, like):
     torch.manual_seed(1)
     model, _, _ = training.build_model("vit", {**TINY_VIT, "num_classes": 10})
     return model.state_dict()[key]
+
+
+def test_init_from_a_timm_file(fmnist, tmp_path):
+    """``--init timm:NAME?...@PATH``: the card records constructor kwargs that rebuild the model exactly."""
+    import timm
+    from safetensors.torch import save_file
+
+    from equishift import anchorize
+
+    kw = dict(img_size=32, patch_size=4, depth=1, num_classes=10)
+    torch.manual_seed(0)
+    src = timm.create_model("vit_tiny_patch16_224", **kw).eval()
+    save_file(src.state_dict(), str(tmp_path / "w.safetensors"))
+    spec = "timm:vit_tiny_patch16_224?" + "&".join(f"{k}={v}" for k, v in kw.items()) + f"@{tmp_path / 'w.safetensors'}"
+    out = tmp_path / "models"
+    cli(["--name", "from-timm", "--init", spec, "--anchoring", "patch-only", "--epochs", "0", "--threads", "1",
+         "--device", "cpu", "--out", str(out), "--no-progress", "--batch-size", "16"])
+    card = json.loads((out / "from-timm.json").read_text())
+    assert card["timm_class"] == "VisionTransformer" and card["arch_config"]["embed_dim"] == 192
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(rebuild(out / "from-timm.json")(x), anchorize(src, "patch-only").eval()(x),
+                               atol=1e-5, rtol=0)
+    with pytest.raises(DataError, match="32 px"):
+        cli(["--name", "big", "--init", "timm:vit_tiny_patch16_224?depth=1&num_classes=10", "--epochs", "0",
+             "--out", str(out), "--no-progress"])
