@@ -149,12 +149,16 @@ def _grid_picker(ref: Side, mode: str) -> state.GridSpec:
 
 def _run_sweeps(sides: List[Side], choice, mode: str, grid: state.GridSpec) -> None:
     shifts = grid.shifts()
+    # One placeholder whether or not a sweep runs: the elements after it (the shift pad) keep their place
+    # in the page, so the browser updates them instead of re-mounting them (which would drop the pad's
+    # keyboard focus and any drag in progress).
+    slot = st.empty()
     for side in sides:
         if not side.ok:
             continue
         key = side.key = ("sweep", side.spec, choice.sha256, mode, grid.key)
         if key not in compute.store():
-            bar = st.progress(0.0, text=f"Sweeping {len(shifts)} shifts through the {side.role} model …")
+            bar = slot.progress(0.0, text=f"Sweeping {len(shifts)} shifts through the {side.role} model …")
 
             def progress(done, total, bar=bar, role=side.role):
                 bar.progress(done / max(total, 1), text=f"{role}: {done}/{total} shifts")
@@ -170,8 +174,7 @@ def _run_sweeps(sides: List[Side], choice, mode: str, grid: state.GridSpec) -> N
         except Exception as e:  # noqa: BLE001
             side.error = f"The sweep of `{side.spec}` failed: {_message(e)}"
         finally:
-            if bar is not None:
-                bar.empty()
+            slot.empty()
 
 
 # --- shift controls ---------------------------------------------------------------------------------

@@ -158,6 +158,19 @@ def test_drag_moves_the_shift(page):
     _shot(page, "dashboard-dragged")
 
 
+def test_arrow_keys_move_the_shift_and_the_pad_stays_mounted(page):
+    canvas = page.locator("canvas.es-canvas")
+    canvas.evaluate("c => { c.__mounted = 'first'; }")   # gone if the component were re-mounted
+    canvas.focus()
+    for key in ("ArrowRight", "ArrowRight", "ArrowDown"):  # faster than the reruns they trigger
+        page.keyboard.press(key)
+        page.wait_for_timeout(150)
+    page.wait_for_function("() => document.body.innerText.includes('Shift (dy, dx) = 1, 2')")
+    _settled(page)
+    assert _shown_shift(page) == (1, 2)
+    assert canvas.evaluate("c => c.__mounted") == "first"
+
+
 def test_upload_image(page):
     page.get_by_text("Upload", exact=True).click()
     _settled(page)
