@@ -123,7 +123,7 @@ def _prepare_inputs(sides: List[Side], pil, choice, mode: str) -> None:
 
 
 # --- grid and sweeps -------------------------------------------------------------------------------
-def _grid_picker(ref: Side, mode: str) -> state.GridSpec:
+def _grid_picker(ref: Side, mode: str, sha256: str) -> state.GridSpec:
     _, h, w = ref.x.shape[1:]
     stride = ref.loaded.stride
     options = state.grid_options(min(h, w), stride, mode, crop_margin(stride))
@@ -141,7 +141,8 @@ def _grid_picker(ref: Side, mode: str) -> state.GridSpec:
     choice = st.sidebar.selectbox("Shift grid", range(len(options)), index=default, format_func=labels.__getitem__,
                                   key=f"grid_{mode}_{h}_{stride}",
                                   help="The shifts swept once (then cached); the controls move within it.")
-    if est[choice] > COARSE_AFTER_S:
+    cached = ("sweep", ref.spec, sha256, mode, options[choice].key) in compute.store()
+    if est[choice] > COARSE_AFTER_S and not cached:
         st.sidebar.warning(f"This grid takes about {est[choice]:.0f} s on {compute.device_label()}; "
                            f"a coarser grid answers sooner.")
     return options[choice]
@@ -251,7 +252,7 @@ def main() -> None:
     panels.preprocessing(ok, pil, choice)
     ref = ok[0]
     try:
-        grid = _grid_picker(ref, mode)
+        grid = _grid_picker(ref, mode, choice.sha256)
     except Exception as e:  # noqa: BLE001
         st.error(f"Cannot set up the shift grid: {_message(e)}")
         return

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,12 +69,15 @@ def _timm_spec(name: str, options: str, pretrained: bool = False, path: Optional
     return f"timm:{name.strip()}" + (f"?{query}" if query else "") + (f"@{path}" if path else "")
 
 
-def _saved_upload(data: bytes, suffix: str) -> str:
-    """Write an uploaded weights file under a content-addressed name (same bytes -> same spec -> cache hit)."""
-    _UPLOAD_DIR.mkdir(parents=True, exist_ok=True)
-    path = _UPLOAD_DIR / f"{hashlib.sha256(data).hexdigest()[:32]}{suffix}"
+def _saved_upload(data: bytes, name: str) -> str:
+    """Write an uploaded weights file as <sha256>/<its own name>: the same bytes give the same spec (a
+    cache hit), and error messages name the file the user uploaded."""
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(name).name).lstrip(".") or "weights.safetensors"
+    folder = _UPLOAD_DIR / hashlib.sha256(data).hexdigest()[:32]
+    path = folder / safe
     if not path.exists():
-        tmp = path.with_suffix(".part")
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / (safe + ".part")
         tmp.write_bytes(data)
         tmp.replace(path)  # atomic: a concurrent session never reads a half-written file
     return str(path)
@@ -93,17 +97,18 @@ def _source_spec(side: str, source: str, default_zoo: str) -> Optional[str]:
                                       "deit_tiny_patch16_224, twins_svt_small.")
     if not name.strip():
         return None
+    pretrained = source == "timm name" and st.sidebar.checkbox(
+        "pretrained weights (Hugging Face cache; no download offline)", key=f"{side}_pretrained")
+    options = "" if pretrained else st.sidebar.text_input(
+        "constructor options", value="", key=f"{side}_options", placeholder="img_size=32&patch_size=4&num_classes=10",
+        help="timm.create_model keyword arguments, key=value joined by &.")
     if source == "timm name":
-        pretrained = st.sidebar.checkbox("pretrained weights (Hugging Face cache; no download offline)",
-                                         key=f"{side}_pretrained")
-        options = "" if pretrained else st.sidebar.text_input(
-            "constructor options", value="", key=f"{side}_options", placeholder="num_classes=10&img_size=32")
         return _timm_spec(name, options, pretrained=pretrained)
     if source == "Local checkpoint":
         path = st.sidebar.text_input("weights file (.safetensors or weights-only .pth)", key=f"{side}_path")
-        return _timm_spec(name, "", path=path.strip()) if path.strip() else None
+        return _timm_spec(name, options, path=path.strip()) if path.strip() else None
     up = st.sidebar.file_uploader("weights (.safetensors)", type=["safetensors"], key=f"{side}_upload")
-    return _timm_spec(name, "", path=_saved_upload(up.getvalue(), ".safetensors")) if up is not None else None
+    return _timm_spec(name, options, path=_saved_upload(up.getvalue(), up.name)) if up is not None else None
 
 
 def model_picker() -> Tuple[Optional[str], Optional[str]]:

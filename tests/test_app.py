@@ -256,3 +256,68 @@ def test_report_download_is_a_checked_zip(app):
         assert pngs, "chromium is here, so the figures must be exported as PNG"
         png = Image.open(io.BytesIO(zf.read(pngs[0])))
         assert np.asarray(png.convert("L")).std() > 1, "blank PNG"
+
+
+def _safetensors_of(model) -> bytes:
+    from equishift.checkpoint import save_weights
+
+    path = Path(tempfile.mkdtemp()) / "w.safetensors"
+    save_weights(model, path)
+    return path.read_bytes()
+
+
+def test_uploaded_checkpoint_and_anchorize_it(app):
+    """A user's own weights: a timm ViT with constructor options, uploaded as safetensors, compared with
+    its anchorized copy. The page must show the upload's predictions (recomputed here)."""
+    import timm
+
+    opts = "img_size=32&patch_size=4&num_classes=10&depth=2"
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=4, num_classes=10, depth=2).eval()
+    at = open_app()
+    at.sidebar.selectbox(key="baseline_source").set_value("Upload safetensors").run()
+    at.sidebar.text_input(key="baseline_timm").set_value("vit_tiny_patch16_224")
+    at.sidebar.text_input(key="baseline_options").set_value(opts).run()
+    at.sidebar.file_uploader(key="baseline_upload").upload("mine.safetensors", _safetensors_of(model),
+                                                            "application/octet-stream").run()
+    at.sidebar.selectbox(key="anchored_source").set_value("Anchorize the baseline").run()
+    assert not at.exception, at.exception
+    assert errors(at) == [], errors(at)
+    text = " ".join(m.value for m in at.markdown)
+    assert "anchored[full]:timm:vit_tiny_patch16_224?" + opts + "@" in text
+    # the baseline column shows this model's top-1 on the (timm-preprocessed) sample
+    from equishift.images import load_image
+    from equishift.zoo import load_model
+    from dashboard.sources import default_sample
+
+    spec = next(m.value for m in at.markdown if m.value.startswith("**baseline**")).split("`")[1]
+    lm = load_model(spec, device="cpu")
+    with torch.no_grad():
+        p = lm.model(lm.preprocess(load_image(default_sample().read_bytes()))).softmax(-1)[0]
+    assert f"{100 * float(p.max()):.1f}%" in top5_tables(at)[0]
+
+
+def test_bad_checkpoints_are_errors(app):
+    import timm
+
+    at = open_app()
+    at.sidebar.selectbox(key="anchored_source").set_value("Upload safetensors").run()
+    at.sidebar.text_input(key="anchored_timm").set_value("vit_tiny_patch16_224").run()
+    at.sidebar.file_uploader(key="anchored_upload").upload("junk.safetensors", b"not a checkpoint at all" * 10,
+                                                            "application/octet-stream").run()
+    assert not at.exception
+    msgs = errors(at)
+    assert len(msgs) == 1 and "junk.safetensors" in msgs[0] and "not a checkpoint" in msgs[0], msgs
+    assert len(top5_tables(at)) == 1, "the baseline keeps working"
+    # weights of another architecture: the message names the mismatch
+    other = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=4, num_classes=10, depth=1)
+    at.sidebar.file_uploader(key="anchored_upload").upload("other.safetensors", _safetensors_of(other),
+                                                            "application/octet-stream").run()
+    assert not at.exception
+    msgs = errors(at)
+    assert len(msgs) == 1 and ("missing" in msgs[0].lower() or "shape" in msgs[0].lower()), msgs
+    # a local path that does not exist
+    at.sidebar.selectbox(key="anchored_source").set_value("Local checkpoint").run()
+    at.sidebar.text_input(key="anchored_path").set_value("/nonexistent/weights.safetensors").run()
+    assert not at.exception
+    assert any("nonexistent" in m or "not found" in m.lower() for m in errors(at)), errors(at)
