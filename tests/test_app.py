@@ -218,6 +218,7 @@ def test_upload_garbage_shows_error_and_app_lives(app):
     assert any("instead" in i.value for i in at.info)
 
 
+@pytest.mark.slow  # renders every figure to PNG/SVG with kaleido: ~10 s idle, over a minute on a busy CPU
 def test_report_download_is_a_checked_zip(app):
     from dashboard.sources import DEFAULT_ANCHORED, DEFAULT_BASELINE, default_sample
     from equishift.sweep import SweepResult
