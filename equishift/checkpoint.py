@@ -215,7 +215,10 @@ _STORAGE_ELEMENT_BYTES = {"DoubleStorage": 8, "FloatStorage": 4, "HalfStorage": 
 
 def _torch_load(path: Path, name: str) -> object:
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        # An open file, not the path: torch.load hands any path ending in .safetensors to safetensors,
+        # which would call a real torch.save file with that name "corrupt" (content decides, not names).
+        with open(path, "rb") as f:
+            return torch.load(f, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         found = re.findall(r"GLOBAL ([\w.]+)", str(e))
         raise CheckpointError(_code_message(name, found or [_short(e)])) from None

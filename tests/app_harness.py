@@ -1,0 +1,79 @@
+"""The real dashboard under AppTest on two tiny random zoo models, for the hardening tests and benches.
+
+The models live in a temporary zoo ($EQUISHIFT_ZOO_DIR) under names no shipped model has, so they never
+collide with the shipped models in the process-wide caches (``st.cache_resource`` is keyed on the spec),
+and the tests do not depend on how far the training of the shipped models has got.
+
+    with tiny_zoo() as (baseline, anchored):
+        at = open_page(baseline, anchored)
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Iterator, List, Tuple
+
+ROOT = Path(__file__).resolve().parents[1]
+APP = str(ROOT / "dashboard" / "app.py")
+for p in (str(ROOT), str(Path(__file__).parent)):
+    if p not in sys.path:
+        sys.path.insert(0, p)
+
+BASELINE = "hardening-vit-baseline"
+ANCHORED = "hardening-vit-anchored"
+TIMEOUT = 300  # seconds per run; a warm run of the page takes ~0.2 s on these models
+
+
+@contextlib.contextmanager
+def tiny_zoo() -> Iterator[Tuple[str, str]]:
+    """Write a 32-px random ViT and its anchored twin into a temporary zoo and point the app at it;
+    yields their specs. The previous $EQUISHIFT_ZOO_DIR is restored on exit."""
+    from zoo_helpers import write_tiny
+
+    root = Path(tempfile.mkdtemp(prefix="equishift-hardening-zoo-"))
+    write_tiny(root, BASELINE, seed=0)
+    write_tiny(root, ANCHORED, anchoring="full", seed=1)
+    old = os.environ.get("EQUISHIFT_ZOO_DIR")
+    os.environ["EQUISHIFT_ZOO_DIR"] = str(root)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        yield f"zoo:{BASELINE}", f"zoo:{ANCHORED}"
+    finally:
+        if old is None:
+            os.environ.pop("EQUISHIFT_ZOO_DIR", None)
+        else:
+            os.environ["EQUISHIFT_ZOO_DIR"] = old
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def open_page(baseline: str, anchored: str, grid: str = "r3"):
+    """An AppTest of dashboard/app.py showing ``baseline`` | ``anchored`` on a small grid (?grid=)."""
+    from streamlit.testing.v1 import AppTest
+
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT)
+    at.query_params["grid"] = grid
+    at.run()
+    at.sidebar.selectbox(key="baseline_zoo").set_value(baseline)
+    at.sidebar.selectbox(key="anchored_zoo").set_value(anchored)
+    return at.run()
+
+
+def errors(at) -> List[str]:
+    return [e.value for e in at.error]
+
+
+def top5_tables(at) -> List[str]:
+    """One per model column that rendered."""
+    return [m.value for m in at.markdown if m.value.startswith("| class |")]
+
+
+def image_captions(at) -> List[str]:
+    """Captions of the st.image elements (the preprocessing expander: original, then each model input)."""
+    out = []
+    for el in at.get("image"):
+        out.extend(el.captions)
+    return out
