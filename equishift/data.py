@@ -90,8 +90,8 @@ def _normalise(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> 
 class FashionMNIST(Dataset):
     """Fashion-MNIST as normalised float (3, 32, 32) tensors and long labels.
 
-    The whole split is decoded once into one tensor (60k x 3 x 32 x 32 floats, ~740 MB is too much, so
-    only the padded uint8 images are kept, 61 MB, and each item is normalised on access).
+    Only the padded uint8 images are kept in memory (61 MB for the training split; as float32 with 3
+    channels it would be 740 MB); each item is converted and normalised on access.
     ``indices`` selects a subset (e.g. for quick runs), in the given order."""
 
     classes = FMNIST_CLASSES

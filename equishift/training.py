@@ -24,7 +24,7 @@ import shlex
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
@@ -65,7 +65,7 @@ class TrainConfig:
     clip_grad: float = 1.0
     flip: bool = True
     seed: int = 0
-    limit: Optional[int] = None  # use only the first `limit` training images (quick runs, tests)
+    limit: Optional[int] = None  # use only `limit` training images (quick runs, tests)
     eval_limit: Optional[int] = None  # test images for the end-of-training accuracy (None = all)
     device: Optional[str] = None
     threads: Optional[int] = None
@@ -104,8 +104,9 @@ def _datasets(cfg: TrainConfig, init_card: Optional[Dict[str, Any]] = None):
     te = data.ImageFolder(test_root, size=size, **norm) if test_root is not None and train_root != root else None
     if te is not None and te.classes != tr.classes:
         raise DataError(f"{test_root} has classes {te.classes}, but {train_root} has {tr.classes}")
-    if cfg.limit:
-        tr.samples = tr.samples[: cfg.limit]
+    if cfg.limit and cfg.limit < len(tr.samples):  # a seeded subset: the samples are sorted by class
+        keep = torch.randperm(len(tr.samples), generator=torch.Generator().manual_seed(cfg.seed))[: cfg.limit]
+        tr.samples = [tr.samples[i] for i in sorted(keep.tolist())]
     info = dict(classes=list(tr.classes), input_size=[3, size, size], mean=list(tr.mean), std=list(tr.std),
                 pad=0, dataset=str(root))
     return tr, te, info
@@ -444,6 +445,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=str(MODELS_DIR), help="output directory (default: assets/models)")
     p.add_argument("--metrics", action="store_true",
                    help="after training, fill the card's metrics with `evaluate --protocol all`")
+    p.add_argument("--metrics-only", action="store_true",
+                   help="no training: fill the metrics of the existing card OUT/NAME.json")
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -453,7 +456,7 @@ def _command(args: argparse.Namespace, world: int) -> str:
     add_arguments(parser)
     words = ["train"]
     for action in parser._actions:
-        if not action.option_strings or action.dest in ("help", "no_progress", "out", "metrics"):
+        if not action.option_strings or action.dest in ("help", "no_progress", "out", "metrics", "metrics_only"):
             continue
         value = getattr(args, action.dest, action.default)
         if value == action.default and action.dest != "name":
@@ -465,6 +468,13 @@ def _command(args: argparse.Namespace, world: int) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.metrics_only:
+        card_path = Path(args.out) / f"{args.name}.json"
+        if not card_path.is_file():
+            raise ModelSpecError(f"--metrics-only: no card {card_path}; train the model first")
+        attach_metrics(card_path, progress=not args.no_progress)
+        print(f"{args.name}: metrics written to {card_path}")
+        return 0
     try:
         arch_config = json.loads(args.arch_config)
     except json.JSONDecodeError as e:

@@ -213,3 +213,21 @@ def test_init_from_a_timm_file(fmnist, tmp_path):
     with pytest.raises(DataError, match="32 px"):
         cli(["--name", "big", "--init", "timm:vit_tiny_patch16_224?depth=1&num_classes=10", "--epochs", "0",
              "--out", str(out), "--no-progress"])
+
+
+def test_metrics_are_filled_by_the_evaluation_module(fmnist, tmp_path):
+    out = tmp_path / "models"
+    common = ["--name", "m", "--arch-config", json.dumps(TINY_VIT), "--batch-size", "16", "--threads", "1",
+              "--device", "cpu", "--out", str(out), "--no-progress"]
+    cli(common + ["--epochs", "1"])
+    before = json.loads((out / "m.json").read_text())
+    assert before["metrics"] == {}
+    cli(common + ["--metrics-only"])
+    card = json.loads((out / "m.json").read_text())
+    from equishift.evaluation import PROTOCOLS
+
+    assert set(card["metrics"]) == set(PROTOCOLS)
+    assert card["metrics"]["clean"]["n_images"] == 96
+    # The card's quick end-of-training accuracy and the evaluation module's clean accuracy agree.
+    assert card["metrics"]["clean"]["value"] == pytest.approx(card["training"]["test_accuracy_at_end"], abs=1e-9)
+    assert {k: v for k, v in card.items() if k != "metrics"} == {k: v for k, v in before.items() if k != "metrics"}
