@@ -66,8 +66,11 @@ __all__ = ["RECORDS", "SweepResult", "sweep", "working_copy", "architecture", "D
 RECORDS = ("logits", "attention", "anchors", "features")
 DEFAULT_MEMORY_MB = 1024
 MAX_SHIFTS = 65536
-# Chunks above this size run no faster on a CPU (cache misses grow), so the budget is capped here there.
-_CPU_CHUNK_CAP = 256
+# On a CPU the chunk is also sized for the cache: one layer's full attention maps for the chunk should
+# stay near _CPU_MAP_BYTES (measured on the zoo ViT: chunks of 128 ran ~15% faster than 256 with maps,
+# the bare forward ~5%), within [_CPU_CHUNK_MIN, _CPU_CHUNK_MAX].
+_CPU_MAP_BYTES = 4 * 2 ** 20
+_CPU_CHUNK_MIN, _CPU_CHUNK_MAX = 16, 128
 
 
 # --- result ------------------------------------------------------------------------------------------
@@ -256,7 +259,9 @@ class _Pass:
         self.logits: Optional[torch.Tensor] = None
         self.attention: Dict[str, torch.Tensor] = {}
         self.query: Dict[str, Tuple[int, int]] = {}
-        self.raw_attention_bytes = 0    # per sample, as captured (before reduction)
+        self.head_means: List[torch.Tensor] = []      # ViT: per-layer head-mean maps for the rollout
+        self.raw_attention_bytes = 0    # per sample, as captured (before reduction), all layers
+        self.max_map_bytes = 0          # per sample, the largest single layer
 
 
 class _Probe:
@@ -281,6 +286,7 @@ class _Probe:
         self.anchor_stride = {n: m.stride for n, m in model.named_modules() if isinstance(m, PolyphaseAnchor)}
         self.kind: Dict[str, str] = {}
         self.sr: Dict[str, int] = {}
+        self.ws: Dict[str, int] = {}
         self.layer_stride: Dict[str, float] = {}
         self._handles = []
         self.extract = None
@@ -298,12 +304,14 @@ class _Probe:
             return
         attn_names = []
         for layer, blk in self.blocks:
+            self._handles.append(blk.register_forward_pre_hook(self._block_pre_hook(layer)))
             self._handles.append(blk.register_forward_hook(self._block_hook(layer)))
             attn = blk.attn
             if self.arch == "vit":
                 self.kind[layer] = "cls" if self.has_cls else "received"
             elif hasattr(attn, "ws"):
                 self.kind[layer] = "lsa"
+                self.ws[layer] = int(attn.ws)
             else:
                 self.kind[layer] = "gsa"
                 self.sr[layer] = int(attn.sr_ratio) if getattr(attn, "sr", None) is not None else 1
@@ -316,8 +324,14 @@ class _Probe:
             for mod in m.modules():
                 if hasattr(mod, "fused_attn"):
                     mod.fused_attn = False
+            # timm's extractor captures each softmax map at ``attn_drop``. A second hook on the same
+            # module, registered after it (PyTorch runs hooks in registration order), takes the map out
+            # of the extractor at once and reduces it, so no full N×N map outlives its layer: holding
+            # them all until the pass ends cost ~15% of the forward time on a CPU.
             self.extract = AttentionExtract(m, names=attn_names, method="hook")
-            self.attn_layer = dict(zip(attn_names, self.layers))
+            mods = dict(m.named_modules())
+            for name, layer in zip(attn_names, self.layers):
+                self._handles.append(mods[name].register_forward_hook(self._attention_hook(layer)))
 
     def _on_output(self, mod, args, out):
         self.state.logits = out
@@ -331,18 +345,23 @@ class _Probe:
             st.anchors[name] = idx
         return hook
 
+    def _grid(self, layer: str, args) -> Tuple[int, int]:
+        if self.arch == "twins":
+            return tuple(args[1])
+        return self.hw[0] // self.patch, self.hw[1] // self.patch
+
+    def _block_pre_hook(self, layer: str):
+        def hook(mod, args):
+            h, w = self._grid(layer, args)
+            self.state.sizes[layer] = (h, w)
+            self.layer_stride[layer] = self.hw[0] / h
+        return hook
+
     def _block_hook(self, layer: str):
         def hook(mod, args, out):
             st = self.state
-            if self.arch == "twins":
-                h, w = args[1]
-                tokens = out
-            else:
-                h, w = self.hw[0] // self.patch, self.hw[1] // self.patch
-                tokens = out[:, self.prefix:]
-            g = self.hw[0] / h
-            self.layer_stride[layer] = g
-            st.sizes[layer] = (h, w)
+            h, w = st.sizes[layer]
+            tokens = out if self.arch == "twins" else out[:, self.prefix:]
             st.layer_offset[layer] = st.offset.clone()
             if "features" not in self.record:
                 return
@@ -353,80 +372,80 @@ class _Probe:
             else:
                 from .metrics import feature_equivariance_error
 
-                t = self._token_shift(st, layer)
+                t = self._token_shift(st, layer, st.offset)
                 st.layer_error[layer] = feature_equivariance_error(feat, self.ref.features[layer][0], t).cpu()
         return hook
 
-    def _token_shift(self, st: _Pass, layer: str) -> torch.Tensor:
-        d = st.layer_offset[layer] - self.ref.layer_offset[layer]
+    def _token_shift(self, st: _Pass, layer: str, offset: torch.Tensor) -> torch.Tensor:
+        d = offset - self.ref.layer_offset[layer]
         return torch.round(d / self.layer_stride[layer]).long()
+
+    def _attention_hook(self, layer: str):
+        def hook(mod, args, out):
+            st = self.state
+            a = self.extract.hooks.get_output(out.device).popitem()[1]  # this layer's map, now released
+            per = a.numel() * a.element_size() // a.shape[0]
+            st.raw_attention_bytes += per
+            st.max_map_bytes = max(st.max_map_bytes, per)
+            st.attention[layer] = self._reduce(st, layer, a).to(torch.float16).cpu()
+        return hook
+
+    def _reduce(self, st: _Pass, layer: str, a: torch.Tensor) -> torch.Tensor:
+        h, w = st.sizes[layer]
+        kind = self.kind[layer]
+        b = a.shape[0]
+        if kind in ("cls", "received"):
+            p = self.prefix
+            heads = a.shape[1]
+            rows = a[:, :, 0, p:] if kind == "cls" else a[:, :, p:, p:].mean(2)
+            # Rollout needs the head mean of every layer; kept (B, T, T) until the pass ends.
+            st.head_means.append(a.mean(1))
+            return rows.reshape(b, heads, h, w)
+        if kind == "lsa":
+            ws = self.ws[layer]
+            heads = a.shape[2]
+            hp, wp = -(-h // ws), -(-w // ws)
+            recv = a.mean(-2).reshape(b, hp, wp, heads, ws, ws)
+            return recv.permute(0, 3, 1, 4, 2, 5).reshape(b, heads, hp * ws, wp * ws)[:, :, :h, :w]
+        # gsa: one query row over the (sub-sampled) key grid
+        sr = self.sr[layer]
+        q = self._query_token(st, layer)
+        rows = a[torch.arange(b, device=a.device), :, q.to(a.device)]
+        return rows.reshape(b, a.shape[1], h // sr, w // sr)
 
     # running ------------------------------------------------------------------------------------
     def run(self, x: torch.Tensor, shifts_px: torch.Tensor, is_ref: bool) -> _Pass:
         with record_anchors(self.model) as rec:
             self.state = st = _Pass(shifts_px.double().clone(), rec, is_ref)
-            if self.extract is not None:
-                maps = self.extract(x)
-            else:
+            try:
                 self.model(x)
-                maps = {}
-        st.raw_attention_bytes = sum(v.numel() * v.element_size() for v in maps.values()) // max(1, x.shape[0])
-        st.attention = self._reduce_attention(st, maps)
+                if st.head_means:
+                    h, w = st.sizes[self.layers[-1]]
+                    st.attention["rollout"] = self._rollout(st.head_means).reshape(-1, 1, h, w).to(torch.float16).cpu()
+                    st.head_means = []
+            finally:
+                if self.extract is not None:
+                    self.extract.hooks.get_output(x.device)  # drop anything left by a failed pass
         if is_ref:
             self.ref = st
         self.state = None
         return st
 
-    def _reduce_attention(self, st: _Pass, maps: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-        out: Dict[str, torch.Tensor] = {}
-        vit_maps = []
-        for name, a in maps.items():
-            layer = self.attn_layer[name]
-            h, w = st.sizes[layer]
-            kind = self.kind[layer]
-            if kind in ("cls", "received"):
-                b, heads = a.shape[:2]
-                p = self.prefix
-                rows = a[:, :, 0, p:] if kind == "cls" else a[:, :, p:, p:].mean(2)
-                out[layer] = rows.reshape(b, heads, h, w)
-                vit_maps.append(a)
-            elif kind == "lsa":
-                ws = self.model_block(layer).attn.ws
-                b, nw, heads = a.shape[:3]
-                hp, wp = -(-h // ws), -(-w // ws)
-                recv = a.mean(-2).reshape(b, hp, wp, heads, ws, ws)
-                grid = recv.permute(0, 3, 1, 4, 2, 5).reshape(b, heads, hp * ws, wp * ws)
-                out[layer] = grid[:, :, :h, :w]
-            else:  # gsa: one query row over the (sub-sampled) key grid
-                sr = self.sr[layer]
-                b, heads = a.shape[:2]
-                q = self._query_token(st, layer)
-                rows = a[torch.arange(b, device=a.device), :, q.to(a.device)]
-                out[layer] = rows.reshape(b, heads, h // sr, w // sr)
-        if vit_maps:
-            h, w = st.sizes[self.layers[-1]]
-            out["rollout"] = self._rollout(vit_maps).reshape(-1, 1, h, w)
-        return {k: v.to(torch.float16).cpu() for k, v in out.items()}
-
-    def _rollout(self, maps: List[torch.Tensor]) -> torch.Tensor:
+    def _rollout(self, means: List[torch.Tensor]) -> torch.Tensor:
         """Rollout read-out row over patch tokens: v^T Â_L ··· Â_1 with Â = 0.5·mean_heads(A) + 0.5·I.
         Â's rows already sum to 1 (softmax rows), so no renormalisation is needed; multiplying a row
         vector from the last layer down costs B·T² per layer instead of B·T³ for the full product."""
         p = self.prefix
-        last = maps[-1]
+        last = means[-1]
         b, t = last.shape[0], last.shape[-1]
+        v = torch.zeros(b, 1, t, dtype=torch.float32, device=last.device)
         if self.has_cls:
-            v = torch.zeros(b, t, dtype=torch.float32, device=last.device)
-            v[:, 0] = 1
+            v[:, :, 0] = 1
         else:  # mean over patch queries
-            v = torch.zeros(b, t, dtype=torch.float32, device=last.device)
-            v[:, p:] = 1.0 / (t - p)
-        for a in reversed(maps):
-            v = 0.5 * (v[:, None, None, :] @ a.float()).mean(1)[:, 0] + 0.5 * v
-        return v[:, p:]
-
-    def model_block(self, layer: str) -> nn.Module:
-        return dict(self.blocks)[layer]
+            v[:, :, p:] = 1.0 / (t - p)
+        for m in reversed(means):
+            v = 0.5 * torch.bmm(v, m.float()) + 0.5 * v
+        return v[:, 0, p:]
 
     def _query_token(self, st: _Pass, layer: str) -> torch.Tensor:
         """Flat index of the GSA query token: the query pixel's token in the unshifted run, moved by the
@@ -434,13 +453,13 @@ class _Probe:
         h, w = st.sizes[layer]
         g = self.layer_stride[layer]
         if st.is_ref:
-            o = st.layer_offset[layer][0]
+            o = st.offset[0]
             r = int(math.floor((self.query_px[0] + o[0].item()) / g)) % h
             c = int(math.floor((self.query_px[1] + o[1].item()) / g)) % w
             st.query[layer] = (r, c)
             return torch.tensor([r * w + c])
         r0, c0 = self.ref.query[layer]
-        t = self._token_shift(st, layer)
+        t = self._token_shift(st, layer, st.offset)
         return ((r0 + t[:, 0]) % h) * w + (c0 + t[:, 1]) % w
 
     def meta(self) -> Dict[str, Any]:
@@ -461,6 +480,14 @@ class _Probe:
 
 
 # --- sweep ---------------------------------------------------------------------------------------
+def _cpu_chunk(map_bytes: int) -> int:
+    """Power-of-two chunk whose largest per-layer attention map stays near _CPU_MAP_BYTES."""
+    if map_bytes <= 0:
+        return _CPU_CHUNK_MAX
+    n = 2 ** round(math.log2(max(1.0, _CPU_MAP_BYTES / map_bytes)))
+    return int(min(_CPU_CHUNK_MAX, max(_CPU_CHUNK_MIN, n)))
+
+
 _OOM_ONE = "out of memory with one shift at a time; free GPU memory or run on device='cpu'"
 
 
@@ -548,7 +575,7 @@ def sweep(model, image: torch.Tensor, shifts: ShiftsLike, mode: str = "circular"
                 per = _per_sample_bytes(ref, image)
                 chunk = max(1, int(memory_budget_mb * 2 ** 20 // per))
                 if device.type == "cpu":
-                    chunk = min(chunk, _CPU_CHUNK_CAP)
+                    chunk = min(chunk, _cpu_chunk(ref.max_map_bytes))
             chunk = min(chunk, k)
             parts: List[_Pass] = []
             done = 0
