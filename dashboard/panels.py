@@ -134,8 +134,11 @@ def _column(side, mode: str, shift, index: int) -> None:
     size = tuple(side.x.shape[-2:]) if mode == "crop" else None
     fig = plots.shifted_image(image, shift, mode, patch=side.loaded.stride, anchor=_first_anchor(r, index),
                               size=size)
-    show(fig, f"shifted-input-{side.role}", key=f"img_{side.role}")
-    _top5(side, index)
+    left, right = st.columns([3, 2])
+    with left:
+        show(fig, f"shifted-input-{side.role}", key=f"img_{side.role}", height=360)
+    with right:
+        _top5(side, index)
 
 
 @dataclass

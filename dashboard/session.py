@@ -208,7 +208,7 @@ def _shift_controls(ref: Side, mode: str, grid: state.GridSpec, heatmap_keys) ->
     with pad_col:
         shift_pad(shifted_display(ref, mode, shift), shift, ref.loaded.stride,
                   ((lo, hi), (lo, hi)), wrap=mode in ("circular", "bilinear", "fourier"),
-                  quantum=step, key=state.PAD_KEY, on_change=state.on_pad_change)
+                  quantum=step, key=state.PAD_KEY, on_change=state.on_pad_change, ack=state.pad_ack())
     with ctl_col:
         st.markdown(f"**Shift** (dy, dx) = `{_fmt(shift[0])}, {_fmt(shift[1])}` px · mode **{mode}**")
         st.number_input("dy (rows, + = down)", min_value=lo, max_value=hi, step=step, key=state.DY,

@@ -6,9 +6,11 @@ model sees, for every shift mode) and the JS only previews the extra offset whil
 circularly wrapped for ``circular`` and the fractional modes, translated over black for the others.
 
 The pad reports ``{"dy": …, "dx": …, "seq": int}`` in *model pixels* (multiples of ``quantum``) through
-the state value ``shift``: while dragging (throttled, so the figures follow) and once more on release. ``seq`` grows with
-every report so that dragging back to a shift reported earlier still counts as a change. Arrow keys move
-the shift by one pixel (shift+arrow: one patch).
+the state value ``shift``: while dragging (throttled, so the figures follow) and once more on release.
+``seq`` grows with every report, so that going back to a shift reported earlier still counts as a change,
+and Python echoes the last ``seq`` it consumed as ``ack``: until the echo catches up, the pad keeps its
+own shift instead of the (older) one the rerun was started with. Arrow keys move the shift by one pixel
+(shift+arrow: one patch).
 """
 from __future__ import annotations
 
@@ -52,7 +54,7 @@ export default function(component) {
   const canvas = root.querySelector('canvas');
   const readout = root.querySelector('.es-shift');
   const st = root.__es || (root.__es = { dragging: false, shift: [0, 0], img: null, src: null,
-                                          seq: 0, lastSent: 0, timer: null });
+                                          seq: data.ack || 0, lastSent: 0, timer: null });
   st.data = data;
   const H = data.height, W = data.width, scale = data.scale;
   const cw = Math.round(W * scale), ch = Math.round(H * scale);
@@ -60,7 +62,9 @@ export default function(component) {
   canvas.style.width = cw + 'px';
   canvas.style.height = ch + 'px';
   canvas.dataset.scale = String(scale);
-  if (!st.dragging) st.shift = [data.shift[0], data.shift[1]];
+  // Take the server's shift unless we are dragging or it has not yet seen our latest report (a rerun
+  // that started before the last key press or drag step would otherwise pull the pad back).
+  if (!st.dragging && (data.ack || 0) >= st.seq) st.shift = [data.shift[0], data.shift[1]];
 
   const clamp = (v, lo, hi) => Math.max(lo, Math.min(hi, v));
   const mod = (a, n) => ((a % n) + n) % n;
@@ -171,18 +175,20 @@ def png_data_url(image: np.ndarray) -> str:
 def shift_pad(image: np.ndarray, shift: Tuple[int, int], stride: int,
               shift_range: Sequence[Tuple[int, int]], *, wrap: bool = True, live: bool = True,
               quantum: float = 1, throttle_ms: int = 250, key: str = "shift_pad",
-              on_change: Optional[Callable[[], None]] = None):
+              on_change: Optional[Callable[[], None]] = None, ack: int = 0):
     """Mount the pad showing ``image`` (H, W, 3), the model input at ``shift``, with a ``stride`` grid.
 
     ``shift_range`` is ((dy_min, dy_max), (dx_min, dx_max)), inclusive; the pad clamps to it, and moves
     in steps of ``quantum`` model pixels (1, or e.g. 0.25 for fractional shifts).
     ``on_change`` runs (as a Streamlit callback, before the rerun) when the pad reports a new shift; read
-    the report from ``st.session_state[key]["shift"]``. Returns the component result."""
+    the report from ``st.session_state[key]["shift"]``; pass its ``seq`` back as ``ack``. Returns the
+    component result."""
     h, w = int(image.shape[0]), int(image.shape[1])
     data = {
         "image": png_data_url(image), "height": h, "width": w, "scale": PAD_PIXELS / max(h, w),
         "stride": int(stride), "shift": [int(shift[0]), int(shift[1])],
         "range": [[int(shift_range[0][0]), int(shift_range[0][1])], [int(shift_range[1][0]), int(shift_range[1][1])]],
         "wrap": bool(wrap), "live": bool(live), "throttle_ms": int(throttle_ms), "quantum": quantum,
+        "ack": int(ack),
     }
     return _pad(key=key, data=data, on_shift_change=on_change or (lambda: None), width="content")

@@ -114,7 +114,18 @@ def clamp_to_grid(shift: Sequence[float], grid: GridSpec) -> Tuple[float, float]
 
 
 def current_shift() -> Tuple[float, float]:
-    return tuple(st.session_state.get(SHIFT, (0, 0)))
+    """The canonical shift; on a session's first run, ``?shift=dy,dx`` from the link (else (0, 0))."""
+    if SHIFT not in st.session_state:
+        st.session_state[SHIFT] = _shift_param(st.query_params.get("shift"))
+    return tuple(st.session_state[SHIFT])
+
+
+def _shift_param(value: Optional[str]) -> Tuple[float, float]:
+    try:
+        dy, dx = (float(v) for v in (value or "").split(","))
+    except ValueError:
+        return (0, 0)
+    return (int(dy), int(dx)) if dy.is_integer() and dx.is_integer() else (dy, dx)
 
 
 def set_shift(dy: float, dx: float) -> None:
@@ -122,6 +133,12 @@ def set_shift(dy: float, dx: float) -> None:
     st.session_state[SHIFT] = (dy, dx)
     st.session_state[DY] = dy
     st.session_state[DX] = dx
+
+
+def pad_ack() -> int:
+    """``seq`` of the last shift report from the pad that has been consumed (0 before any)."""
+    report = (st.session_state.get(PAD_KEY) or {}).get("shift") or {}
+    return int(report.get("seq", 0))
 
 
 def on_pad_change() -> None:

@@ -15,7 +15,7 @@ from hypothesis import given, settings, strategies as st
 from torch import nn
 
 from equishift import anchorize, anchoring_mode, record_anchors
-from equishift.anchoring import ConvPosEmbed
+from equishift.anchoring import CircularConv2d, ConvPosEmbed
 from equishift.polyphase import PolyphaseAnchor, polyphase_norms
 from equishift.shifts import period_grid, random_shifts
 from equishift.testing import assert_shift_invariant, check_shift_invariant
@@ -178,6 +178,9 @@ def test_twins_anchor_placement_and_circular_pegs(make_twins, kind, mode):
         assert ((idx >= 0) & (idx < strides[name])).all()
     pads = {m.padding_mode for peg in model.pos_block for m in peg.modules() if isinstance(m, nn.Conv2d)}
     assert pads == ({"zeros"} if mode == "patch-only" else {"circular"})
+    # The PEG weights keep their names: a plain Twins checkpoint's PEGs load into the anchored model.
+    peg_keys = {k for k in base.state_dict() if k.startswith("pos_block")}
+    assert peg_keys <= set(model.state_dict())
     assert anchoring_mode(model) == mode and anchoring_mode(base) == "none"
 
 
@@ -211,6 +214,25 @@ def test_conv_pos_embed_is_the_identity_at_init_and_circular(make_vit):
                                    torch.roll(conv(grid), (dy, dx), (-2, -1)), rtol=0, atol=1e-6)
     with pytest.raises(ValueError, match="init"):
         ConvPosEmbed(8, init="ones")
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "token_view"])
+@pytest.mark.parametrize("pad", [(1, 1, 1, 1), (0, 2, 1, 0), (3, 1, 2, 2)])
+def test_circular_conv_equals_pytorch_circular_padding(layout, pad):
+    """CircularConv2d keeps token grids channels-last but computes exactly PyTorch's circular conv."""
+    g = torch.Generator().manual_seed(sum(pad))
+    x = torch.randn(2, 6, 5, 7, generator=g)
+    if layout == "token_view":
+        x = torch.randn(2, 35, 6, generator=g).transpose(1, 2).reshape(2, 6, 5, 7)
+    ref = nn.Conv2d(6, 6, 3, padding=(pad[2], pad[0]), groups=6, padding_mode="circular")
+    fast = CircularConv2d.from_conv(ref)
+    assert fast.padding_mode == "circular" and fast.state_dict().keys() == ref.state_dict().keys()
+    if pad[0] == pad[1] and pad[2] == pad[3]:
+        with torch.no_grad():
+            torch.testing.assert_close(fast(x), ref(x), rtol=0, atol=1e-6)
+    from equishift.anchoring import _circular_pad
+
+    assert torch.equal(_circular_pad(x, pad), torch.nn.functional.pad(x.contiguous(), pad, mode="circular"))
 
 
 # --- an ordinary nn.Module -----------------------------------------------------------------------------

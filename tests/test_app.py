@@ -109,6 +109,15 @@ def test_shift_change_changes_prediction_and_plots(app):
     assert f"{100 * float(p[top]):.1f}%" in after_tables[0]
 
 
+def test_link_opens_on_a_shift(app):
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT)
+    at.query_params["grid"] = "r3"
+    at.query_params["shift"] = "2,-1"
+    at.run()
+    assert shift_text(at).startswith("**Shift** (dy, dx) = `2, -1`")
+    assert at.number_input(key="shift_dy").value == 2 and at.number_input(key="shift_dx").value == -1
+
+
 def test_reset_returns_to_zero(app):
     at = open_app()
     at.number_input(key="shift_dy").set_value(-2).run()

@@ -119,9 +119,14 @@ def _shot(pg, name: str) -> Path:
     ARTIFACTS.mkdir(exist_ok=True)
     path = ARTIFACTS / f"{name}.png"
     size = pg.viewport_size
-    height = pg.evaluate("() => document.querySelector('[data-testid=\"stMain\"]').scrollHeight")
-    pg.set_viewport_size({"width": size["width"], "height": max(size["height"], int(height) + 40)})
-    pg.wait_for_timeout(800)  # plotly re-lays out on resize
+    height = size["height"]
+    for _ in range(4):  # grow until the content fits (plotly re-lays out after each resize)
+        need = pg.evaluate("() => document.querySelector('[data-testid=\"stMain\"]').scrollHeight") + 40
+        if need <= height:
+            break
+        height = int(need)
+        pg.set_viewport_size({"width": size["width"], "height": height})
+        pg.wait_for_timeout(800)
     pg.screenshot(path=str(path), full_page=True)
     pg.set_viewport_size(size)
     return path
@@ -162,12 +167,15 @@ def test_arrow_keys_move_the_shift_and_the_pad_stays_mounted(page):
     canvas = page.locator("canvas.es-canvas")
     canvas.evaluate("c => { c.__mounted = 'first'; }")   # gone if the component were re-mounted
     canvas.focus()
-    for key in ("ArrowRight", "ArrowRight", "ArrowDown"):  # faster than the reruns they trigger
+    # faster than the reruns they trigger: a rerun that started before a key press must not pull the
+    # pad back (the pad keeps its own shift until the server has seen its latest report)
+    for key in ("ArrowRight", "ArrowRight", "ArrowDown", "ArrowDown", "ArrowRight"):
         page.keyboard.press(key)
-        page.wait_for_timeout(150)
-    page.wait_for_function("() => document.body.innerText.includes('Shift (dy, dx) = 1, 2')")
+        page.wait_for_timeout(100)
+    page.wait_for_function("() => document.body.innerText.includes('Shift (dy, dx) = 2, 3')")
     _settled(page)
-    assert _shown_shift(page) == (1, 2)
+    assert _shown_shift(page) == (2, 3)
+    assert canvas.get_attribute("data-dy") == "2" and canvas.get_attribute("data-dx") == "3"
     assert canvas.evaluate("c => c.__mounted") == "first"
 
 
@@ -187,23 +195,61 @@ def test_upload_image(page):
     _shot(page, "dashboard-upload")
 
 
+def _point_on_heatmap(page, title: str, dx: float, dy: float):
+    """Viewport pixel of data point (dx, dy) in the first (baseline) panel of the heatmap titled
+    ``title``, from plotly's own axis mapping, after scrolling it into view (a click outside the viewport
+    is lost). Retried: a rerun may replace the chart while we look at it."""
+    for attempt in range(5):
+        try:
+            chart = page.locator(".stPlotlyChart").filter(has_text=title).first.locator(".js-plotly-plot")
+            chart.scroll_into_view_if_needed(timeout=20_000)
+            page.wait_for_timeout(300)
+            return chart.evaluate(
+                """(gd, p) => { const L = gd._fullLayout, r = gd.getBoundingClientRect();
+                     return [r.left + L.xaxis._offset + L.xaxis.d2p(p[0]),
+                             r.top + L.yaxis._offset + L.yaxis.d2p(p[1])]; }""", [dx, dy])
+        except Exception:  # noqa: BLE001 - detached by a rerun: look again
+            if attempt == 4:
+                raise
+            _settled(page)
+
+
 def test_heatmap_click_jumps_to_the_shift(page):
     _open_tab(page, "Orbit heatmaps")
-    heat = page.locator(".stPlotlyChart").filter(has_text="Probability of the unshifted top-1").first
-    heat.locator(".js-plotly-plot").scroll_into_view_if_needed()  # a click outside the viewport is lost
-    page.wait_for_timeout(300)
     want = (-2, 2)
-    # pixel of data point (dx, dy) in the first (baseline) panel, from plotly's own axis mapping
-    xy = heat.locator(".js-plotly-plot").evaluate(
-        """(gd, p) => { const L = gd._fullLayout, r = gd.getBoundingClientRect();
-             return [r.left + L.xaxis._offset + L.xaxis.d2p(p[0]), r.top + L.yaxis._offset + L.yaxis.d2p(p[1])]; }""",
-        [want[1], want[0]])
-    page.mouse.move(xy[0] - 6, xy[1])
+    x, y = _point_on_heatmap(page, "Probability of the unshifted top-1", dx=want[1], dy=want[0])
+    page.mouse.move(x - 6, y)
     page.wait_for_timeout(200)
-    page.mouse.move(xy[0], xy[1])   # plotly picks the clicked point from the hover
+    page.mouse.move(x, y)   # plotly picks the clicked point from the hover
     page.wait_for_timeout(400)
-    page.mouse.click(xy[0], xy[1])
+    page.mouse.click(x, y)
     page.wait_for_function(f"() => document.body.innerText.includes('Shift (dy, dx) = {want[0]}, {want[1]}')")
     _settled(page)
     assert _shown_shift(page) == want
     _shot(page, "dashboard-heatmap-click")
+
+
+def test_screenshots_of_every_tab(page, server):
+    """Full-page shots of each tab at a shift off the patch grid (artifacts/), for a person to look at;
+    with EQUISHIFT_UPDATE_SCREENSHOTS=1 the orbit-heatmap view becomes the README's screenshot."""
+    readme = os.environ.get("EQUISHIFT_UPDATE_SCREENSHOTS") == "1"
+    page.goto(f"{server}/?grid={'full' if readme else GRID}&shift=1,2")  # the full orbit only for the README
+    page.locator("canvas.es-canvas").wait_for()
+    _settled(page)
+    assert _shown_shift(page) == (1, 2)
+    for tab in ("Logit curves", "Orbit heatmaps", "Attention", "Polyphase indices", "Layer × shift error",
+                "Attribution", "Export"):
+        _open_tab(page, tab)
+        assert page.locator(".stException").count() == 0, tab
+        path = _shot(page, "tab-" + re.sub(r"[^a-z]+", "-", tab.lower()).strip("-"))
+        assert Image.open(path).size[1] > 1000
+    if readme:
+        _open_tab(page, "Orbit heatmaps")
+        shot = Image.open(_shot(page, "readme"))
+        w, h = shot.size
+        small = shot.resize((1000, round(h * 1000 / w)), Image.LANCZOS).convert("RGB")
+        small = small.quantize(colors=192, method=Image.Quantize.MEDIANCUT)  # a small PNG for the README
+        out = ROOT / "docs" / "screenshots" / "dashboard.png"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        small.save(out, optimize=True)
+        assert out.stat().st_size < 600_000
