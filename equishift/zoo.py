@@ -299,8 +299,21 @@ def load_model(spec: str, device: Optional[Union[str, torch.device]] = None,
     if s.anchoring != "none":
         model, card = _anchor(model, card, s.anchoring, spec)
     card["spec"] = spec
+    bad = _non_finite(model)
+    if bad:
+        # load_weights also warns, but a Python warning reaches only the server log; the card carries
+        # it to whoever shows the model (the dashboard prints card["warnings"]).
+        shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        card["warnings"] = [f"NaN or Inf values in {len(bad)} weight tensor(s) ({shown}); the model's "
+                            f"outputs will be meaningless"]
     model = model.to(dev).eval()
     return LoadedModel(model=model, card=card, spec=spec, device=dev)
+
+
+def _non_finite(model: nn.Module) -> List[str]:
+    """Names of floating-point parameters and buffers holding NaN or Inf."""
+    return [n for n, t in model.state_dict().items()
+            if t.is_floating_point() and not bool(torch.isfinite(t).all())]
 
 
 def _anchor(model: nn.Module, card: Dict[str, Any], mode: str, spec: str):
@@ -427,8 +440,10 @@ def _offline() -> bool:
     return flag in ("1", "true", "yes", "on")
 
 
-def _cached_hub_file(s: Spec) -> Optional[str]:
-    """The pretrained weights from the local Hugging Face cache, without touching the network."""
+def _hub_file(s: Spec, local_only: bool = True) -> Optional[str]:
+    """Path of the pretrained weights file: from the local Hugging Face cache (``local_only``, never
+    touches the network), else downloaded into that cache. None when the model has no hub weights or
+    (local_only) they are not cached."""
     import timm.models
     from huggingface_hub import hf_hub_download
 
@@ -437,32 +452,45 @@ def _cached_hub_file(s: Spec) -> Optional[str]:
         return None
     repo, _, revision = cfg.hf_hub_id.partition("@")
     names = [cfg.hf_hub_filename] if cfg.hf_hub_filename else ["model.safetensors", "pytorch_model.bin"]
+    error = None
     for fname in names:
         try:
-            return hf_hub_download(repo, fname, revision=revision or None, local_files_only=True)
-        except Exception:  # not cached (the hub raises several types for that)
-            continue
+            return hf_hub_download(repo, fname, revision=revision or None, local_files_only=local_only)
+        except Exception as e:  # not cached / not on the hub (the hub raises several types for that)
+            error = e
+    if not local_only and error is not None:
+        raise ModelSpecError(f"could not fetch pretrained weights for {s.name!r}: {type(error).__name__}: "
+                             f"{error}") from None
     return None
 
 
 def _load_pretrained(s: Spec):
     import timm
 
+    from .checkpoint import load_weights
+
     _check_timm_name(s)
-    cached = _cached_hub_file(s)
-    if cached:
-        overlay = dict(file=cached, custom_load=False)
-        return timm.create_model(s.name, pretrained=True, pretrained_cfg_overlay=overlay, **dict(s.kwargs))
-    if _offline() or not _hub_reachable():
-        why = "HF_HUB_OFFLINE is set" if _offline() else "the Hugging Face hub cannot be reached"
-        raise ModelSpecError(f"timm:{s.name}?pretrained needs weights from the hub, but {why} and they are "
-                             f"not in the local cache; use timm:{s.name}@PATH with a local weights file, "
-                             f"or timm:{s.name} for random weights")
+    path = _hub_file(s)
+    if path is None:
+        if _offline() or not _hub_reachable():
+            why = "HF_HUB_OFFLINE is set" if _offline() else "the Hugging Face hub cannot be reached"
+            raise ModelSpecError(f"timm:{s.name}?pretrained needs weights from the hub, but {why} and they "
+                                 f"are not in the local cache; use timm:{s.name}@PATH with a local weights "
+                                 f"file, or timm:{s.name} for random weights")
+        path = _hub_file(s, local_only=False)
+        if path is None:
+            raise ModelSpecError(f"timm:{s.name} has no pretrained weights on the Hugging Face hub; use "
+                                 f"timm:{s.name}@PATH with a local weights file")
+    # A hub file is a download like any other: the same size limit, static pickle scan and NaN/Inf
+    # warning as timm:NAME@PATH. timm then applies the state dict with its own filter (pos-embed
+    # resampling for another img_size, classifier handling for another num_classes).
+    state = load_weights(path, max_bytes=MAX_WEIGHT_BYTES)
     try:
-        return timm.create_model(s.name, pretrained=True, **dict(s.kwargs))
-    except Exception as e:  # network/hub errors come in many types; the user needs the message
-        raise ModelSpecError(f"could not fetch pretrained weights for {s.name!r}: {type(e).__name__}: {e}") \
-            from None
+        return timm.create_model(s.name, pretrained=True, pretrained_cfg_overlay=dict(state_dict=state),
+                                 **dict(s.kwargs))
+    except (TypeError, ValueError, RuntimeError, AssertionError, KeyError) as e:
+        raise CheckpointError(f"{Path(path).name}: pretrained weights do not fit timm:{s.name}: "
+                              f"{type(e).__name__}: {e}") from None
 
 
 def _load_timm(s: Spec):
