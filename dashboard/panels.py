@@ -107,12 +107,12 @@ def _top5(side, index: int) -> None:
     p = r.probs[index]
     classes = r.classes or [str(i) for i in range(p.numel())]
     vals, idx = p.topk(min(5, p.numel()))
-    rows = ["| class | p | Δ vs unshifted |", "|---|---:|---:|"]
+    rows = ["| top-5 at this shift | p | Δ |", "|---|---:|---:|"]
     for v, i in zip(vals.tolist(), idx.tolist()):
         mark = " ★" if i == r.ref_pred else ""
-        rows.append(f"| {classes[i]}{mark} | {100 * v:.1f}% | {100 * (v - float(r.ref_probs[i])):+.1f} pp |")
+        rows.append(f"| {classes[i]}{mark} | {100 * v:.1f}% | {100 * (v - float(r.ref_probs[i])):+.1f} |")
     st.markdown("\n".join(rows))
-    st.caption("★ = the unshifted top-1; Δ in percentage points.")
+    st.caption("★ the unshifted top-1 · Δ: change from the unshifted image, in percentage points")
 
 
 def _first_anchor(res, index: int):
@@ -134,7 +134,7 @@ def _column(side, mode: str, shift, index: int) -> None:
     size = tuple(side.x.shape[-2:]) if mode == "crop" else None
     fig = plots.shifted_image(image, shift, mode, patch=side.loaded.stride, anchor=_first_anchor(r, index),
                               size=size)
-    left, right = st.columns([3, 2])
+    left, right = st.columns([1, 1])
     with left:
         show(fig, f"shifted-input-{side.role}", key=f"img_{side.role}", height=360)
     with right:
@@ -166,14 +166,22 @@ def render(sides, mode: str, grid, shift, image_bytes: bytes = b"") -> None:
                 image_bytes)
     for col, side in zip(st.columns(len(sides)), sides):
         with col:
-            _column(side, mode, shift, view.index[side.role])
+            _guarded(_column, f"the {side.role} column", side, mode, shift, view.index[side.role])
     tabs = st.tabs(TABS, key="panel", on_change="rerun")
     panels = (_curves, _heatmaps, _attention, _polyphase, _layer_error, _attribution, _export_tab)
-    for tab, panel in zip(tabs, panels):
+    for name, tab, panel in zip(TABS, tabs, panels):
         # .open is None when tab state is not tracked (AppTest before any switch): render the first only
         if tab.open or (tab.open is None and panel is panels[0]):
             with tab:
-                panel(view)
+                _guarded(panel, f"the {name} tab", view)
+
+
+def _guarded(fn, what: str, *args) -> None:
+    """Run one panel; a failure in it is shown there and the rest of the page keeps working."""
+    try:
+        fn(*args)
+    except Exception as e:  # noqa: BLE001
+        st.error(f"Cannot draw {what}: {type(e).__name__}: {e}")
 
 
 # --- tabs ------------------------------------------------------------------------------------------

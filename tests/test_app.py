@@ -47,7 +47,7 @@ def shift_text(at) -> str:
 
 
 def top5_tables(at) -> list:
-    return [m.value for m in at.markdown if m.value.startswith("| class |")]
+    return [m.value for m in at.markdown if m.value.startswith("| top-5 at this shift |")]
 
 
 def charts(at) -> list:
