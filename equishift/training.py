@@ -375,6 +375,7 @@ def save_model(model: nn.Module, path: Path) -> str:
     state = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(state, str(path), metadata={"format": "pt"})
+    path.chmod(0o644)  # safetensors creates 0600 files; weights are meant to be shared
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
