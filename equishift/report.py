@@ -301,8 +301,9 @@ def build_report(baseline, anchored, image, out: Optional[Union[str, Path]] = No
 
     Returns the folder; with ``zip=True`` the path of ``out`` + ``.zip`` (the folder is written too), or,
     when ``out`` is None, the zip's bytes. ``progress(role, done, total)`` follows each sweep.
-    ``results`` = (baseline, anchored) SweepResults already computed on this image, mode and grid
-    (the dashboard's cached sweeps) skip the sweeps. ``static=False`` skips PNG/SVG."""
+    ``results`` = (baseline, anchored) SweepResults already computed on this image and mode (the
+    dashboard's cached sweeps) skip the sweeps; their shifts are used and ``grid`` is only a label (for
+    crop sweeps the canvas margin is the largest |shift|). ``static=False`` skips PNG/SVG."""
     if mode not in MODES:
         raise EquishiftError(f"unknown shift mode {mode!r}; choose one of {', '.join(MODES)}")
     if mode in ("bilinear", "fourier"):
