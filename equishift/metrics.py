@@ -211,9 +211,9 @@ def feature_equivariance_error(feat_shifted: torch.Tensor, feat_ref: torch.Tenso
     k, c, h, w = feat_shifted.shape
     fs = feat_shifted.flatten(2).transpose(1, 2)                          # [K, N, C] (a view for tokens)
     ref = feat_ref.float().to(fs.device).flatten(1).t()                    # [N, C]
-    want = ref[_roll_index(h, w, token_shift.to(fs.device).long())]       # [K, N, C]
-    num = (fs.float() - want).flatten(1).norm(dim=1)
-    return num / ref.norm().clamp_min(1e-12)
+    diff = ref[_roll_index(h, w, token_shift.to(fs.device).long())]       # [K, N, C] = R_t F(x)
+    diff.sub_(fs)  # in place: one K×N×C buffer in all
+    return torch.linalg.vector_norm(diff, dim=(1, 2)) / ref.norm().clamp_min(1e-12)
 
 
 def pearson(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -3,6 +3,7 @@ property (re-aligned maps and anchors follow the shift exactly), concurrency, ch
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -388,3 +389,20 @@ def test_bad_input_raises_a_clear_equishift_error(models, kwargs, match):
     args.update(kwargs)
     with pytest.raises(EquishiftError, match=match):
         sweep(**args)
+
+
+@pytest.mark.parametrize("spec, period", [("zoo:fmnist-vit-anchored", 4), ("zoo:fmnist-twins-svt-anchored", 8)])
+def test_shipped_anchored_models_follow_the_shift_exactly(spec, period):
+    """The trained zoo models (once shipped in assets/models): same property as for random weights."""
+    from PIL import Image
+
+    from equishift.zoo import list_models, load_model
+
+    if spec not in list_models():
+        pytest.skip(f"{spec} is not shipped in this checkout")
+    lm = load_model(spec, "cpu")
+    x = lm.preprocess(Image.open(Path(__file__).resolve().parents[1] / "assets" / "images" / "fmnist-4-coat.png")
+                      .convert("RGB"))
+    res = sweep(lm, x, torch.cat((period_grid(period), torch.tensor([[13, -21], [-30, 7]]))))
+    _check_anchored(res, 4)
+    assert res.classes == lm.classes
