@@ -8,6 +8,7 @@ the time. ``unbounded`` runs every shift in one chunk (``batch_size=K``) for com
 
     python bench/sweep_memory.py                       # vit_tiny_patch16_224 at 224 px, 48 shifts
     python bench/sweep_memory.py --budgets 64 256 1024 --shifts 96 --model vit_small_patch16_224
+    python bench/sweep_memory.py --model "vit_tiny_patch16_224?img_size=96&patch_size=4&embed_dim=48&depth=3"
 
 The growth is what the sweep adds on top of the loaded model; the budget bounds the chunk of shifts run
 at once (estimated from the unshifted run), not the result, which grows with K (a few kB per shift here).
@@ -57,7 +58,9 @@ def child(model_name: str, shifts: int, budget: str, seed: int = 0) -> dict:
     from equishift.sweep import sweep
 
     torch.manual_seed(seed)
-    model = timm.create_model(model_name, pretrained=False).eval()
+    name, _, query = model_name.partition("?")          # "NAME?k=v&k=v": integer constructor arguments
+    kwargs = {k: int(v) for k, v in (item.split("=") for item in query.split("&") if item)}
+    model = timm.create_model(name, pretrained=False, **kwargs).eval()
     size = model.patch_embed.img_size
     x = torch.randn(3, *size, generator=torch.Generator().manual_seed(seed))
     side = int(shifts ** 0.5 + 0.999)
@@ -80,12 +83,15 @@ def child(model_name: str, shifts: int, budget: str, seed: int = 0) -> dict:
 FIXED_MMAP = {"MALLOC_MMAP_THRESHOLD_": "131072"}
 
 
-def measure(model_name: str, shifts: int, budget: str, fixed_mmap: bool = False) -> dict:
-    """Run ``child`` in a fresh interpreter and return its result."""
+def measure(model_name: str, shifts: int, budget: str, fixed_mmap: bool = False, threads: int = 0) -> dict:
+    """Run ``child`` in a fresh interpreter and return its result. ``threads`` > 0 sets OMP_NUM_THREADS:
+    on a busy shared CPU, small chunks on 2 spinning OpenMP threads run ~10x slower than on one."""
     cmd = [sys.executable, __file__, "--child", "--model", model_name, "--shifts", str(shifts),
            "--budgets", str(budget)]
     env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
     env.update(HF_HUB_OFFLINE="1", **(FIXED_MMAP if fixed_mmap else {}))
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -95,6 +101,7 @@ def main() -> None:
     ap.add_argument("--model", default="vit_tiny_patch16_224")
     ap.add_argument("--shifts", type=int, default=48)
     ap.add_argument("--budgets", nargs="+", default=["64", "256", "1024", "unbounded"])
+    ap.add_argument("--threads", type=int, default=0, help="OMP_NUM_THREADS for the children (0: torch's default)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -105,7 +112,7 @@ def main() -> None:
           f"{'growth':>8} {'growth/budget':>13} {'result':>8} {'time':>7}")
     for b in args.budgets:
         for fixed in (False, True):
-            r = measure(args.model, args.shifts, b, fixed_mmap=fixed)
+            r = measure(args.model, args.shifts, b, fixed_mmap=fixed, threads=args.threads)
             ratio = f"{r['growth_mb'] / float(b):.2f}" if b != "unbounded" else "-"
             label = f"{b} MB" if b != "unbounded" else b
             malloc = "mmap≥128KiB" if fixed else "glibc default"

@@ -407,7 +407,13 @@ def evaluate(loaded, dataset, protocols: Union[str, Sequence[str]] = "all", *, b
     chunk = max(1, batch_size // per_image)
     # counts: success per protocol, then the two discordant-pair counts of clean vs shifted accuracy
     counts = torch.zeros(len(names) + 2, dtype=torch.long)
-    model = loaded.model.eval()
+    model = loaded.model
+    if any(m.training for m in model.modules()):
+        # Never flip the caller's flags (the dashboard shares one model between sessions): evaluate a
+        # structural copy in eval mode that shares the weights.
+        from .sweep import working_copy
+
+        model = working_copy(model).eval()
     t0 = time.perf_counter()
     bar = _progress(len(mine), progress and rank == 0, loaded.name)
     with torch.inference_mode():

@@ -1,0 +1,220 @@
+"""Several dashboard sessions on one server: shared cached models, concurrent sweeps, long sessions.
+
+The dashboard caches one model object per spec (``st.cache_resource``) and one process-wide result
+store, and runs each session's script in its own thread. These tests do what several sessions do: 8
+threads sweep 8 different images through the SAME model objects (the ones the dashboard's cache hands
+out) at once, through the dashboard's own result store, and must get exactly what sequential runs get;
+the shared models must come out untouched; a long session must not accumulate state.
+"""
+from __future__ import annotations
+
+import copy
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from equishift.shifts import grid  # noqa: E402
+from equishift.sweep import sweep  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+THREADS = 8
+SHIFTS = grid(range(-2, 2), range(-2, 2))   # 16 shifts: one 4-px patch period, both signs
+
+
+def _pairs():
+    """(baseline, anchored) spec pairs: the shipped zoo models when present, else tiny random ones."""
+    from equishift.zoo import list_models
+
+    shipped = set(list_models())
+    pairs = [(f"zoo:fmnist-{a}-baseline", f"zoo:fmnist-{a}-anchored") for a in ("vit", "twins-svt")]
+    return [p for p in pairs if set(p) <= shipped] or [None]
+
+
+def _load(spec_pair, tmp_path_factory):
+    """The model objects the dashboard would share, and 8 different preprocessed images."""
+    from equishift.images import load_image
+    from equishift.zoo import load_model
+
+    if spec_pair is None:  # no shipped zoo: tiny random models written to a temporary zoo
+        from zoo_helpers import write_tiny
+
+        root = tmp_path_factory.mktemp("zoo")
+        spec_pair = (f"zoo:{write_tiny(root, 'b')}", f"zoo:{write_tiny(root, 'a', anchoring='full', seed=1)}")
+    try:
+        from dashboard.compute import get_model  # the dashboard's cache_resource: one object per spec
+        models = [get_model(s) for s in spec_pair]
+    except ImportError:
+        models = [load_model(s) for s in spec_pair]
+    files = sorted((ROOT / "assets" / "images").glob("*.*"))[:THREADS]
+    assert len(files) == THREADS, files
+    images = [models[0].preprocess(load_image(f.read_bytes()))[0] for f in files]
+    return models, images
+
+
+def _snapshot(model: torch.nn.Module):
+    return ({k: v.clone() for k, v in model.state_dict().items()},
+            {n: (m.training, getattr(m, "fused_attn", None)) for n, m in model.named_modules()})
+
+
+def _assert_untouched(model, snap):
+    state, flags = snap
+    now = model.state_dict()
+    assert all(torch.equal(now[k], v) for k, v in state.items()), "weights changed"
+    assert {n: (m.training, getattr(m, "fused_attn", None)) for n, m in model.named_modules()} == flags
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules()), "hooks left behind"
+
+
+@pytest.fixture
+def one_intra_op_thread():
+    """Nine busy threads on a 2-core machine: with torch's default 2 intra-op threads each, OpenMP
+    spin-waits make the test ~10x slower under load without changing what it checks (Python-level
+    sharing of modules, hooks and flags); restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.mark.parametrize("pair", _pairs(), ids=lambda p: p[0].split(":")[-1] if p else "tiny")
+def test_eight_concurrent_sweeps_on_shared_models_equal_sequential_runs(pair, tmp_path_factory,
+                                                                        one_intra_op_thread):
+    """8 threads, each sweeping its own image through the shared baseline and anchored models via the
+    dashboard's result store, all released together by a barrier, while a 9th thread runs plain forward
+    passes on the same objects. Every result equals the sequential one bit for bit (same batches, same
+    kernels: concurrency must not change a single float), nothing raises, the models are untouched."""
+    from dashboard.compute import Store
+
+    models, images = _load(pair, tmp_path_factory)
+    snaps = [_snapshot(m.model) for m in models]
+    seq = [[sweep(m, x, SHIFTS) for m in models] for x in images]
+    with torch.inference_mode():
+        plain_ref = [m.model(images[0][None]) for m in models]
+
+    store = Store(max_entries=2 * THREADS)
+    calls = []
+    out = [None] * THREADS
+    failures = []
+    start = threading.Barrier(THREADS + 1)
+
+    def session(i):
+        try:
+            start.wait()
+            res = []
+            for m in models:
+                def compute(m=m):
+                    calls.append((m.spec, i))
+                    return sweep(m, images[i], SHIFTS)
+                res.append(store.get_or_compute(("sweep", m.spec, i), compute))
+            out[i] = res
+        except BaseException as e:  # reported below, with the thread's index
+            failures.append((i, e))
+
+    plain = []
+
+    def forwards():
+        try:
+            start.wait()
+            with torch.inference_mode():
+                for _ in range(10):
+                    plain.append([m.model(images[0][None]) for m in models])
+        except BaseException as e:
+            failures.append(("forward", e))
+
+    threads = [threading.Thread(target=session, args=(i,)) for i in range(THREADS)]
+    threads.append(threading.Thread(target=forwards))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=600)
+    assert not any(t.is_alive() for t in threads), "a session hung"
+    assert not failures, failures
+    assert len(calls) == 2 * THREADS  # each (model, image) computed once
+    for i in range(THREADS):
+        for a, b in zip(seq[i], out[i]):
+            assert torch.equal(a.logits, b.logits) and torch.equal(a.ref_logits, b.ref_logits)
+            for field in ("anchors", "attention", "layer_error", "offset"):
+                da, db = getattr(a, field), getattr(b, field)
+                assert da.keys() == db.keys() and all(torch.equal(da[k], db[k]) for k in da), (i, field)
+    for row in plain:
+        assert all(torch.equal(p, r) for p, r in zip(row, plain_ref))
+    for m, snap in zip(models, snaps):
+        _assert_untouched(m.model, snap)
+
+
+def test_the_same_sweep_asked_by_eight_sessions_at_once_is_computed_once():
+    """Eight sessions opening the same image at the same moment wait for one computation and share
+    its result (the store's per-key lock), instead of running eight identical sweeps."""
+    from dashboard.compute import Store
+
+    store, calls, got = Store(), [], [None] * THREADS
+    start = threading.Barrier(THREADS)
+    gate = threading.Event()
+
+    def compute():
+        calls.append(1)
+        gate.wait(timeout=30)  # hold the computation until every session is waiting for it
+        return object()
+
+    def session(i):
+        start.wait()
+        got[i] = store.get_or_compute("k", compute)
+
+    threads = [threading.Thread(target=session, args=(i,)) for i in range(THREADS)]
+    for t in threads:
+        t.start()
+    while not calls:
+        threading.Event().wait(0.01)
+    threading.Event().wait(0.2)
+    gate.set()
+    for t in threads:
+        t.join(timeout=60)
+    assert len(calls) == 1 and all(g is got[0] for g in got)
+
+
+def test_evaluate_never_flips_the_mode_of_a_shared_model(tmp_path):
+    """evaluation.evaluate on a model in training mode (dropout on) gives the eval-mode numbers and
+    leaves every module's flag as it was: another session may be using that object."""
+    from zoo_helpers import TINY_VIT, write_tiny
+
+    from equishift.evaluation import evaluate
+    from equishift.zoo import load_model
+
+    card = write_tiny(tmp_path, "drop", arch_config=dict(TINY_VIT, drop_rate=0.5, proj_drop_rate=0.5))
+    lm = load_model(str(card), device="cpu")
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.randn(3, 32, 32, generator=g), i % 10) for i in range(12)]
+    want = evaluate(lm, data, ["clean", "consistency-a"], batch_size=64)
+    lm.model.train()
+    got = evaluate(lm, data, ["clean", "consistency-a"], batch_size=64)
+    assert all(m.training for m in lm.model.modules()), "evaluate switched the shared model to eval()"
+    for p in ("clean", "consistency-a"):
+        assert got["protocols"][p]["count"] == want["protocols"][p]["count"]
+    lm.model.eval()
+
+
+def test_a_long_session_does_not_accumulate_state():
+    """25 shift changes in one AppTest session: after the first few, the number of session-state keys
+    and of entries in the process-wide store stay constant (moving the shift only re-draws).
+    bench/session_memory.py measures the resident memory of 200 changes."""
+    pytest.importorskip("streamlit")
+    from app_harness import errors, open_page, tiny_zoo
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from session_memory import move, session_sizes, walk
+
+    with tiny_zoo() as specs:
+        at = open_page(*specs)
+        steps = list(walk(25))
+        for dy, dx in steps[:5]:
+            move(at, dy, dx)
+        before = session_sizes(at)
+        for dy, dx in steps[5:]:
+            move(at, dy, dx)
+        assert not at.exception and errors(at) == []
+        assert session_sizes(at) == before
+        assert at.session_state["shift"] == tuple(steps[-1])
