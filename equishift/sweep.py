@@ -492,7 +492,10 @@ _OOM_ONE = "out of memory with one shift at a time; free GPU memory or run on de
 
 
 def _is_oom(err: BaseException) -> bool:
-    return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
+    # CUDA: torch.OutOfMemoryError; CPU: the allocator's RuntimeError ("DefaultCPUAllocator: can't
+    # allocate memory: you tried to allocate N bytes"), e.g. an explicit batch_size too large for the RAM.
+    text = str(err).lower()
+    return isinstance(err, torch.OutOfMemoryError) or "out of memory" in text or "can't allocate memory" in text
 
 
 def _per_sample_bytes(ref: _Pass, x: torch.Tensor) -> int:

@@ -158,10 +158,13 @@ def test_out_of_memory_with_one_shift_is_a_limit_error_and_other_errors_are_not_
     with pytest.raises(RuntimeError, match="shape mismatch"):
         sweep(_with_oom(base, base.blocks[0], limit=2, message="shape mismatch", exc=RuntimeError),
               image(), s, batch_size=4)
-    # the message form of a CUDA OOM raised as a plain RuntimeError is recognised too
-    res = sweep(_with_oom(base, base.blocks[0], limit=2, message="CUDA error: out of memory", exc=RuntimeError),
-                image(), s, batch_size=8)
-    assert torch.equal(res.pred, sweep(base, image(), s, batch_size=2).pred)
+    # the message form of a CUDA OOM raised as a plain RuntimeError, and the CPU allocator's refusal
+    # (its text as torch 2.14 words it), are recognised too
+    for message in ("CUDA error: out of memory", "[enforce fail at alloc_cpu.cpp:127] err == 0. "
+                    "DefaultCPUAllocator: can't allocate memory: you tried to allocate 10000000000000 bytes."):
+        res = sweep(_with_oom(base, base.blocks[0], limit=2, message=message, exc=RuntimeError),
+                    image(), s, batch_size=8)
+        assert torch.equal(res.pred, sweep(base, image(), s, batch_size=2).pred)
 
 
 # --- the server ----------------------------------------------------------------------------------------
