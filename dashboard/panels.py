@@ -27,11 +27,15 @@ TABS = ("Logit curves", "Orbit heatmaps", "Attention", "Polyphase indices", "Lay
 HEATMAPS = ("orbit_prob", "orbit_flip")
 
 
-def preprocessing(sides, pil, choice) -> None:
+def preprocessing(sides, thumb, original_size, choice) -> None:
     """What the image goes through before the model: the original, each model's input, and the recipe."""
-    with st.expander(f"Image **{choice.label}** and its preprocessing", expanded=False):
+    box = st.expander(f"Image **{choice.label}** and its preprocessing", expanded=False, key="prep_box",
+                      on_change="rerun")
+    if not box.open:  # lazy: nothing is encoded and sent while it is closed
+        return
+    with box:
         cols = st.columns(1 + len(sides))
-        cols[0].image(pil, caption=f"original · {pil.width}×{pil.height} RGB", width=200)
+        cols[0].image(thumb, caption=f"original · {original_size[0]}×{original_size[1]} RGB", width=200)
         for col, side in zip(cols[1:], sides):
             img = side.loaded.denormalize(side.x[0]).float().cpu()
             arr = img.expand(3, -1, -1) if img.shape[0] == 1 else img

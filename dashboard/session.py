@@ -6,8 +6,9 @@ working (a side whose model failed is left out, a bad upload falls back to a sam
 """
 from __future__ import annotations
 
+import hashlib
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, List, Optional
 
 import numpy as np
@@ -41,15 +42,10 @@ class Side:
     result: Optional[SweepResult] = None
     key: Optional[tuple] = None             # the sweep's cache key
     error: Optional[str] = None
-    notes: List[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
         return self.error is None and self.loaded is not None
-
-    @property
-    def title(self) -> str:
-        return f"{self.role.capitalize()} — `{self.spec}`" if self.spec else self.role.capitalize()
 
 
 def _message(e: BaseException) -> str:
@@ -76,25 +72,37 @@ def _load_sides(specs: Dict[str, Optional[str]]) -> List[Side]:
     return sides
 
 
-def _decode(choice: sources.ImageChoice):
-    return compute.cached(("image", choice.sha256), lambda: load_image(choice.data))
+THUMB_PX = 384  # the original is shown at most this large; only this small copy is kept between reruns
+
+
+def _thumbnail(choice: sources.ImageChoice):
+    """A small copy of the decoded image, cached per image. Decoding also validates the file: a bad
+    upload raises here. The full-size image is never kept (a 40 MP upload would be 160 MB); it is decoded
+    again only when a model's input for it is not cached yet."""
+    def make():
+        img = load_image(choice.data)
+        size = img.size
+        img.thumbnail((THUMB_PX, THUMB_PX))
+        return img, size
+    return compute.cached(("thumbnail", choice.sha256), make)
 
 
 def _image(choice: Optional[sources.ImageChoice]):
-    """(PIL image, ImageChoice) — an unreadable upload is reported and replaced by the default sample."""
+    """(thumbnail, original (w, h), ImageChoice) — an unreadable upload is reported and replaced by the
+    default sample."""
     if choice is None:
-        return None, None
+        return None, None, None
     try:
-        return _decode(choice), choice
+        return (*_thumbnail(choice), choice)
     except Exception as e:  # noqa: BLE001
         st.error(f"Cannot use the uploaded image **{choice.label}**: {_message(e)}")
         path = sources.default_sample()
         if path is None:
-            return None, None
+            return None, None, None
         data = path.read_bytes()
-        fallback = sources.ImageChoice(data, path.name, __import__("hashlib").sha256(data).hexdigest(), False)
+        fallback = sources.ImageChoice(data, path.name, hashlib.sha256(data).hexdigest(), False)
         st.info(f"Showing the sample image **{path.name}** instead.")
-        return _decode(fallback), fallback
+        return (*_thumbnail(fallback), fallback)
 
 
 def crop_margin(stride: int) -> int:
@@ -102,17 +110,18 @@ def crop_margin(stride: int) -> int:
     return int(stride)
 
 
-def _prepare_inputs(sides: List[Side], pil, choice, mode: str) -> None:
+def _prepare_inputs(sides: List[Side], choice, mode: str) -> None:
     for side in sides:
         if not side.ok:
             continue
         lm = side.loaded
         try:
-            side.x = compute.cached(("input", side.spec, choice.sha256, 0), lambda: lm.preprocess(pil))
+            side.x = compute.cached(("input", side.spec, choice.sha256, 0),
+                                    lambda: lm.preprocess(load_image(choice.data)))
             if mode == "crop":
                 m = crop_margin(lm.stride)
                 side.canvas = compute.cached(("input", side.spec, choice.sha256, m),
-                                             lambda: lm.preprocess(pil, margin=m))
+                                             lambda: lm.preprocess(load_image(choice.data), margin=m))
         except Exception as e:  # noqa: BLE001
             side.error = f"Cannot prepare the image for `{side.spec}`: {_message(e)}"
     ok = [s for s in sides if s.ok]
@@ -238,18 +247,18 @@ def main() -> None:
                f"anchoring changes. Models run on **{compute.device_label()}**.")
 
     sides = _load_sides({"baseline": baseline, "anchored": anchored})
-    pil, choice = _image(choice)
-    if pil is None:
+    thumb, original_size, choice = _image(choice)
+    if thumb is None:
         st.error("No image: add one to assets/images or upload one in the sidebar.")
         return
-    _prepare_inputs(sides, pil, choice, mode)
+    _prepare_inputs(sides, choice, mode)
     for side in sides:
         if side.error:
             st.error(side.error)
     ok = [s for s in sides if s.ok]
     if not ok:
         return
-    panels.preprocessing(ok, pil, choice)
+    panels.preprocessing(ok, thumb, original_size, choice)
     ref = ok[0]
     try:
         grid = _grid_picker(ref, mode, choice.sha256)

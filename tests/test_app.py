@@ -213,6 +213,11 @@ def test_upload_real_png(app):
     assert errors(at) == []
     assert any("trousers.png" in e.label for e in at.expander)
     assert len(top5_tables(at)) == 2
+    # the preprocessing box (lazy) shows the original and each model's input with its recipe
+    at.session_state["prep_box"] = True
+    at.run()
+    captions = " ".join(c for img in at.get("image") for c in img.captions)
+    assert "original · 28×28 RGB" in captions and "baseline input" in captions and "anchored input" in captions
 
 
 def test_upload_garbage_shows_error_and_app_lives(app):
