@@ -56,7 +56,7 @@ class TrainConfig:
     anchoring: str = "none"
     init: Optional[str] = None  # a zoo.load_model spec to start from (then anchorized if anchoring != none)
     dataset: str = "fashion-mnist"
-    epochs: float = 10.0
+    epochs: float = 15.0
     batch_size: int = 64
     lr: float = 2e-3
     weight_decay: float = 0.05
@@ -452,7 +452,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _command(args: argparse.Namespace, world: int) -> str:
-    """The command line that reproduces this run (every option that differs from its default)."""
+    """The command line that reproduces this run: the recipe's core options always (so that a later change
+    of a default does not change what the card says), any other option that differs from its default."""
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     words = ["train"]
@@ -460,7 +461,7 @@ def _command(args: argparse.Namespace, world: int) -> str:
         if not action.option_strings or action.dest in ("help", "no_progress", "out", "metrics", "metrics_only"):
             continue
         value = getattr(args, action.dest, action.default)
-        if value == action.default and action.dest != "name":
+        if value == action.default and action.dest not in ("name", "arch", "anchoring", "dataset", "epochs", "seed"):
             continue
         flag = action.option_strings[0]
         words += [flag] if action.nargs == 0 else [flag, str(value)]
