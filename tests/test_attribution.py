@@ -45,7 +45,7 @@ def test_integrated_gradients_satisfy_completeness(models):
 def test_anchored_models_give_maps_that_follow_the_shift(models, name, method):
     model, x = models[name], image(3)
     ref = method(model, x)
-    for s in [(1, 2), (3, 3), (5, -7), (16, 9)]:
+    for s in [(1, 2), (5, -7), (17, 9)]:  # sub-patch, negative, beyond the deepest stride
         att = method(model, x, shift=s)
         assert att.target == ref.target
         assert torch.allclose(att.aligned(), ref.map, atol=1e-5 * float(ref.map.abs().max()) + 1e-7), s
@@ -58,7 +58,7 @@ def test_token_layer_gradcam_is_in_the_input_frame_for_anchored_models(models, n
     model, x = models[name], image(4)
     ref = gradcam(model, x, layer=layer)
     assert ref.map.shape == (32, 32) and ref.layer == layer and ref.map.min() >= 0
-    for s in [(1, 6), (9, 2)]:
+    for s in [(9, 3)]:
         att = gradcam(model, x, shift=s, layer=layer)
         assert torch.allclose(att.aligned(), ref.map, atol=1e-4 * float(ref.map.max()) + 1e-7), s
 
