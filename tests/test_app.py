@@ -166,6 +166,23 @@ def test_mode_switch(app):
         assert len(top5_tables(at)) == 2
 
 
+def test_twins_pair(app):
+    """The other shipped architecture: Twins-SVT (LSA + GSA attention, anchors before every block)."""
+    at = open_app()
+    at.sidebar.selectbox(key="baseline_zoo").set_value("zoo:fmnist-twins-svt-baseline").run()
+    at.sidebar.selectbox(key="anchored_zoo").set_value("zoo:fmnist-twins-svt-anchored").run()
+    for tab in ("Attention", "Polyphase indices", "Layer × shift error"):
+        at.session_state["panel"] = tab
+        at.number_input(key="shift_dx").set_value(1).run()
+        assert not at.exception, (tab, at.exception)
+        assert errors(at) == [], (tab, errors(at))
+        assert len(charts(at)) >= 3, tab
+    # circular shifts: the anchored Twins is invariant, so its top-5 table does not move
+    before = top5_tables(at)[1]
+    at.number_input(key="shift_dy").set_value(3).run()
+    assert top5_tables(at)[1] == before
+
+
 def test_anchorize_the_baseline(app):
     at = open_app()
     at.sidebar.selectbox(key="anchored_source").set_value("Anchorize the baseline").run()
