@@ -60,9 +60,9 @@ def _range_text(res: SweepResult) -> str:
     return f"{res.meta.get('mode', '?')} shifts, {describe_shifts(res.shifts)}"
 
 
-def _title(what: str, res: SweepResult) -> str:
-    """Metric on the first line, shift mode and range underneath (both always present)."""
-    return f"{what}<br><sup>{_range_text(res)}</sup>"
+def _title(what: str, res: SweepResult, detail: str = "") -> str:
+    """Metric on the first line, shift mode and range (and any detail) underneath."""
+    return f"{what}<br><sup>{_range_text(res)}{'; ' + detail if detail else ''}</sup>"
 
 
 def _shift_text(res: SweepResult, k: int) -> str:
@@ -165,8 +165,8 @@ def orbit_heatmap(baseline: SweepResult, anchored: Optional[SweepResult] = None,
     titles = []
     for name, res in pairs:
         flips = int((res.pred != res.ref_pred).sum())
-        titles.append(f"{name}: top-1 flips at {flips}/{len(res)} shifts")
-    fig = make_subplots(rows=1, cols=len(pairs), subplot_titles=titles, horizontal_spacing=0.08)
+        titles.append(f"{name}: {flips}/{len(res)} flips")
+    fig = make_subplots(rows=1, cols=len(pairs), subplot_titles=titles, horizontal_spacing=0.14)
     for col, (name, res) in enumerate(pairs, start=1):
         c = res.ref_pred
         v = res.probs[:, c] if value == "prob" else (res.pred != c).float()
@@ -202,7 +202,8 @@ def orbit_heatmap(baseline: SweepResult, anchored: Optional[SweepResult] = None,
         fig.update_layout(coloraxis=dict(colorscale=[[0, "#f0f0f0"], [1, BASE_COLOR]], cmin=0, cmax=1,
                                          colorbar=dict(title="flip", tickvals=[0, 1])))
     # hoverdistance -1: a click anywhere in a panel picks the nearest swept shift
-    fig.update_layout(title=_title(what, baseline), height=420, margin=dict(t=90), hoverdistance=-1)
+    fig.update_layout(title=_title(what, baseline), height=420, margin=dict(t=90), hoverdistance=-1,
+                      legend=dict(orientation="h", yanchor="top", y=-0.18, x=0))
     return fig
 
 
@@ -252,12 +253,12 @@ def attention_grid(baseline: SweepResult, anchored: Optional[SweepResult] = None
     fig.update_annotations(font_size=10)
     fig.update_layout(coloraxis=dict(colorscale=SEQ, cmin=0, cmax=top, colorbar=dict(title="attention")))
     kinds = sorted(set(baseline.meta.get("attention_kind", {}).values()))
-    what = {"cls": "CLS→patch attention", "received": "mean attention received per patch",
-            "lsa": "LSA attention received (windows assembled)", "gsa": "GSA attention of the query token"}
+    what = {"cls": "CLS→patch", "received": "mean received per patch",
+            "lsa": "LSA: received, windows assembled", "gsa": "GSA: row of the query token"}
     desc = ", ".join(what.get(k, k) for k in kinds)
     frame = "aligned to the unshifted frame" if align else "as seen (shifted frame)"
-    fig.update_layout(title=_title(f"Attention maps ({desc}; {frame}) at shift {_shift_text(baseline, current)}",
-                                   baseline), height=max(300, 190 * len(rows) + 110), margin=dict(t=100))
+    fig.update_layout(title=_title(f"Attention maps at {_shift_text(baseline, current)}, {frame}", baseline,
+                                   desc), height=max(300, 190 * len(rows) + 110), margin=dict(t=100))
     return fig
 
 

@@ -56,7 +56,7 @@ def test_orbit_heatmaps_show_the_probabilities_and_flips_on_one_scale(pair):
     flips = plots.orbit_heatmap(base, anch, "flip")
     z = np.asarray([d for d in flips.data if d.type == "heatmap"][0].z, dtype=float)
     assert int(np.nansum(z)) == int((base.pred != base.ref_pred).sum())
-    assert f"{int((base.pred != base.ref_pred).sum())}/64" in flips.layout.annotations[0].text
+    assert f"{int((base.pred != base.ref_pred).sum())}/64 flips" in flips.layout.annotations[0].text
 
 
 def test_logit_curve_follows_the_path_on_a_shared_y_scale(pair):
