@@ -138,7 +138,7 @@ def summarize(res: SweepResult) -> Dict[str, Any]:
     if res.anchors and res.meta.get("mode") == "circular":
         follow = {}
         for name, idx in res.anchors.items():
-            if name.startswith("patch_embed"):  # the image anchor: (a0 + δ) mod s exactly, unless tied
+            if name in ("patch_embed.anchor", "patch_embeds.0.anchor"):  # on the image: (a0 + δ) mod s, unless tied
                 s = res.meta["anchor_stride"][name]
                 follow[name] = float(((res.ref_anchors[name] + res.shifts) % s == idx).all(1).double().mean())
         out["image_anchor_follows_shift_fraction"] = follow
@@ -184,7 +184,7 @@ def _figures(loaded: Dict[str, Any], res: Dict[str, SweepResult], x: Dict[str, t
     for role in ROLES:
         r, lm = res[role], loaded[role]
         anchor = None
-        first = [n for n in r.anchors if n.startswith("patch_embed")]
+        first = [n for n in r.anchors if n in ("patch_embed.anchor", "patch_embeds.0.anchor")]
         if first:
             anchor = tuple(r.anchors[first[0]][k].tolist())
         figs[f"input_{role}"] = plots.shifted_image(lm.denormalize(x[role][0].cpu()), (dy, dx), mode, patch=lm.stride,

@@ -164,3 +164,18 @@ def test_bad_requests_are_explained(setup, tmp_path, capsys):
     assert rc == 2 and "not found" in capsys.readouterr().err
     assert report.choose_shifts("full", 4, (5, 6)).shape == (30, 2)
     assert report.choose_shifts("2", 4, (32, 32)).shape == (25, 2)
+
+
+def test_summary_numbers_for_an_anchored_twins_sweep():
+    from equishift.shifts import grid
+    from equishift.sweep import sweep
+
+    from engine_helpers import anchored, image, twins
+
+    res = sweep(anchored(twins()), image(5), grid(range(-3, 5), range(0, 3)))
+    s = report.summarize(res)
+    # Only the image-level anchor moves with the pixel shift; deeper anchors move with token shifts.
+    assert s["image_anchor_follows_shift_fraction"] == {"patch_embeds.0.anchor": 1.0}
+    assert s["top1_flips"] == 0 and s["orbit_consistent"] and s["minimal_flipping_shift_linf"] is None
+    assert s["kl_max"] < 1e-9 and s["consistency_A_over_grid"]["n"] == 24
+    assert max(s["feature_equivariance_error_max"].values()) < 1e-4
