@@ -9,7 +9,7 @@ open tab is computed — so moving the shift re-draws one figure, not eight.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Tuple
 
 import numpy as np
 import streamlit as st
@@ -56,7 +56,7 @@ def _recipe(card) -> str:
     return f"{color}, {how}, normalise mean ({mean}) std ({std})"
 
 
-def heatmap_keys(sides) -> List[str]:
+def heatmap_keys() -> List[str]:
     """Widget keys of the clickable orbit heatmaps (a click moves the shift)."""
     return list(HEATMAPS)
 
@@ -199,30 +199,27 @@ def _path_indices(res, shift, kind: str) -> torch.Tensor:
 
 
 def _curves(v: View) -> None:
-    sides, shift, index = v.sides, v.shift, v.index
     c1, c2 = st.columns(2)
-    kind = c1.radio("path through the orbit", ("diagonal", "row", "column"), horizontal=True, key="curve_path",
-                    format_func={"diagonal": "diagonal dy = dx", "row": "row through this shift (dx varies)",
-                                 "column": "column through this shift (dy varies)"}.get)
+    kind = c1.radio("path through the orbit", ("row", "column", "diagonal"), horizontal=True, key="curve_path",
+                    format_func={"row": "row through this shift (dx varies)",
+                                 "column": "column through this shift (dy varies)",
+                                 "diagonal": "diagonal dy = dx"}.get)
     value = c2.radio("value", ("prob", "logit"), horizontal=True, key="curve_value",
                      format_func={"prob": "probability", "logit": "logit"}.get)
-    base, anch = _pair(sides)
-    # the two sweeps share one grid, so one path of indices serves both
-    path = _path_indices(base, shift, kind)
-    fig = plots.logit_curve(base, anch, path=path, current=index[sides[0].role], value=value)
-    show(fig, "logit-curves", key="fig_curves")
-    if kind == "diagonal" and not bool((base.shifts[index[sides[0].role]].diff() == 0).all()):
-        st.caption("The current shift is off the diagonal, so no marker: pick the row or column path.")
+    base, anch = _pair(v.sides)
+    path = _path_indices(base, v.shift, kind)  # the sweeps share one grid: one path serves both
+    show(plots.logit_curve(base, anch, path=path, current=v.current, value=value), "logit-curves",
+         key="fig_curves")
+    if kind == "diagonal" and v.shift[0] != v.shift[1]:
+        st.caption("The current shift is off the diagonal, so it is not marked: pick the row or column path.")
 
 
 def _heatmaps(v: View) -> None:
-    sides, index = v.sides, v.index
-    base, anch = _pair(sides)
-    cur = index[sides[0].role]
+    base, anch = _pair(v.sides)
     st.caption("Click a cell to jump to that shift. × marks the current shift.")
-    show(plots.orbit_heatmap(base, anch, "prob", current=cur), "orbit-probability", key=HEATMAPS[0],
+    show(plots.orbit_heatmap(base, anch, "prob", current=v.current), "orbit-probability", key=HEATMAPS[0],
          on_select="rerun", selection_mode="points")
-    show(plots.orbit_heatmap(base, anch, "flip", current=cur), "orbit-flip-map", key=HEATMAPS[1],
+    show(plots.orbit_heatmap(base, anch, "flip", current=v.current), "orbit-flip-map", key=HEATMAPS[1],
          on_select="rerun", selection_mode="points")
 
 
@@ -258,7 +255,7 @@ def _attention(v: View) -> None:
     if anch is not None and any(layer not in anch.attention for layer in chosen):
         st.warning("The two models have different layers; showing the baseline's layer names only.")
         anch = None
-    fig = plots.attention_grid(base, anch, current=index[sides[0].role], layers=chosen, heads=heads, align=align)
+    fig = plots.attention_grid(base, anch, current=v.current, layers=chosen, heads=heads, align=align)
     show(fig, "attention", key="fig_attention")
     rows = ["| model | layer | r at this shift | IoU@10% at this shift | mean r over the orbit | mean IoU |",
             "|---|---|---:|---:|---:|---:|"]
@@ -275,25 +272,23 @@ def _attention(v: View) -> None:
 
 
 def _polyphase(v: View) -> None:
-    sides, index = v.sides, v.index
-    anchored = [s for s in sides if s.result.anchors]
+    anchored = [s for s in v.sides if s.result.anchors]
     if not anchored:
         st.info("Neither model has polyphase anchors. Choose an anchored model (or 'Anchorize the baseline').")
         return
     for side in anchored:
-        show(plots.polyphase_panel(side.result, current=index[side.role]), f"polyphase-{side.role}",
+        show(plots.polyphase_panel(side.result, current=v.index[side.role]), f"polyphase-{side.role}",
              key=f"fig_poly_{side.role}")
 
 
 def _layer_error(v: View) -> None:
-    sides, index = v.sides, v.index
-    base, anch = _pair(sides)
+    base, anch = _pair(v.sides)
     if not base.layer_error:
         st.info("No per-layer features were recorded (only timm ViT/DeiT and Twins models expose them).")
         return
     log = st.toggle("log scale", value=True, key="err_log", help="log10 of the error, so float noise "
                                                                   "(~1e-7) and real errors are both visible")
-    show(plots.layer_error_map(base, anch, current=index[sides[0].role], log=log), "layer-shift-error",
+    show(plots.layer_error_map(base, anch, current=v.current, log=log), "layer-shift-error",
          key="fig_layer_error")
 
 

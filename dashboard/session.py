@@ -272,7 +272,7 @@ def main() -> None:
     ok = [s for s in ok if s.result is not None]
     if not ok:
         return
-    shift = _shift_controls(ref, mode, grid, panels.heatmap_keys(ok))
+    shift = _shift_controls(ref, mode, grid, panels.heatmap_keys())
     panels.render(ok, mode, grid, shift, choice.data)
     # what this rerun cost the server: wall time, and CPU time of this script thread (the same on an idle
     # core; wall time also counts waiting for a CPU shared with other work). bench/interaction.py reads them.
