@@ -67,8 +67,8 @@ def errors(at) -> List[str]:
 
 
 def top5_tables(at) -> List[str]:
-    """One per model column that rendered."""
-    return [m.value for m in at.markdown if m.value.startswith("| class |")]
+    """The top-5 table of each model column that rendered (one per column)."""
+    return [m.value for m in at.markdown if m.value.startswith(("| top-5", "| class |"))]
 
 
 def image_captions(at) -> List[str]:
