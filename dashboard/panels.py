@@ -28,18 +28,14 @@ HEATMAPS = ("orbit_prob", "orbit_flip")
 
 
 def preprocessing(sides, thumb, original_size, choice) -> None:
-    """What the image goes through before the model: the original, each model's input, and the recipe."""
-    box = st.expander(f"Image **{choice.label}** and its preprocessing", expanded=False, key="prep_box",
-                      on_change="rerun")
-    if not box.open:  # lazy: nothing is encoded and sent while it is closed
-        return
-    with box:
-        cols = st.columns(1 + len(sides))
-        cols[0].image(thumb, caption=f"original · {original_size[0]}×{original_size[1]} RGB", width=200)
-        for col, side in zip(cols[1:], sides):
+    """In the sidebar, under the image choice: the original, each model's input, and the recipe."""
+    with st.sidebar.expander(f"Image **{choice.label}** and its preprocessing", expanded=True):
+        # width="stretch": no server-side resize, so even a 5000×1 image (thumbnail 384×1) is shown as is
+        st.image(thumb, caption=f"original · {original_size[0]}×{original_size[1]} RGB", width="stretch")
+        for col, side in zip(st.columns(len(sides)), sides):
             img = side.loaded.denormalize(side.x[0]).float().cpu()
             arr = img.expand(3, -1, -1) if img.shape[0] == 1 else img
-            col.image(arr.permute(1, 2, 0).numpy(), width=200, clamp=True,
+            col.image(arr.permute(1, 2, 0).numpy(), clamp=True, width="stretch",
                       caption=f"{side.role} input · {_recipe(side.loaded.card)}")
 
 

@@ -105,6 +105,13 @@ def _image(choice: Optional[sources.ImageChoice]):
         return (*_thumbnail(fallback), fallback)
 
 
+def _guarded_call(fn, *args) -> None:
+    try:
+        fn(*args)
+    except Exception as e:  # noqa: BLE001 - a display problem must not take the page down
+        st.sidebar.error(f"Cannot show the preprocessing: {_message(e)}")
+
+
 def crop_margin(stride: int) -> int:
     """How far the crop window may move: one patch each way (4 px for the 32-px Fashion-MNIST models)."""
     return int(stride)
@@ -258,7 +265,7 @@ def main() -> None:
     ok = [s for s in sides if s.ok]
     if not ok:
         return
-    panels.preprocessing(ok, thumb, original_size, choice)
+    _guarded_call(panels.preprocessing, ok, thumb, original_size, choice)
     ref = ok[0]
     try:
         grid = _grid_picker(ref, mode, choice.sha256)

@@ -230,9 +230,7 @@ def test_upload_real_png(app):
     assert errors(at) == []
     assert any("trousers.png" in e.label for e in at.expander)
     assert len(top5_tables(at)) == 2
-    # the preprocessing box (lazy) shows the original and each model's input with its recipe
-    at.session_state["prep_box"] = True
-    at.run()
+    # the preprocessing box shows the original and each model's input with its recipe
     captions = " ".join(c for img in at.get("image") for c in img.captions)
     assert "original · 28×28 RGB" in captions and "baseline input" in captions and "anchored input" in captions
 

@@ -7,6 +7,7 @@ docs/screenshots/dashboard.png when EQUISHIFT_UPDATE_SCREENSHOTS=1.
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
 import socket
@@ -227,6 +228,31 @@ def test_heatmap_click_jumps_to_the_shift(page):
     _settled(page)
     assert _shown_shift(page) == want
     _shot(page, "dashboard-heatmap-click")
+
+
+def test_download_report(page):
+    _open_tab(page, "Export")
+    page.get_by_role("button", name="Build comparison report").click()
+    button = page.get_by_role("button", name="Download comparison report")
+    button.wait_for(timeout=600_000)  # renders every figure to PNG/SVG: slow on a busy CPU
+    _settled(page)
+    with page.expect_download() as info:
+        page.get_by_role("button", name="Download comparison report").click()
+    download = info.value
+    assert download.suggested_filename == "equishift-report.zip"
+    path = ARTIFACTS / "equishift-report.zip"
+    ARTIFACTS.mkdir(exist_ok=True)
+    download.save_as(path)
+    zf = zipfile.ZipFile(path)
+    names = set(zf.namelist())
+    for want in ("report.html", "metadata.json", "data/summary.json", "data/per_shift.csv",
+                 "data/baseline.npz", "data/anchored.npz"):
+        assert "equishift-report/" + want in names, want
+    meta = json.loads(zf.read("equishift-report/metadata.json"))
+    assert meta["num_shifts"] == 49 and meta["mode"] == "circular"  # the page's ?grid=r3
+    pngs = [n for n in names if n.endswith(".png")]
+    assert pngs, "chromium is here, so kaleido must have written PNGs"
+    assert np.asarray(Image.open(io.BytesIO(zf.read(pngs[0]))).convert("L")).std() > 1
 
 
 def test_screenshots_of_every_tab(page, server):
