@@ -366,9 +366,10 @@ def build_report(baseline, anchored, image, out: Optional[Union[str, Path]] = No
         figs = _figures(loaded, res, x, mode, size)
         problem = _export_static(figs, folder / "figures") if static else "static export not requested"
         if problem is not None:
+            why = ("" if not static else "\nThey need Chromium for kaleido (Debian: apt-get install chromium).")
             (folder / "figures" / "STATIC_EXPORT_UNAVAILABLE.txt").write_text(
-                "PNG/SVG figures were not written: " + problem + "\nThey need Chromium for kaleido "
-                "(Debian: apt-get install chromium). report.html has every figure and opens offline.\n")
+                "PNG/SVG figures were not written: " + problem + why
+                + "\nreport.html has every figure and opens offline.\n")
         meta["static_export"] = "ok" if problem is None else problem
         (folder / "report.html").write_text(_html(figs, summary, meta), encoding="utf-8")
         for role in ROLES:
