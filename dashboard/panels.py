@@ -102,15 +102,24 @@ def summary(sides, mode: str) -> None:
                             f"in percentage points; lowest at (dy, dx) = ({dy:g}, {dx:g}).")
 
 
+def _probs(side) -> Dict[str, Any]:
+    """Per-sweep numpy copies of the probabilities and predictions, cached: the rerun path then runs no
+    torch op (on a CPU shared with other work, each small multi-threaded op can wait tens of ms)."""
+    def make():
+        r = side.result
+        probs = r.probs.numpy()
+        return {"probs": probs, "pred": probs.argmax(1), "ref_probs": r.ref_probs.numpy(), "ref_pred": r.ref_pred,
+                "classes": r.classes or [str(i) for i in range(probs.shape[1])]}
+    return compute.cached(("probs", side.key), make)
+
+
 def _top5(side, index: int) -> None:
-    r = side.result
-    p = r.probs[index]
-    classes = r.classes or [str(i) for i in range(p.numel())]
-    vals, idx = p.topk(min(5, p.numel()))
+    n = _probs(side)
+    p = n["probs"][index]
     rows = ["| top-5 at this shift | p | Δ |", "|---|---:|---:|"]
-    for v, i in zip(vals.tolist(), idx.tolist()):
-        mark = " ★" if i == r.ref_pred else ""
-        rows.append(f"| {classes[i]}{mark} | {100 * v:.1f}% | {100 * (v - float(r.ref_probs[i])):+.1f} |")
+    for i in np.argsort(-p, kind="stable")[:5]:
+        mark = " ★" if i == n["ref_pred"] else ""
+        rows.append(f"| {n['classes'][i]}{mark} | {100 * p[i]:.1f}% | {100 * (p[i] - n['ref_probs'][i]):+.1f} |")
     st.markdown("\n".join(rows))
     st.caption("★ the unshifted top-1 · Δ: change from the unshifted image, in percentage points")
 
@@ -124,12 +133,11 @@ def _first_anchor(res, index: int):
 
 
 def _column(side, mode: str, shift, index: int) -> None:
-    r = side.result
-    pred = int(r.pred[index])
-    classes = r.classes or [str(i) for i in range(r.logits.shape[1])]
-    flipped = pred != r.ref_pred
-    st.markdown(f"### {side.role}\nPrediction at this shift: **{classes[pred]}** "
-                f"({100 * float(r.probs[index, pred]):.1f}%)" + (" — **flipped**" if flipped else ""))
+    r, n = side.result, _probs(side)
+    pred = int(n["pred"][index])
+    flipped = pred != n["ref_pred"]
+    st.markdown(f"### {side.role}\nPrediction at this shift: **{n['classes'][pred]}** "
+                f"({100 * float(n['probs'][index, pred]):.1f}%)" + (" — **flipped**" if flipped else ""))
     image = side.loaded.denormalize((side.canvas if mode == "crop" else side.x)[0]).cpu()
     size = tuple(side.x.shape[-2:]) if mode == "crop" else None
     fig = plots.shifted_image(image, shift, mode, patch=side.loaded.stride, anchor=_first_anchor(r, index),
