@@ -26,14 +26,55 @@ import copy
 from typing import Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .polyphase import PolyphaseAnchor
 
-__all__ = ["MODES", "anchorize", "anchoring_mode", "ConvPosEmbed", "AnchoredPatchEmbed", "AnchoredBlock"]
+__all__ = ["MODES", "anchorize", "anchoring_mode", "ConvPosEmbed", "AnchoredPatchEmbed", "AnchoredBlock",
+           "CircularConv2d"]
 
 MODES = ("full", "pos-only", "patch-only")
 SUPPORTED = "timm VisionTransformer (ViT, DeiT, distilled DeiT) and timm Twins (PCPVT, SVT)"
+
+
+def _circular_pad(x: torch.Tensor, pad: Tuple[int, int, int, int]) -> torch.Tensor:
+    """``F.pad(x, pad, mode="circular")`` for (B, C, H, W), keeping a channels-last layout.
+
+    Token grids arrive as channels-last views of (B, N, C) tokens; PyTorch's circular pad returns NCHW,
+    which costs a transposing copy and sends the following depth-wise conv down a much slower path (it
+    made the circular position convs ~10% of a tiny Twins' forward time instead of ~2%)."""
+    if x.dim() != 4 or x.shape[1] == 1 or x.is_contiguous() or not x.is_contiguous(memory_format=torch.channels_last):
+        return F.pad(x, pad, mode="circular")
+    left, right, top, bottom = pad
+    y = x.permute(0, 2, 3, 1)  # contiguous (B, H, W, C)
+    h, w = y.shape[1:3]
+    y = torch.cat((y[:, h - top:], y, y[:, :bottom]), dim=1)
+    y = torch.cat((y[:, :, w - left:], y, y[:, :, :right]), dim=2)
+    return y.permute(0, 3, 1, 2)
+
+
+class CircularConv2d(nn.Conv2d):
+    """``nn.Conv2d(..., padding_mode="circular")`` whose padding keeps channels-last inputs channels-last.
+
+    Same parameters, state_dict and results as the plain circular Conv2d; only faster on token grids."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs["padding_mode"] = "circular"
+        super().__init__(*args, **kwargs)
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d) -> "CircularConv2d":
+        """A circular copy of ``conv`` (same weights, device and dtype)."""
+        new = cls(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
+                  dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None,
+                  device=conv.weight.device, dtype=conv.weight.dtype)
+        new.load_state_dict(conv.state_dict())
+        return new
+
+    def _conv_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        x = _circular_pad(x, self._reversed_padding_repeated_twice)
+        return F.conv2d(x, weight, bias, self.stride, 0, self.dilation, self.groups)
 
 
 class ConvPosEmbed(nn.Module):
@@ -44,7 +85,7 @@ class ConvPosEmbed(nn.Module):
 
     def __init__(self, dim: int, init: str = "zeros"):
         super().__init__()
-        self.proj = nn.Conv2d(dim, dim, 3, padding=1, groups=dim, padding_mode="circular")
+        self.proj = CircularConv2d(dim, dim, 3, padding=1, groups=dim)
         if init == "zeros":
             nn.init.zeros_(self.proj.weight)
             nn.init.zeros_(self.proj.bias)
@@ -168,9 +209,9 @@ def _anchorize_twins(model: nn.Module, mode: str) -> nn.Module:
             )
     if mode in ("full", "pos-only"):
         for peg in model.pos_block:
-            for m in peg.modules():
+            for name, m in list(peg.named_modules()):
                 if isinstance(m, nn.Conv2d):
-                    m.padding_mode = "circular"
+                    peg.set_submodule(name, CircularConv2d.from_conv(m))  # same weights, circular padding
     return model
 
 

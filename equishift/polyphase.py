@@ -32,17 +32,27 @@ def _check(x: torch.Tensor, stride: int) -> None:
         )
 
 
-def polyphase_norms(x: torch.Tensor, stride: int) -> torch.Tensor:
-    """Squared l2 norm of each polyphase component, shape (B, stride, stride), computed in float32
-    (or float64 for float64 input) so that fp16/bf16 activations do not tie or overflow."""
+def _phase_sums(x: torch.Tensor, stride: int) -> torch.Tensor:
+    """(B, stride, stride) squared l2 norms of the polyphase components, as float64 (float32 on MPS)."""
     _check(x, stride)
     b, c, h, w = x.shape
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    x = x.to(acc)
-    # Per-pixel energy first (a cheap reduction over channels, innermost for token grids), then
-    # (B, H/s, s, W/s, s): component (a, b) is [:, :, a, :, b]; no loop over phases.
+    x = x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)  # fp16/bf16 would overflow or tie
+    # Per-pixel energy: each pixel is reduced over its channels in the same order wherever it sits, so a
+    # shifted map has exactly the same per-pixel energies, only permuted.
     energy = (x * x).sum(dim=1)
+    # Phase sums in float64: a shift only reorders these sums, and float64 keeps the reordering error
+    # (~1e-16) far below real differences between phases, so near-ties (e.g. right after a LayerNorm) do
+    # not flip with the shift as they do with float32 sums. (B, H/s, s, W/s, s): phase (a, b) = [:, :, a, :, b].
+    # (MPS has no float64; there the sums stay in float32.)
+    energy = energy.to(torch.float32 if energy.device.type == "mps" else torch.float64)
     return energy.reshape(b, h // stride, stride, w // stride, stride).sum(dim=(1, 3))
+
+
+def polyphase_norms(x: torch.Tensor, stride: int) -> torch.Tensor:
+    """Squared l2 norm of each polyphase component, shape (B, stride, stride), returned in float32
+    (float64 for float64 input); half-precision input is scored in float32, so it does not tie or overflow."""
+    sums = _phase_sums(x, stride)
+    return sums if x.dtype == torch.float64 else sums.float()
 
 
 def select_anchor(x: torch.Tensor, stride: int) -> torch.Tensor:
@@ -50,8 +60,7 @@ def select_anchor(x: torch.Tensor, stride: int) -> torch.Tensor:
 
     Ties resolve to the first index in row-major order (a * stride + b)."""
     with torch.no_grad():
-        scores = polyphase_norms(x, stride).flatten(1)
-        flat = scores.argmax(dim=1)
+        flat = _phase_sums(x, stride).flatten(1).argmax(dim=1)
     return torch.stack((flat // stride, flat % stride), dim=1)
 
 
