@@ -60,18 +60,20 @@ def grid_options(size: int, stride: int, mode: str, crop_margin: int) -> List[Gr
 
     Circular and fractional shifts are periodic, so the full orbit is every shift in [-size/2, size/2);
     zero-pad and reflect move content out of the frame, so the same window; crop is bounded by the margin
-    of the larger canvas. Fractional modes step by 1/4 pixel over one patch period."""
+    of the larger canvas. Fractional modes step by ½ or ¼ pixel over one patch period."""
     half = size // 2
     s = stride
     if mode == "crop":
         m = crop_margin
-        out = [GridSpec(-m, m, 1, f"±{m} px (the whole crop margin, {(2 * m + 1) ** 2} shifts)")]
-        if m >= 2 * s:
-            out.insert(0, GridSpec(-m, m, s, f"±{m} px, step {s} (coarse, {(2 * m // s + 1) ** 2} shifts)"))
+        out = [GridSpec(-m, m, 1, f"±{m} px, the whole crop margin ({(2 * m + 1) ** 2} shifts)")]
+        k = m // 4
+        if k > 1 and m % k == 0:  # big patches (e.g. 16 px): a coarse grid first
+            n = 2 * m // k + 1
+            out.insert(0, GridSpec(-m, m, k, f"±{m} px, step {k} ({n * n} shifts)"))
         return out
     if mode in ("bilinear", "fourier"):
-        return [GridSpec(-(s // 2), s - s // 2 - 0.25, 0.25, f"one patch period, ¼ px steps ({(4 * s) ** 2} shifts)"),
-                GridSpec(-(s // 2), s - s // 2 - 0.5, 0.5, f"one patch period, ½ px steps ({(2 * s) ** 2} shifts)")]
+        return [GridSpec(-(s // 2), s - s // 2 - 0.5, 0.5, f"one patch period, ½ px steps ({(2 * s) ** 2} shifts)"),
+                GridSpec(-(s // 2), s - s // 2 - 0.25, 0.25, f"one patch period, ¼ px steps ({(4 * s) ** 2} shifts)")]
     out = [GridSpec(-(s // 2), s - s // 2 - 1, 1, f"one patch period ({s}×{s} = {s * s} shifts)")]
     for step in (s, s // 2, 2):
         if 1 < step < s or step == s and size // step > 1:

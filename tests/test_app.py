@@ -66,6 +66,29 @@ def app():
     return at
 
 
+@pytest.mark.parametrize("size,stride,mode", [(32, 4, "circular"), (224, 16, "circular"), (32, 4, "crop"),
+                                               (224, 16, "crop"), (32, 4, "bilinear"), (32, 4, "zero")])
+def test_grid_options(size, stride, mode):
+    """Every grid the sidebar offers holds (0, 0), says its size in its label, grows (coarse first), and
+    stays within what the mode allows (crop: the canvas margin; periodic modes: one orbit)."""
+    from dashboard.state import GridSpec, clamp_to_grid, grid_from_param, grid_options
+
+    opts = grid_options(size, stride, mode, crop_margin=stride)
+    assert opts and len({g.key for g in opts}) == len(opts)
+    for g in opts:
+        shifts = g.shifts()
+        assert len(shifts) == len(g) and f"{len(g)} shifts" in g.label
+        assert ((shifts == 0).all(1)).any(), g.label
+        assert shifts.abs().max() <= (stride if mode == "crop" else size // 2)
+    assert len(opts[0]) <= len(opts[-1])
+    assert grid_from_param("period", opts, mode) is opts[0] and grid_from_param("full", opts, mode) is opts[-1]
+    r3 = grid_from_param("r3", opts, mode)
+    assert isinstance(r3, GridSpec) and r3.shifts().abs().max() == 3
+    assert grid_from_param("nonsense", opts, mode) is None
+    g = opts[-1]
+    assert clamp_to_grid((10 ** 6, -10 ** 6), g) == (g.values()[-1], g.values()[0])
+
+
 def test_default_page_renders(app):
     from dashboard.sources import DEFAULT_ANCHORED, DEFAULT_BASELINE
 
