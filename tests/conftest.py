@@ -92,15 +92,17 @@ def make_vit():
 
 @pytest.fixture(scope="session")
 def make_twins():
-    """``make_twins(kind="svt" | "pcpvt" | "svt-odd", seed=0, img=32)``: a tiny random timm Twins, eval mode."""
+    """``make_twins(kind="svt" | "pcpvt" | "svt-odd", seed=0, img=32, randomized=True)``: a tiny random timm
+    Twins, eval mode; ``randomized=False`` keeps timm's own init (LayerNorm γ = 1, β = 0, small head)."""
 
-    def build(kind: str = "svt", seed: int = 0, img: int = 32, **kw) -> nn.Module:
+    def build(kind: str = "svt", seed: int = 0, img: int = 32, randomized: bool = True, **kw) -> nn.Module:
         from timm.models.twins import Twins
 
         torch.manual_seed(seed)
         cfg = dict(img_size=img, patch_size=4, num_classes=10, **TWINS_CONFIGS[kind])
         cfg.update(kw)
-        return _randomize(Twins(**cfg), seed).eval()
+        model = Twins(**cfg).eval()
+        return _randomize(model, seed) if randomized else model
 
     return build
 
