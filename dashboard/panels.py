@@ -36,7 +36,10 @@ def preprocessing(sides, thumb, original_size, choice) -> None:
             img = side.loaded.denormalize(side.x[0]).float().cpu()
             arr = img.expand(3, -1, -1) if img.shape[0] == 1 else img
             col.image(arr.permute(1, 2, 0).numpy(), clamp=True, width="stretch",
-                      caption=f"{side.role} input · {_recipe(side.loaded.card)}")
+                      caption=f"{side.role} input · {'×'.join(str(v) for v in side.x.shape[1:])}")
+        recipes = list(dict.fromkeys(_recipe(side.loaded.card) for side in sides))
+        for side, recipe in zip(sides, recipes):
+            st.caption(("both: " if len(recipes) == 1 and len(sides) > 1 else f"{side.role}: ") + recipe)
 
 
 def _recipe(card) -> str:
