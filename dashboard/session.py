@@ -26,7 +26,7 @@ from dashboard.shift_pad import shift_pad
 __all__ = ["Side", "main"]
 
 # Estimated sweep time above which the page opens on a coarser grid (the user can still pick any).
-COARSE_AFTER_S = 20.0
+COARSE_AFTER_S = 10.0
 SIDES = ("baseline", "anchored")
 
 
