@@ -6,7 +6,8 @@
   kept in a small process-wide LRU (``SweepStore``, itself a cache_resource). Not ``st.cache_data``: that
   would unpickle tens of MB of attention maps on every rerun, and a progress bar cannot be driven from
   inside a cached function (Streamlit replays elements of cached functions).
-- Attributions at one shift: small, cached per (spec, image, mode, shift, method) in the same store.
+- Derived results (model inputs, thumbnails, summaries, attention scores, attributions at one shift):
+  small, cached per key in a second LRU, so browsing many shifts never evicts a sweep.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import torch
 from equishift.device import default_device
 from equishift.zoo import LoadedModel, load_model
 
-__all__ = ["get_model", "store", "Store", "device_label", "forward_seconds"]
+__all__ = ["get_model", "store", "derived_store", "cached", "Store", "device_label", "forward_seconds"]
 
 
 @st.cache_resource(max_entries=6, show_spinner=False)
@@ -75,8 +76,15 @@ class Store:
 
 @st.cache_resource(show_spinner=False)
 def store() -> Store:
-    """The process-wide result store (one per server, shared by sessions)."""
-    return Store()
+    """The process-wide store of sweeps (one per server, shared by sessions): the big, slow results."""
+    return Store(max_entries=12)
+
+
+@st.cache_resource(show_spinner=False)
+def derived_store() -> Store:
+    """Small results derived from sweeps and images (inputs, thumbnails, summaries, attribution maps at
+    one shift, timing probes), kept apart so that many of them never push a sweep out."""
+    return Store(max_entries=512)
 
 
 def device_label() -> str:
@@ -100,9 +108,9 @@ def forward_seconds(loaded: LoadedModel, x: torch.Tensor, batch: int = 32) -> fl
                 torch.cuda.synchronize()
         return (time.perf_counter() - t0) / batch
 
-    return store().get_or_compute(("forward_seconds", loaded.spec, tuple(x.shape)), measure)
+    return derived_store().get_or_compute(("forward_seconds", loaded.spec, tuple(x.shape)), measure)
 
 
 def cached(key: Tuple, compute: Callable[[], Any]) -> Any:
-    """Shorthand for ``store().get_or_compute``."""
-    return store().get_or_compute(key, compute)
+    """A small derived result, computed once per key (``derived_store().get_or_compute``)."""
+    return derived_store().get_or_compute(key, compute)

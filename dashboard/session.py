@@ -187,7 +187,7 @@ def _run_sweeps(sides: List[Side], choice, mode: str, grid: state.GridSpec) -> N
                 run = lambda: sweep(lm, canvas, shifts, mode, progress=progress, size=tuple(x.shape[-2:]))  # noqa: E731
             else:
                 run = lambda: sweep(lm, x, shifts, mode, progress=progress)  # noqa: E731
-            side.result = compute.cached(key, run)
+            side.result = compute.store().get_or_compute(key, run)
         except Exception as e:  # noqa: BLE001
             side.error = f"The sweep of `{side.spec}` failed: {_message(e)}"
         finally:
