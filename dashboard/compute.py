@@ -3,7 +3,7 @@
 - Models: ``st.cache_resource`` keyed on the spec string and shared by every session. They are only ever
   run (the sweep works on its own structural copy), never mutated.
 - Sweeps: one per (model spec, image sha256, shift mode, grid), computed once with a progress bar and
-  kept in a small process-wide LRU (``SweepStore``, itself a cache_resource). Not ``st.cache_data``: that
+  kept in a small process-wide LRU (``store()``, itself a cache_resource). Not ``st.cache_data``: that
   would unpickle tens of MB of attention maps on every rerun, and a progress bar cannot be driven from
   inside a cached function (Streamlit replays elements of cached functions).
 - Derived results (model inputs, thumbnails, summaries, attention scores, attributions at one shift):
