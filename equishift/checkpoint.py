@@ -7,7 +7,7 @@ A weights file is data from a stranger: nothing in it may run. ``load_weights``
   anything else (an image, text, an empty file) is "not a checkpoint";
 - for PyTorch files, lists every pickle GLOBAL statically (``pickletools``, nothing is executed) and
   refuses the file if one is outside torch's ``weights_only`` allowlist, then loads it with
-  ``torch.load(weights_only=True)`` — never ``weights_only=False`` — whose own refusal is reported the same
+  ``torch.load(weights_only=True)`` (the unrestricted unpickler is never used), whose own refusal is reported the same
   way; TorchScript archives are refused (loading them runs TorchScript code);
 - unwraps ``{"state_dict": ...}``, ``{"model": ...}`` (and a few other common keys) and strips the
   ``module.`` (DDP) or ``_orig_mod.`` (torch.compile) prefix when every key carries it;
