@@ -70,4 +70,6 @@ def shutdown() -> None:
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
+        # A rank that tears gloo down while another still talks to it aborts in C++; leave together.
+        dist.barrier()
         dist.destroy_process_group()

@@ -352,6 +352,10 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
     if world > 1:
         import torch.distributed as dist
 
+        # Rank 0 is still scoring the test set; a rank that tore gloo down meanwhile aborted in C++
+        # ("terminate called without an active exception"). Drop the DDP reducer first, then leave together.
+        del net
+        dist.barrier()
         dist.destroy_process_group()
     model.eval().to("cpu")
     return dict(model=model, timm_class=timm_class, arch_config=kwargs, data=info, seconds=round(seconds, 1),
