@@ -11,10 +11,12 @@
 """
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections import OrderedDict
-from typing import Any, Callable, Hashable, Optional, Tuple
+from contextlib import contextmanager
+from typing import Any, Callable, Dict, Hashable, Optional, Tuple
 
 import streamlit as st
 import torch
@@ -22,7 +24,8 @@ import torch
 from equishift.device import default_device
 from equishift.zoo import LoadedModel, load_model
 
-__all__ = ["get_model", "store", "derived_store", "cached", "Store", "device_label", "forward_seconds"]
+__all__ = ["get_model", "store", "derived_store", "cached", "Store", "nbytes", "sweep_slots", "sweep_slot",
+           "device_label", "forward_seconds"]
 
 
 @st.cache_resource(max_entries=6, show_spinner=False)
@@ -31,60 +34,143 @@ def get_model(spec: str) -> LoadedModel:
     return load_model(spec)
 
 
+def nbytes(value: Any) -> int:
+    """Approximate bytes a cached value holds: its ``nbytes`` (SweepResult, numpy), tensors, PIL images,
+    and containers of them. Anything else counts as small (1 KiB)."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    n = getattr(value, "nbytes", None)
+    if isinstance(n, int):
+        return n
+    if isinstance(value, dict):
+        return sum(nbytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(nbytes(v) for v in value)
+    size, bands = getattr(value, "size", None), getattr(value, "getbands", None)
+    if isinstance(size, tuple) and len(size) == 2 and callable(bands):  # a PIL image
+        return size[0] * size[1] * len(bands())
+    return 1024
+
+
 class Store:
     """A thread-safe LRU of computed results shared by all sessions; values are treated as read-only.
 
-    ``get_or_compute`` holds a per-key lock while computing, so two sessions asking for the same sweep at
-    once compute it once; different keys compute in parallel."""
+    Bounded twice: at most ``max_entries`` values and ``max_bytes`` in total (by ``nbytes``); the least
+    recently used go first, but the newest value always stays (a sweep larger than the budget is still
+    drawn, and only evicted by the next one). ``get_or_compute`` holds a per-key lock while computing, so
+    two sessions asking for the same sweep at once compute it once; different keys compute in parallel.
+    A failed computation stores nothing and leaves no lock behind (the next request tries again)."""
 
-    def __init__(self, max_entries: int = 24):
+    def __init__(self, max_entries: int = 24, max_bytes: Optional[int] = None):
         self.max_entries = max_entries
-        self._data: "OrderedDict[Hashable, Any]" = OrderedDict()
+        self.max_bytes = max_bytes
+        self._data: "OrderedDict[Hashable, Tuple[Any, int]]" = OrderedDict()
+        self._bytes = 0
         self._lock = threading.Lock()
-        self._key_locks: dict = {}
+        self._pending: Dict[Hashable, list] = {}  # key -> [lock, number of callers using it]
 
     def get(self, key: Hashable) -> Optional[Any]:
         with self._lock:
             if key in self._data:
                 self._data.move_to_end(key)
-                return self._data[key]
+                return self._data[key][0]
         return None
 
     def __contains__(self, key: Hashable) -> bool:
         with self._lock:
             return key in self._data
 
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._data)
+
+    @property
+    def bytes(self) -> int:
+        """Bytes currently held (sum of ``nbytes`` of the stored values)."""
+        with self._lock:
+            return self._bytes
+
+    @property
+    def pending(self) -> int:
+        """Keys being computed (or waited for) right now."""
+        with self._lock:
+            return len(self._pending)
+
+    def _put(self, key: Hashable, value: Any) -> None:
+        size = nbytes(value)
+        with self._lock:
+            if key in self._data:
+                self._bytes -= self._data.pop(key)[1]
+            self._data[key] = (value, size)
+            self._bytes += size
+            while len(self._data) > 1 and (len(self._data) > self.max_entries or
+                                           (self.max_bytes is not None and self._bytes > self.max_bytes)):
+                _, (_, old_size) = self._data.popitem(last=False)
+                self._bytes -= old_size
+
     def get_or_compute(self, key: Hashable, compute: Callable[[], Any]) -> Any:
         hit = self.get(key)
         if hit is not None:
             return hit
         with self._lock:
-            key_lock = self._key_locks.setdefault(key, threading.Lock())
-        with key_lock:
-            hit = self.get(key)
-            if hit is not None:
-                return hit
-            value = compute()
+            entry = self._pending.setdefault(key, [threading.Lock(), 0])
+            entry[1] += 1
+        try:
+            with entry[0]:
+                hit = self.get(key)
+                if hit is not None:
+                    return hit
+                value = compute()
+                self._put(key, value)
+                return value
+        finally:
             with self._lock:
-                self._data[key] = value
-                self._data.move_to_end(key)
-                while len(self._data) > self.max_entries:
-                    old, _ = self._data.popitem(last=False)
-                    self._key_locks.pop(old, None)
-            return value
+                entry[1] -= 1
+                if entry[1] == 0:
+                    self._pending.pop(key, None)
+
+
+def _env_int(name: str, default: int) -> int:
+    try:
+        return max(1, int(os.environ.get(name, default)))
+    except ValueError:
+        return default
 
 
 @st.cache_resource(show_spinner=False)
 def store() -> Store:
-    """The process-wide store of sweeps (one per server, shared by sessions): the big, slow results."""
-    return Store(max_entries=12)
+    """The process-wide store of sweeps (one per server, shared by sessions): the big, slow results.
+    At most 12 sweeps and $EQUISHIFT_CACHE_MB (default 1024) MB."""
+    return Store(max_entries=12, max_bytes=_env_int("EQUISHIFT_CACHE_MB", 1024) * 2 ** 20)
 
 
 @st.cache_resource(show_spinner=False)
 def derived_store() -> Store:
     """Small results derived from sweeps and images (inputs, thumbnails, summaries, attribution maps at
-    one shift, timing probes), kept apart so that many of them never push a sweep out."""
-    return Store(max_entries=512)
+    one shift, timing probes), kept apart so that many of them never push a sweep out. At most 512 of
+    them and 256 MB."""
+    return Store(max_entries=512, max_bytes=256 * 2 ** 20)
+
+
+@st.cache_resource(show_spinner=False)
+def sweep_slots() -> threading.BoundedSemaphore:
+    """How many sweeps may run at once across all sessions ($EQUISHIFT_MAX_SWEEPS, default 2): each sweep
+    already uses every core (or the whole GPU), so more at once only multiplies peak memory."""
+    return threading.BoundedSemaphore(_env_int("EQUISHIFT_MAX_SWEEPS", 2))
+
+
+@contextmanager
+def sweep_slot(on_wait: Optional[Callable[[], None]] = None, slots: Optional[threading.BoundedSemaphore] = None):
+    """Hold one of the sweep slots while the block runs; ``on_wait`` is called once if none is free."""
+    slots = slots if slots is not None else sweep_slots()
+    if not slots.acquire(blocking=False):
+        if on_wait is not None:
+            on_wait()
+        slots.acquire()
+    try:
+        yield
+    finally:
+        slots.release()
 
 
 def device_label() -> str:

@@ -18,7 +18,7 @@ import torch
 from equishift.errors import EquishiftError
 from equishift.images import load_image
 from equishift.shifts import shift_batch
-from equishift.sweep import SweepResult, sweep
+from equishift.sweep import MAX_SHIFTS, SweepResult, sweep
 
 from dashboard import compute, sources, state
 from dashboard.shift_pad import shift_pad
@@ -143,7 +143,12 @@ def _grid_picker(ref: Side, mode: str, sha256: str) -> state.GridSpec:
     _, h, w = ref.x.shape[1:]
     stride = ref.loaded.stride
     options = state.grid_options(min(h, w), stride, mode, crop_margin(stride))
-    asked = state.grid_from_param(st.query_params.get("grid"), options, mode)
+    options = [g for g in options if len(g) <= MAX_SHIFTS] or options[:1]  # big inputs: no full orbit
+    try:
+        asked = state.grid_from_param(st.query_params.get("grid"), options, mode)
+    except EquishiftError as e:
+        st.error(f"Ignoring the link's grid: {e}")
+        asked = None
     if asked is not None and asked not in options:
         options.insert(0, asked)
     sec = compute.forward_seconds(ref.loaded, ref.x)
@@ -182,11 +187,18 @@ def _run_sweeps(sides: List[Side], choice, mode: str, grid: state.GridSpec) -> N
         else:
             bar, progress = None, None
         lm, x, canvas = side.loaded, side.x, side.canvas
+
+        def run(lm=lm, x=x, canvas=canvas, bar=bar, progress=progress, role=side.role):
+            def waiting():
+                if bar is not None:
+                    bar.progress(0.0, text=f"{role}: waiting for other sessions' sweeps to finish …")
+            # a few sweeps at a time across all sessions: each already uses every core
+            with compute.sweep_slot(on_wait=waiting):
+                if mode == "crop":
+                    return sweep(lm, canvas, shifts, mode, progress=progress, size=tuple(x.shape[-2:]))
+                return sweep(lm, x, shifts, mode, progress=progress)
+
         try:
-            if mode == "crop":
-                run = lambda: sweep(lm, canvas, shifts, mode, progress=progress, size=tuple(x.shape[-2:]))  # noqa: E731
-            else:
-                run = lambda: sweep(lm, x, shifts, mode, progress=progress)  # noqa: E731
             side.result = compute.store().get_or_compute(key, run)
         except Exception as e:  # noqa: BLE001
             side.error = f"The sweep of `{side.spec}` failed: {_message(e)}"
@@ -262,6 +274,9 @@ def main() -> None:
     for side in sides:
         if side.error:
             st.error(side.error)
+        elif side.ok:  # what the loader noticed but did not refuse (e.g. NaN/Inf weights)
+            for warning in side.loaded.card.get("warnings") or []:
+                st.warning(f"The {side.role} model `{side.spec}`: {warning}")
     ok = [s for s in sides if s.ok]
     if not ok:
         return

@@ -8,13 +8,16 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Tuple
 
 import streamlit as st
 
+from equishift.errors import EquishiftError
 from equishift.zoo import list_models
 
 __all__ = ["DEFAULT_BASELINE", "DEFAULT_ANCHORED", "SHIFT_MODES", "UPLOAD_TYPES", "ImageChoice",
@@ -71,16 +74,47 @@ def _timm_spec(name: str, options: str, pretrained: bool = False, path: Optional
 
 def _saved_upload(data: bytes, name: str) -> str:
     """Write an uploaded weights file as <sha256>/<its own name>: the same bytes give the same spec (a
-    cache hit), and error messages name the file the user uploaded."""
+    cache hit), and error messages name the file the user uploaded.
+
+    Each writer uses its own temporary file and an atomic rename, so two sessions uploading the same
+    file at once never read (or rename) each other's half-written copy. Folders not used for a day are
+    pruned (weights that are still loaded live in memory, not in the file)."""
     safe = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(name).name).lstrip(".") or "weights.safetensors"
     folder = _UPLOAD_DIR / hashlib.sha256(data).hexdigest()[:32]
     path = folder / safe
-    if not path.exists():
+    try:
+        if path.exists():
+            os.utime(folder)  # in use: keep it through the next prune
+            return str(path)
         folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / (safe + ".part")
-        tmp.write_bytes(data)
-        tmp.replace(path)  # atomic: a concurrent session never reads a half-written file
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".part-")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    except OSError as e:
+        raise EquishiftError(f"cannot store the uploaded file {name!r} in {_UPLOAD_DIR}: {e.strerror or e}") from e
+    _prune_uploads(keep=folder)
     return str(path)
+
+
+def _prune_uploads(keep: Path, max_age_s: float = 24 * 3600) -> None:
+    """Remove upload folders untouched for ``max_age_s`` (best effort: a race with another session
+    removing the same folder, or a file in use, is not an error)."""
+    now = time.time()
+    try:
+        folders = list(_UPLOAD_DIR.iterdir())
+    except OSError:
+        return
+    for d in folders:
+        try:
+            if d != keep and d.is_dir() and now - d.stat().st_mtime > max_age_s:
+                shutil.rmtree(d, ignore_errors=True)
+        except OSError:
+            continue
 
 
 def _source_spec(side: str, source: str, default_zoo: str) -> Optional[str]:
@@ -108,7 +142,13 @@ def _source_spec(side: str, source: str, default_zoo: str) -> Optional[str]:
         path = st.sidebar.text_input("weights file (.safetensors or weights-only .pth)", key=f"{side}_path")
         return _timm_spec(name, options, path=path.strip()) if path.strip() else None
     up = st.sidebar.file_uploader("weights (.safetensors)", type=["safetensors"], key=f"{side}_upload")
-    return _timm_spec(name, options, path=_saved_upload(up.getvalue(), up.name)) if up is not None else None
+    if up is None:
+        return None
+    try:
+        return _timm_spec(name, options, path=_saved_upload(up.getvalue(), up.name))
+    except EquishiftError as e:
+        st.sidebar.error(str(e))
+        return None
 
 
 def model_picker() -> Tuple[Optional[str], Optional[str]]:
@@ -154,8 +194,9 @@ def image_picker() -> Optional[ImageChoice]:
     source = st.sidebar.radio("image source", ("Sample", "Upload"), horizontal=True, key="image_source",
                               label_visibility="collapsed")
     if source == "Upload":
-        up = st.sidebar.file_uploader("image (PNG, JPEG, WebP, BMP, TIFF, GIF first frame)", type=UPLOAD_TYPES,
-                                      key="image_upload")
+        # No type= filter: Streamlit would refuse other extensions with a bare "file type not allowed";
+        # equishift.images decides from the bytes and names the problem (e.g. SVG, HEIC, a text file).
+        up = st.sidebar.file_uploader("image (PNG, JPEG, WebP, BMP, TIFF, GIF first frame)", key="image_upload")
         if up is not None:
             data = up.getvalue()
             return ImageChoice(data, up.name, hashlib.sha256(data).hexdigest(), uploaded=True)

@@ -14,6 +14,9 @@ import numpy as np
 import streamlit as st
 import torch
 
+from equishift.errors import LimitError
+from equishift.sweep import MAX_SHIFTS
+
 __all__ = ["GridSpec", "grid_options", "grid_from_param", "current_shift", "set_shift", "clamp_to_grid",
            "on_pad_change", "on_inputs_change", "reset_shift", "consume_selection", "PAD_KEY"]
 
@@ -100,12 +103,20 @@ def grid_from_param(value: Optional[str], options: Sequence[GridSpec], mode: str
         return options[0]
     if value == "full":
         return options[-1]
-    if value.startswith("r") and value[1:].isdigit():
+    if value.startswith("r") and value[1:].isdigit() and len(value) <= 12:
         r = int(value[1:])
         step = 0.5 if mode in ("bilinear", "fourier") else 1
         n = int(2 * r / step) + 1
+        if n * n > MAX_SHIFTS:  # refuse before anything of that size is allocated
+            raise LimitError(f"?grid={value} asks for {n * n} shifts; the sweep limit is {MAX_SHIFTS} "
+                             f"(r{_max_radius(step)} at most in this mode)")
         return GridSpec(-r, r, step, f"±{r} px ({n * n} shifts, from the link)")
     return None
+
+
+def _max_radius(step: float) -> int:
+    n = int(MAX_SHIFTS ** 0.5)  # grid points per side
+    return int((n - 1) * step // 2)
 
 
 def clamp_to_grid(shift: Sequence[float], grid: GridSpec) -> Tuple[float, float]:

@@ -74,6 +74,16 @@ _CPU_CHUNK_MIN, _CPU_CHUNK_MAX = 16, 128
 
 
 # --- result ------------------------------------------------------------------------------------------
+def _tensor_bytes(obj) -> int:
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
+
+
 @dataclass
 class SweepResult:
     """Everything one sweep recorded. Shapes use K = number of shifts; see the module doc."""
@@ -123,6 +133,12 @@ class SweepResult:
 
     def __len__(self) -> int:
         return int(self.shifts.shape[0])
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by this result's tensors (what a cache of sweeps should count)."""
+        return _tensor_bytes([self.shifts, self.logits, self.ref_logits, self.anchors, self.attention,
+                              self.layer_error, self.offset, self.ref_anchors, self.ref_attention])
 
     def index_of(self, dy: float, dx: float) -> int:
         """Row of shift (dy, dx) in this sweep; EquishiftError if it was not swept."""

@@ -66,6 +66,11 @@ def errors(at) -> List[str]:
     return [e.value for e in at.error]
 
 
+def model_warnings(at) -> List[str]:
+    """st.warning texts about a loaded model (card["warnings"], e.g. NaN/Inf weights)."""
+    return [w.value for w in at.warning if w.value.startswith(("The baseline model", "The anchored model"))]
+
+
 def top5_tables(at) -> List[str]:
     """The top-5 table of each model column that rendered (one per column)."""
     return [m.value for m in at.markdown if m.value.startswith(("| top-5", "| class |"))]

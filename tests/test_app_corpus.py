@@ -27,7 +27,7 @@ import torch
 pytest.importorskip("streamlit")
 sys.path.insert(0, str(Path(__file__).parent))
 
-from app_harness import ROOT, errors, image_captions, open_page, tiny_zoo, top5_tables  # noqa: E402
+from app_harness import ROOT, errors, image_captions, model_warnings, open_page, tiny_zoo, top5_tables  # noqa: E402
 from corpus import checkpoint_cases, image_cases  # noqa: E402
 
 # The sidebar's timm name and constructor options for the corpus' tiny_vit().
@@ -55,13 +55,9 @@ def _ckpt_kinds():
 
 
 def _upload_name(filename: str) -> str:
-    """The name to upload under: Streamlit refuses extensions outside the uploader's ``type=`` list
-    before the app runs (a browser never sends them), so SVG, HEIC, PDF... arrive renamed to .png, as a
-    user would rename them; the decoder is picked from the bytes, never from the name."""
-    from dashboard.sources import UPLOAD_TYPES
-
-    ext = filename.rsplit(".", 1)[-1].lower()
-    return filename if ext in UPLOAD_TYPES else f"{filename.rsplit('.', 1)[0]}.png"
+    """The name to upload under: the file's own. The uploader has no ``type=`` filter, so SVG, HEIC, PDF
+    or a text file reach equishift.images, which decides from the bytes and names the problem."""
+    return filename
 
 
 # --- fixtures ----------------------------------------------------------------------------------------
@@ -147,6 +143,11 @@ def _expect_checkpoint(at, case, shown_name: str) -> None:
     # (wrong_shapes_head loads too: the zoo reads num_classes = 7 from the file's classifier.)
     assert msgs == [], (case.kind, msgs)
     assert len(top5_tables(at)) == 2, case.kind
+    shown = model_warnings(at)
+    if case.warning:  # loaded but suspicious (NaN/Inf): the page says so, naming the tensor
+        assert len(shown) == 1 and "anchored model" in shown[0] and case.warning in shown[0], (case.kind, shown)
+    else:
+        assert shown == [], (case.kind, shown)
     from dashboard.compute import get_model
 
     state = get_model(_anchored_spec(at)).model.state_dict()
@@ -255,7 +256,7 @@ def behaviour_table() -> str:
                 if caught:
                     assert c.warning and c.warning in str(caught[0].message), c.kind
                     lib += f"; warns “{c.warning}”"
-                    app = "loads; warning only in the server log so far (`card['warnings']` has it)"
+                    app = "loads; st.warning naming the tensors"
                 if c.apply_error:
                     try:
                         apply_weights(tiny_vit(), state)

@@ -218,3 +218,127 @@ def test_a_long_session_does_not_accumulate_state():
         assert not at.exception and errors(at) == []
         assert session_sizes(at) == before
         assert at.session_state["shift"] == tuple(steps[-1])
+
+
+# --- the shared stores, the sweep gate and uploaded weights -----------------------------------------
+def test_store_keeps_its_byte_budget_and_always_the_newest_value():
+    """LRU by bytes as well as by count: 1 KiB tensors in a 3 KiB store keep the 3 most recently used;
+    a value larger than the whole budget is still kept (it is the one being drawn) until the next."""
+    from dashboard.compute import Store
+
+    store = Store(max_entries=100, max_bytes=3 * 1024)
+    for k in range(5):
+        store.get_or_compute(k, lambda: torch.zeros(256))  # 256 float32 = 1 KiB
+        if k == 2:
+            store.get(0)  # touch 0: now 1, then 2, are the least recently used
+    assert [k for k in range(5) if k in store] == [0, 3, 4] and store.bytes == 3 * 1024
+    big = store.get_or_compute("big", lambda: torch.zeros(4096))
+    assert "big" in store and len(store) == 1 and store.bytes == big.numel() * 4
+    store.get_or_compute("small", lambda: torch.zeros(256))
+    assert "big" not in store and "small" in store and store.bytes == 1024
+
+
+def test_store_counts_sweep_results_by_their_tensors():
+    from dashboard.compute import nbytes
+
+    res = sweep(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 4)), torch.randn(3, 8, 8),
+                SHIFTS, record=("logits",))
+    assert res.nbytes == SHIFTS.numel() * 8 + 16 * 4 * 4 + 4 * 4  # shifts (long), logits, ref logits
+    assert nbytes(res) == res.nbytes and nbytes({"a": [res, torch.zeros(3)]}) == res.nbytes + 12
+
+
+def test_a_failed_computation_is_not_stored_and_leaves_no_lock_behind():
+    """A sweep that raises (e.g. out of memory) is retried by the next request, and the store holds no
+    per-key lock for it afterwards (the old store kept one per failed key for ever)."""
+    from dashboard.compute import Store
+
+    store, calls = Store(), []
+
+    def boom():
+        calls.append(1)
+        raise RuntimeError("out of memory")
+
+    for _ in range(3):
+        with pytest.raises(RuntimeError):
+            store.get_or_compute("k", boom)
+    assert len(calls) == 3 and "k" not in store and store.pending == 0
+    assert store.get_or_compute("k", lambda: 7) == 7 and store.pending == 0
+
+
+def test_sweep_slots_bound_concurrent_sweeps_across_sessions():
+    """8 sessions starting different sweeps at once: at most 2 run at a time; the others are told they
+    wait (on_wait, which the page shows in its progress bar) and then run."""
+    from dashboard.compute import sweep_slot
+
+    slots = threading.BoundedSemaphore(2)
+    lock, running, peak, waited = threading.Lock(), [0], [0], []
+    start = threading.Barrier(THREADS)
+
+    def session(i):
+        start.wait()
+        with sweep_slot(on_wait=lambda: waited.append(i), slots=slots):
+            with lock:
+                running[0] += 1
+                peak[0] = max(peak[0], running[0])
+            threading.Event().wait(0.05)
+            with lock:
+                running[0] -= 1
+
+    threads = [threading.Thread(target=session, args=(i,)) for i in range(THREADS)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert peak[0] == 2 and len(waited) >= THREADS - 2 and running[0] == 0
+    assert slots.acquire(blocking=False) and slots.acquire(blocking=False)  # every slot was given back
+
+
+def test_concurrent_identical_weight_uploads_never_see_a_partial_file(tmp_path, monkeypatch):
+    """8 sessions upload the same 4 MB weights file at once: each gets the same path holding exactly
+    those bytes, and no temporary file is left behind (they used to share one '.part' name)."""
+    pytest.importorskip("streamlit")
+    from dashboard import sources
+
+    monkeypatch.setattr(sources, "_UPLOAD_DIR", tmp_path / "uploads")
+    data = torch.randint(0, 256, (4 * 2 ** 20,), dtype=torch.uint8).numpy().tobytes()
+    start = threading.Barrier(THREADS)
+    paths, failures = [None] * THREADS, []
+
+    def session(i):
+        try:
+            start.wait()
+            paths[i] = sources._saved_upload(data, "my model.safetensors")
+            assert Path(paths[i]).read_bytes() == data
+        except BaseException as e:
+            failures.append((i, e))
+
+    threads = [threading.Thread(target=session, args=(i,)) for i in range(THREADS)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not failures, failures
+    assert len(set(paths)) == 1 and Path(paths[0]).name == "my_model.safetensors"
+    assert sorted(p.name for p in Path(paths[0]).parent.iterdir()) == ["my_model.safetensors"]
+
+
+def test_old_uploads_are_pruned_and_a_failed_write_is_a_clear_error(tmp_path, monkeypatch):
+    pytest.importorskip("streamlit")
+    import os
+
+    from dashboard import sources
+    from equishift.errors import EquishiftError
+
+    up = tmp_path / "uploads"
+    monkeypatch.setattr(sources, "_UPLOAD_DIR", up)
+    old = Path(sources._saved_upload(b"old weights", "a.safetensors")).parent
+    recent = Path(sources._saved_upload(b"recent weights", "b.safetensors")).parent
+    day = 24 * 3600
+    os.utime(old, (old.stat().st_atime - 2 * day, old.stat().st_mtime - 2 * day))
+    sources._saved_upload(b"new weights", "c.safetensors")
+    assert not old.exists() and recent.exists() and len(list(up.iterdir())) == 2
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("x")
+    monkeypatch.setattr(sources, "_UPLOAD_DIR", blocker)
+    with pytest.raises(EquishiftError, match="cannot store the uploaded file 'd.safetensors'"):
+        sources._saved_upload(b"more", "d.safetensors")
