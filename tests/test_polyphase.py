@@ -246,3 +246,69 @@ def test_record_anchors_names_batches_and_scope():
     with record_anchors(model) as rec:
         other(x1)  # another model's anchors inside the same context are ignored
     assert rec == {}
+
+
+# --- the fast paths of the roll ------------------------------------------------------------------------
+# anchor() picks one of four copies by layout and size: whole-row windows (contiguous NCHW, rows of >= 16
+# values, no autograd), a gather with a full (s², H*W) index table, a gather with separable row/column
+# tables (big maps), and whole-pixel index_select (channels-last token grids). Each must be the plain
+# per-image torch.roll by minus the selected index, exactly.
+def _layouts(b, c, h, w, g):
+    x = torch.randn(b, c, h, w, generator=g)
+    tokens = torch.randn(b, h * w, c, generator=g).transpose(1, 2).reshape(b, c, h, w)  # channels-last view
+    strided = torch.randn(b, c, h, 2 * w, generator=g)[..., ::2]                         # neither layout
+    return {"nchw": x, "tokens": tokens, "strided": strided}
+
+
+def _loop_roll(x, idx):
+    return torch.stack([torch.roll(x[i], (-int(idx[i, 0]), -int(idx[i, 1])), (-2, -1)) for i in range(len(x))])
+
+
+@pytest.mark.parametrize("full_table", [True, False])
+@pytest.mark.parametrize("b, c, h, w, s", [(3, 3, 32, 32, 4), (2, 5, 16, 48, 8), (4, 32, 8, 8, 2),
+                                           (2, 3, 24, 16, 4), (1, 1, 64, 32, 16), (3, 7, 12, 20, 4)])
+def test_every_roll_path_equals_a_loop_of_torch_roll(b, c, h, w, s, full_table, monkeypatch):
+    from equishift import polyphase
+
+    if not full_table:  # force the separable tables (what maps above _FULL_TABLE_MAX use)
+        monkeypatch.setattr(polyphase, "_FULL_TABLE_MAX", 0)
+        polyphase._tables.cache_clear()
+    g = torch.Generator().manual_seed(b * 1000 + h + w + s)
+    try:
+        for name, x in _layouts(b, c, h, w, g).items():
+            for ctx in (torch.inference_mode, torch.no_grad, torch.enable_grad):
+                with ctx():
+                    out, idx = anchor(x, s)
+                    assert torch.equal(idx, brute_anchor_index(x, s)), (name, ctx)
+                    assert torch.equal(out, _loop_roll(x, idx)), (name, ctx)
+                    assert torch.equal(PolyphaseAnchor(s)(x), out), (name, ctx)
+    finally:
+        polyphase._tables.cache_clear()
+
+
+@pytest.mark.parametrize("b, c, h, w, s", [(2, 3, 32, 32, 4), (2, 4, 8, 8, 2)])
+def test_gradient_through_the_roll_is_the_inverse_roll(b, c, h, w, s):
+    """With autograd on, the roll is a permutation, so d(sum(g * anchor(x))) / dx = g rolled back."""
+    x = torch.randn(b, c, h, w, dtype=torch.float64, generator=torch.Generator().manual_seed(h + s),
+                    requires_grad=True)
+    gout = torch.randn(b, c, h, w, dtype=torch.float64)
+    out, idx = anchor(x, s)
+    (out * gout).sum().backward()
+    back = torch.stack([torch.roll(gout[i], (int(idx[i, 0]), int(idx[i, 1])), (-2, -1)) for i in range(b)])
+    assert torch.equal(x.grad, back)
+
+
+@pytest.mark.parametrize("pad", [(1, 1, 1, 1), (2, 0, 1, 3), (0, 0, 0, 0), (3, 3, 3, 3)])
+@pytest.mark.parametrize("c, h, w", [(8, 6, 5), (32, 8, 8), (4, 3, 3)])
+def test_circular_pad_of_token_grids_equals_torch_pad(pad, c, h, w):
+    """The PEGs' circular padding (one index_select on channels-last grids) is F.pad(mode="circular")."""
+    import torch.nn.functional as F
+
+    from equishift.anchoring import _circular_pad
+
+    if max(pad[:2]) > w or max(pad[2:]) > h:
+        pytest.skip("F.pad's circular mode wraps at most once")
+    x = torch.randn(2, h * w, c, generator=torch.Generator().manual_seed(c + h)).transpose(1, 2).reshape(2, c, h, w)
+    got = _circular_pad(x, pad)
+    assert torch.equal(got, F.pad(x.contiguous(), pad, mode="circular"))
+    assert got.is_contiguous(memory_format=torch.channels_last)
