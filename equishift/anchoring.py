@@ -23,14 +23,13 @@ new position-encoding convs start at zero, so with their residual they are the i
 from __future__ import annotations
 
 import copy
-import functools
 from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .polyphase import PolyphaseAnchor
+from .polyphase import PolyphaseAnchor, constant_cache
 
 __all__ = ["MODES", "anchorize", "anchoring_mode", "ConvPosEmbed", "AnchoredPatchEmbed", "AnchoredBlock",
            "CircularConv2d"]
@@ -39,7 +38,7 @@ MODES = ("full", "pos-only", "patch-only")
 SUPPORTED = "timm VisionTransformer (ViT, DeiT, distilled DeiT) and timm Twins (PCPVT, SVT)"
 
 
-@functools.lru_cache(maxsize=64)
+@constant_cache(maxsize=64)
 def _pad_index(h: int, w: int, pad: Tuple[int, int, int, int], device: torch.device) -> torch.Tensor:
     """Flat source pixel of every pixel of the circularly padded (h + top + bottom, w + left + right)
     map (a constant, cached per size)."""

@@ -74,6 +74,24 @@ def polyphase_norms(x: torch.Tensor, stride: int) -> torch.Tensor:
     return sums if x.dtype == torch.float64 else sums.float()
 
 
+def constant_cache(maxsize: int):
+    """``functools.lru_cache`` for functions that build constant index tensors, transparent to
+    ``torch.compile``: while compiling, the function is traced as it is (dynamo would warn about the
+    cache and ignore it anyway), so compiled models get the constants folded into their graph."""
+    def wrap(fn):
+        cached = functools.lru_cache(maxsize=maxsize)(fn)
+
+        @functools.wraps(fn)
+        def call(*args):
+            if torch.compiler.is_compiling():
+                return fn(*args)
+            return cached(*args)
+
+        call.cache_clear = cached.cache_clear
+        return call
+    return wrap
+
+
 # Index tables: constants (never written to), cached so that an anchor costs a handful of kernels
 # instead of a dozen small index computations (on the tiny token grids of a 32-px model, kernel launches,
 # not arithmetic, are what an anchor costs).
@@ -83,7 +101,7 @@ _FULL_TABLE_MAX = 2 ** 20  # entries (8 MB of int64): above this, rows and colum
 _ROWS_MAX = 2 ** 20
 
 
-@functools.lru_cache(maxsize=256)
+@constant_cache(maxsize=256)
 def _tables(h: int, w: int, stride: int, device: torch.device) -> Tuple[torch.Tensor, ...]:
     """For maps of size (h, w) and period ``stride``: ``phase`` (s², 2), flat phase -> (row, col);
     ``rows`` (s, h), for anchor row a the flat offset (row * w) of the source row of each output row
@@ -99,7 +117,7 @@ def _tables(h: int, w: int, stride: int, device: torch.device) -> Tuple[torch.Te
     return phase, rows, cols, src
 
 
-@functools.lru_cache(maxsize=256)
+@constant_cache(maxsize=256)
 def _window_starts(h: int, w: int, stride: int, device: torch.device) -> torch.Tensor:
     """(s², h): for each flat phase (a, b), where output row i starts in a (h, w + s - 1) map whose
     rows carry their first s - 1 pixels again at the end: row (i + a) % h, column b."""
@@ -108,7 +126,7 @@ def _window_starts(h: int, w: int, stride: int, device: torch.device) -> torch.T
     return starts.reshape(stride * stride, h)
 
 
-@functools.lru_cache(maxsize=64)
+@constant_cache(maxsize=64)
 def _batch_offsets(b: int, hw: int, device: torch.device) -> torch.Tensor:
     """(B, 1): the flat offset of each image's first pixel in a (B*H*W, C) view."""
     return (torch.arange(b, device=device) * hw).unsqueeze(1)
