@@ -9,6 +9,9 @@ shift || true
 case "$cmd" in
   dashboard)
     bash scripts/setup.sh
+    # glibc keeps freed sweep buffers in per-thread heaps otherwise: resident memory then exceeds the
+    # sweep memory budget and grows with the number of sessions (README, "Limits"). Override by exporting.
+    export MALLOC_MMAP_THRESHOLD_=${MALLOC_MMAP_THRESHOLD_:-131072} MALLOC_ARENA_MAX=${MALLOC_ARENA_MAX:-2}
     exec .venv/bin/python -m streamlit run dashboard/app.py "$@"
     ;;
   test)
