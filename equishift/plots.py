@@ -426,7 +426,8 @@ def shifted_image(image, shift: Tuple[float, float] = (0, 0), mode: str = "circu
     fig.update_yaxes(autorange="reversed", scaleanchor="x", showticklabels=False)
     fig.update_xaxes(showticklabels=False)
     grid_txt = f"grey: {patch}-px patch grid" if patch else "no patch grid"
-    anc_txt = f"; blue: anchored grid at phase ({anchor[0]}, {anchor[1]})" if anchor is not None and patch else ""
+    # on its own line: the figure is often drawn half-page wide, where one line would be cut off
+    anc_txt = (f"<br>blue: anchored grid, phase ({anchor[0]}, {anchor[1]})" if anchor is not None and patch else "")
     fig.update_layout(title=title or f"Input at {mode} shift (dy={shift[0]:g}, dx={shift[1]:g})<br><sup>{grid_txt}{anc_txt}</sup>",
-                      height=420, margin=dict(t=70))
+                      height=420, margin=dict(t=85 if anc_txt else 70))
     return fig

@@ -67,9 +67,11 @@ RECORDS = ("logits", "attention", "anchors", "features")
 DEFAULT_MEMORY_MB = 1024
 MAX_SHIFTS = 65536
 # On a CPU the chunk is also sized for the cache: one layer's full attention maps for the chunk should
-# stay near _CPU_MAP_BYTES (measured on the zoo ViT: chunks of 128 ran ~15% faster than 256 with maps,
-# the bare forward ~5%), within [_CPU_CHUNK_MIN, _CPU_CHUNK_MAX].
-_CPU_MAP_BYTES = 4 * 2 ** 20
+# stay near _CPU_MAP_BYTES, within [_CPU_CHUNK_MIN, _CPU_CHUNK_MAX]. Measured on the zoo ViT (1024 shifts,
+# every record, 2 threads, 1 MB L2 per core): chunks of 64 (2.2 MB of maps per layer) took 268-281 ms,
+# 32 → 298-319, 96 → 287-289, 128 → 299-387 (run to run, as the shared L3 allows); the bare forward is
+# the same at 64 and 128.
+_CPU_MAP_BYTES = 2 * 2 ** 20
 _CPU_CHUNK_MIN, _CPU_CHUNK_MAX = 16, 128
 
 
