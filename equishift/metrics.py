@@ -211,7 +211,8 @@ def feature_equivariance_error(feat_shifted: torch.Tensor, feat_ref: torch.Tenso
     k, c, h, w = feat_shifted.shape
     fs = feat_shifted.flatten(2).transpose(1, 2)                          # [K, N, C] (a view for tokens)
     ref = feat_ref.float().to(fs.device).flatten(1).t()                    # [N, C]
-    diff = ref[_roll_index(h, w, token_shift.to(fs.device).long())]       # [K, N, C] = R_t F(x)
+    idx = _roll_index(h, w, token_shift.to(fs.device).long())             # [K, N]
+    diff = ref.index_select(0, idx.reshape(-1)).view(k, h * w, c)         # [K, N, C] = R_t F(x), row copies
     diff.sub_(fs)  # in place: one K×N×C buffer in all
     return torch.linalg.vector_norm(diff, dim=(1, 2)) / ref.norm().clamp_min(1e-12)
 
