@@ -389,8 +389,12 @@ def attribution_overlay(image, maps: Dict[str, torch.Tensor], method: str = "att
         fig.update_yaxes(autorange="reversed", scaleanchor=f"x{c if c > 1 else ''}", showticklabels=False, row=1, col=c)
         fig.update_xaxes(showticklabels=False, row=1, col=c)
     fig.update_layout(coloraxis=dict(colorscale="Inferno", cmin=0, cmax=top, colorbar=dict(title="|attr|")))
-    fig.update_layout(title=f"{method} at {mode} shift (dy={shift[0]:g}, dx={shift[1]:g})<br><sup>scores: un-shift "
-                            f"the map and compare with the unshifted one (Pearson r, IoU of the top 10%)</sup>", height=420, margin=dict(t=90))
+    # The panel titles take two lines above the plots: the figure title is pinned to the top of the
+    # canvas and the top margin leaves room for both (they overlapped at t=90).
+    fig.update_layout(title=dict(text=f"{method} at {mode} shift (dy={shift[0]:g}, dx={shift[1]:g})<br><sup>scores: "
+                                      f"un-shift the map and compare with the unshifted one (Pearson r, IoU of the "
+                                      f"top 10%)</sup>", y=0.95, yanchor="top"),
+                      height=470, margin=dict(t=125))
     return fig
 
 
