@@ -85,7 +85,10 @@ def constant_cache(maxsize: int):
         def call(*args):
             if torch.compiler.is_compiling():
                 return fn(*args)
-            return cached(*args)
+            # Built outside inference mode: a table first made inside a sweep (inference mode) must
+            # still be usable later by autograd (an attribution), which refuses inference tensors.
+            with torch.inference_mode(False):
+                return cached(*args)
 
         call.cache_clear = cached.cache_clear
         return call

@@ -312,3 +312,35 @@ def test_circular_pad_of_token_grids_equals_torch_pad(pad, c, h, w):
     got = _circular_pad(x, pad)
     assert torch.equal(got, F.pad(x.contiguous(), pad, mode="circular"))
     assert got.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_tables_first_built_in_inference_mode_still_serve_autograd():
+    """The index tables are cached process-wide. A sweep (inference mode) may build them first; a later
+    attribution (autograd) on a map of the same size must still work and get the right gradient."""
+    from equishift import polyphase
+
+    polyphase._tables.cache_clear()
+    polyphase._batch_offsets.cache_clear()
+    polyphase._window_starts.cache_clear()
+    g = torch.Generator().manual_seed(5)
+    grids = {"tokens": torch.randn(2, 64, 8, generator=g).transpose(1, 2).reshape(2, 8, 8, 8),
+             "image": torch.randn(2, 3, 32, 32, generator=g)}
+    with torch.inference_mode():
+        for x in grids.values():
+            anchor(x.clone(), 4)
+    from equishift.anchoring import _circular_pad, _pad_index
+
+    _pad_index.cache_clear()
+    with torch.inference_mode():
+        _circular_pad(grids["tokens"].clone(), (1, 1, 1, 1))
+    for name, x in grids.items():
+        x = x.clone().requires_grad_()
+        out, idx = anchor(x, 4)
+        out.sum().backward()
+        assert torch.equal(x.grad, torch.ones_like(x)), name
+    x = grids["tokens"].clone().requires_grad_()
+    _circular_pad(x, (1, 1, 1, 1)).sum().backward()  # each pixel appears (1 + wraps) times in the pad
+    per_row = torch.ones(8)
+    per_row[[0, -1]] = 2  # the first and last rows (and columns) are copied once more by the wrap
+    want = per_row[:, None] * per_row[None, :]
+    assert torch.equal(x.grad, want.expand_as(x))
