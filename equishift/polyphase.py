@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextvars
 import functools
+import threading
 from contextlib import contextmanager
 from typing import Dict, Iterator, Optional, Tuple
 
@@ -75,22 +76,32 @@ def polyphase_norms(x: torch.Tensor, stride: int) -> torch.Tensor:
 
 
 def constant_cache(maxsize: int):
-    """``functools.lru_cache`` for functions that build constant index tensors, transparent to
-    ``torch.compile``: while compiling, the function is traced as it is (dynamo would warn about the
-    cache and ignore it anyway), so compiled models get the constants folded into their graph."""
+    """Memoise a function that builds constant index tensors (never written to by their users).
+
+    A plain dict lookup on a hit (these run several times per forward pass). A miss builds the value
+    outside inference mode: a table first made inside a sweep (inference mode) must still be usable by
+    autograd later (an attribution), which refuses inference tensors. While ``torch.compile`` traces, the
+    function runs as it is, so compiled graphs fold the constants in. At most ``maxsize`` entries (the
+    oldest go first); safe to call from several threads."""
     def wrap(fn):
-        cached = functools.lru_cache(maxsize=maxsize)(fn)
+        cache: Dict[tuple, object] = {}
+        lock = threading.Lock()
 
         @functools.wraps(fn)
         def call(*args):
             if torch.compiler.is_compiling():
                 return fn(*args)
-            # Built outside inference mode: a table first made inside a sweep (inference mode) must
-            # still be usable later by autograd (an attribution), which refuses inference tensors.
+            hit = cache.get(args)
+            if hit is not None:
+                return hit
             with torch.inference_mode(False):
-                return cached(*args)
+                value = fn(*args)
+            with lock:
+                while len(cache) >= maxsize:
+                    cache.pop(next(iter(cache)))
+                return cache.setdefault(args, value)
 
-        call.cache_clear = cached.cache_clear
+        call.cache_clear = cache.clear
         return call
     return wrap
 
