@@ -84,8 +84,12 @@ def _saved_upload(data: bytes, name: str) -> str:
     path = folder / safe
     try:
         if path.exists():
-            os.utime(folder)  # in use: keep it through the next prune
-            return str(path)
+            try:
+                os.utime(folder)  # in use: keep it through the next prune (best effort)
+            except OSError:
+                pass
+            if path.exists():  # (a prune elsewhere may have just removed it: then write it again)
+                return str(path)
         folder.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=folder, prefix=".part-")
         try:

@@ -65,11 +65,16 @@ def all_reduce_sum(counts: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t.cpu()
 
 
-def shutdown() -> None:
-    """Leave the process group (if any), so torchrun workers exit cleanly."""
+def shutdown(sync: bool = True) -> None:
+    """Leave the process group (if any), so torchrun workers exit cleanly.
+
+    ``sync``: wait for every rank first (a rank that tears gloo down while another still talks to it
+    aborts in C++). Pass False on an error path: the other ranks may be inside another collective, and
+    a barrier there would not match it (a hang until the timeout); leaving at once lets torchrun stop
+    the job."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
-        # A rank that tears gloo down while another still talks to it aborts in C++; leave together.
-        dist.barrier()
+        if sync:
+            dist.barrier()
         dist.destroy_process_group()

@@ -528,6 +528,7 @@ def run(args: argparse.Namespace) -> int:
     from .device import default_device
     from .zoo import load_model
 
+    ok = False
     try:
         device = dist_util.init_from_env(default_device(args.device))
         rank = dist_util.rank_and_world()[0]
@@ -535,11 +536,12 @@ def run(args: argparse.Namespace) -> int:
         result = evaluate(loaded, args.dataset, args.protocol or "all", batch_size=args.batch_size,
                           limit=args.limit, seed=args.seed, progress=not args.no_progress,
                           distributed=dist_util.is_active())
+        ok = True
     except EquishiftError as e:
         print(f"equishift evaluate: error: {e}", file=sys.stderr)
         return 2
     finally:
-        dist_util.shutdown()
+        dist_util.shutdown(sync=ok)
     if rank != 0:
         return 0
     if args.json:

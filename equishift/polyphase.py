@@ -40,7 +40,7 @@ def _energy(x: torch.Tensor) -> torch.Tensor:
     Each pixel's channels are reduced in the same order wherever the pixel sits, so a shifted map has
     exactly the same per-pixel energies, only permuted."""
     x = x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)  # fp16/bf16 would overflow or tie
-    if x.shape[1] <= 4 and x.is_contiguous():
+    if 0 < x.shape[1] <= 4 and x.is_contiguous():
         # An image (few channels, NCHW): a chain of fused multiply-adds beats a strided reduction.
         e = x[:, 0] * x[:, 0]
         for c in range(1, x.shape[1]):
@@ -75,6 +75,15 @@ def polyphase_norms(x: torch.Tensor, stride: int) -> torch.Tensor:
     return sums if x.dtype == torch.float64 else sums.float()
 
 
+def _fake_mode_active() -> bool:
+    """Inside a FakeTensorMode (shape/FLOP estimation tools): its tensors must never be cached, and real
+    cached ones must not be handed to it."""
+    try:
+        return torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None
+    except (AttributeError, RuntimeError):  # a torch without this hook: no fake mode to worry about
+        return False
+
+
 def constant_cache(maxsize: int):
     """Memoise a function that builds constant index tensors (never written to by their users).
 
@@ -89,7 +98,7 @@ def constant_cache(maxsize: int):
 
         @functools.wraps(fn)
         def call(*args):
-            if torch.compiler.is_compiling():
+            if torch.compiler.is_compiling() or _fake_mode_active():
                 return fn(*args)
             hit = cache.get(args)
             if hit is not None:
@@ -109,13 +118,13 @@ def constant_cache(maxsize: int):
 # Index tables: constants (never written to), cached so that an anchor costs a handful of kernels
 # instead of a dozen small index computations (on the tiny token grids of a 32-px model, kernel launches,
 # not arithmetic, are what an anchor costs).
-_FULL_TABLE_MAX = 2 ** 20  # entries (8 MB of int64): above this, rows and columns are looked up separately
+_FULL_TABLE_MAX = 2 ** 18  # entries (2 MB of int64): above this, rows and columns are looked up separately
 # _roll_rows copies the map once more (the padded rows): worth it while that copy stays in the cache;
 # for big maps (a batch of 224-px images) the extra pass over memory costs more than the gather saves.
 _ROWS_MAX = 2 ** 20
 
 
-@constant_cache(maxsize=256)
+@constant_cache(maxsize=64)
 def _tables(h: int, w: int, stride: int, device: torch.device) -> Tuple[torch.Tensor, ...]:
     """For maps of size (h, w) and period ``stride``: ``phase`` (s², 2), flat phase -> (row, col);
     ``rows`` (s, h), for anchor row a the flat offset (row * w) of the source row of each output row
@@ -216,7 +225,7 @@ def _roll_to_anchor(x: torch.Tensor, flat: torch.Tensor, stride: int) -> torch.T
         return x
     b, c, h, w = x.shape
     # rolling by -(a, b): output pixel (i, j) reads input pixel ((i + a) % H, (j + b) % W)
-    if w >= 16 and x.numel() <= _ROWS_MAX and x.is_contiguous() and not (x.requires_grad and torch.is_grad_enabled()):
+    if w >= 16 and 0 < x.numel() <= _ROWS_MAX and x.is_contiguous() and not (x.requires_grad and torch.is_grad_enabled()):
         return _roll_rows(x, flat, stride)
     phase, rows, cols, table = _tables(h, w, stride, x.device)
     if table is not None:

@@ -267,3 +267,27 @@ def test_torchrun_two_gloo_processes_equal_one(zoo, tmp_path):
     a, b = (json.loads((tmp_path / f).read_text()) for f in ("one.json", "two.json"))
     assert (a["world_size"], b["world_size"]) == (1, 2)
     assert a["protocols"] == b["protocols"]
+
+
+def test_a_failing_rank_leaves_the_group_without_a_barrier(monkeypatch, tmp_path):
+    """On an error a rank must not enter a barrier: the other ranks may be inside an all-reduce, which a
+    barrier would not match (a hang until the timeout). On success every rank waits for the others."""
+    import argparse
+
+    import torch.distributed as dist
+
+    from equishift import distributed, evaluation
+
+    calls = []
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "barrier", lambda *a, **k: calls.append("barrier"))
+    monkeypatch.setattr(dist, "destroy_process_group", lambda *a, **k: calls.append("destroy"))
+    monkeypatch.setattr(distributed, "init_from_env", lambda device: device)
+    monkeypatch.setattr(distributed, "rank_and_world", lambda: (1, 2))
+    args = argparse.Namespace(model=str(tmp_path / "missing.json"), dataset="fashion-mnist", protocol=None,
+                              json=None, csv=None, device="cpu", batch_size=8, limit=2, seed=0, no_progress=True)
+    assert evaluation.run(args) == 2
+    assert calls == ["destroy"]
+    calls.clear()
+    distributed.shutdown()
+    assert calls == ["barrier", "destroy"]

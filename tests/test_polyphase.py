@@ -344,3 +344,25 @@ def test_tables_first_built_in_inference_mode_still_serve_autograd():
     per_row[[0, -1]] = 2  # the first and last rows (and columns) are copied once more by the wrap
     want = per_row[:, None] * per_row[None, :]
     assert torch.equal(x.grad, want.expand_as(x))
+
+
+def test_empty_batches_and_fake_tensor_tracing_do_not_break_the_tables():
+    """An empty batch rolls to an empty batch on every path; running under FakeTensorMode (shape and FLOP
+    estimators) neither caches fake tables nor receives real ones, so real runs afterwards still work."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from equishift import polyphase
+
+    for x in (torch.randn(0, 3, 32, 32), torch.randn(0, 64, 8).transpose(1, 2).reshape(0, 8, 8, 8)):
+        out, idx = anchor(x, 4)
+        assert out.shape == x.shape and idx.shape == (0, 2)
+    polyphase._tables.cache_clear()
+    polyphase._window_starts.cache_clear()
+    polyphase._batch_offsets.cache_clear()
+    with FakeTensorMode() as mode:
+        fake = mode.from_tensor(torch.randn(2, 3, 32, 32))
+        out, _ = anchor(fake, 4)
+        assert out.shape == (2, 3, 32, 32)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    out, idx = anchor(x, 4)
+    assert torch.equal(out, _loop_roll(x, idx))
