@@ -21,16 +21,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 APP = ROOT / "dashboard" / "app.py"
+sys.path.insert(0, str(ROOT / "tests"))
+from app_harness import free_port, wait_healthy  # noqa: E402
+
 TARGET_MS = 150.0
 TABS = ("Logit curves", "Orbit heatmaps", "Attention", "Polyphase indices", "Layer × shift error", "Attribution")
 
@@ -80,16 +81,10 @@ def rerun_times(grid: str, repeats: int) -> dict:
     return out
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def first_render(grid: str) -> dict:
     from playwright.sync_api import sync_playwright
 
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     cmd = [sys.executable, "-m", "streamlit", "run", str(APP), "--server.headless", "true", "--server.address",
            "127.0.0.1", "--server.port", str(port), "--browser.gatherUsageStats", "false"]
@@ -97,14 +92,10 @@ def first_render(grid: str) -> dict:
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/_stcore/health", timeout=1):
-                    break
-            except OSError:
-                if proc.poll() is not None or time.perf_counter() - t0 > 300:
-                    raise SystemExit("the server did not come up")
-                time.sleep(0.05)
+        try:
+            wait_healthy(url, proc, timeout=300, poll=0.05)
+        except (RuntimeError, TimeoutError) as e:
+            raise SystemExit(f"the server did not come up: {e}") from None
         healthy = time.perf_counter() - t0
         args = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
                 "--disable-component-update", "--no-first-run", "--disable-sync", "--disable-quic"]

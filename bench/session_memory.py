@@ -15,40 +15,16 @@ import argparse
 import contextlib
 import gc
 import os
-import resource
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-
-def rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
-
-
-def reset_peak() -> None:
-    """Reset the kernel's peak-RSS mark (VmHWM) to the current RSS (Linux ≥ 4.0; no-op elsewhere)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
-
-
-def peak_mb() -> float:
-    """VmHWM: the peak RSS since ``reset_peak`` (ru_maxrss where /proc is missing: whole process)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+from rss import peak_mb, reset_peak, rss_mb  # noqa: E402
 
 
 def walk(n: int, r: int = 3):

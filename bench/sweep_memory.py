@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -32,41 +31,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-
-def _rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
-
-
-def _reset_peak() -> bool:
-    """Reset the kernel's peak-RSS mark of this process to its current RSS (Linux ≥ 4.0)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _peak_mb() -> float:
-    """Peak RSS since the last ``_reset_peak``: VmHWM of this process's own memory. Not ``ru_maxrss``: after
-    exec that also counts the parent's RSS at the fork (a child of a 1 GB pytest process reads ≥ 1 GB)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kB
-
-
-def _result_bytes(res) -> int:
-    tensors = [res.shifts, res.logits, res.ref_logits]
-    for d in (res.anchors, res.attention, res.layer_error, res.offset, res.ref_anchors, res.ref_attention):
-        tensors.extend(d.values())
-    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+from rss import peak_mb, reset_peak, rss_mb  # noqa: E402
 
 
 def child(model_name: str, shifts: int, budget: str, seed: int = 0) -> dict:
@@ -85,8 +52,8 @@ def child(model_name: str, shifts: int, budget: str, seed: int = 0) -> dict:
     side = int(shifts ** 0.5 + 0.999)
     s = torch.tensor([(dy, dx) for dy in range(side) for dx in range(side)][:shifts])
     sweep(model, x, s[:1])                      # warm-up: allocator, lazy init, first-call costs
-    base = _rss_mb()
-    _reset_peak()                                # the peak from here on is the sweep's
+    base = rss_mb()
+    reset_peak()                                # the peak from here on is the sweep's
     done = []
     kw = dict(batch_size=shifts) if budget == "unbounded" else dict(memory_budget_mb=float(budget))
     t0 = time.perf_counter()
@@ -94,9 +61,9 @@ def child(model_name: str, shifts: int, budget: str, seed: int = 0) -> dict:
     seconds = time.perf_counter() - t0
     chunks = [b - a for a, b in zip(done, done[1:])]
     return {"model": model_name, "shifts": shifts, "budget_mb": budget, "rss_before_mb": round(base, 1),
-            "peak_mb": round(_peak_mb(), 1), "growth_mb": round(_peak_mb() - base, 1),
+            "peak_mb": round(peak_mb(), 1), "growth_mb": round(peak_mb() - base, 1),
             "max_chunk": max(chunks), "chunks": len(chunks), "seconds": round(seconds, 2),
-            "result_mb": round(_result_bytes(res) / 2 ** 20, 2),
+            "result_mb": round(res.nbytes / 2 ** 20, 2),
             "logits": res.logits.tolist()}
 
 

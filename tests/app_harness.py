@@ -12,8 +12,12 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import socket
+import subprocess
 import sys
 import tempfile
+import time
+import urllib.request
 from pathlib import Path
 from typing import Iterator, List, Tuple
 
@@ -22,6 +26,32 @@ APP = str(ROOT / "dashboard" / "app.py")
 for p in (str(ROOT), str(Path(__file__).parent)):
     if p not in sys.path:
         sys.path.insert(0, p)
+
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (for a `streamlit run` under test)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 300.0, poll: float = 0.3) -> None:
+    """Wait until the Streamlit server at ``url`` answers /_stcore/health; RuntimeError if it exits
+    first, TimeoutError after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"streamlit exited with code {proc.returncode}")
+        try:
+            with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(poll)
+    raise TimeoutError(f"{url} not healthy after {timeout:.0f} s")
+
 
 BASELINE = "hardening-vit-baseline"
 ANCHORED = "hardening-vit-anchored"

@@ -9,7 +9,6 @@ import pickle
 import socket
 import subprocess
 import sys
-import time
 import tomllib
 import urllib.error
 import urllib.request
@@ -21,6 +20,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from app_harness import free_port, wait_healthy  # noqa: E402
 from engine_helpers import anchored, image, twins, vit  # noqa: E402
 from equishift.errors import CheckpointError, LimitError  # noqa: E402
 from equishift.shifts import grid  # noqa: E402
@@ -200,12 +200,6 @@ def test_server_config_is_private_by_default():
     assert opts["browser.gatherUsageStats"] is False and opts["client.toolbarMode"] == "viewer"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _outside_address() -> str:
     """This machine's address on its network (not loopback), or '' when it has none."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
@@ -231,7 +225,7 @@ def test_real_server_listens_on_loopback_only_and_checks_xsrf(tmp_path):
     """`streamlit run dashboard/app.py` with the repository's config and no flags: reachable on
     127.0.0.1, refused on the machine's network address; an upload without the session's XSRF cookie
     is refused (403), one with a matching cookie and header gets past that check."""
-    port = _free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMLIT_")}
     env.update(HF_HUB_OFFLINE="1")
     log = open(tmp_path / "server.log", "w")
@@ -239,17 +233,10 @@ def test_real_server_listens_on_loopback_only_and_checks_xsrf(tmp_path):
                              "--server.port", str(port)], cwd=ROOT, env=env, stdout=log, stderr=log)
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 90
-        while True:
-            assert proc.poll() is None, (tmp_path / "server.log").read_text()
-            try:
-                with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, "server not healthy after 90 s"
-            time.sleep(0.3)
+        try:
+            wait_healthy(url, proc, timeout=90)
+        except (RuntimeError, TimeoutError) as e:
+            raise AssertionError(f"{e}\n{(tmp_path / 'server.log').read_text()}") from None
         outside = _outside_address()
         if outside:
             with pytest.raises(OSError):
