@@ -39,12 +39,14 @@ def _energy(x: torch.Tensor) -> torch.Tensor:
 
     Each pixel's channels are reduced in the same order wherever the pixel sits, so a shifted map has
     exactly the same per-pixel energies, only permuted."""
-    x = x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)  # fp16/bf16 would overflow or tie
+    if x.dtype not in (torch.float32, torch.float64):
+        x = x.float()  # fp16/bf16 would overflow or tie
     if 0 < x.shape[1] <= 4 and x.is_contiguous():
         # An image (few channels, NCHW): a chain of fused multiply-adds beats a strided reduction.
+        # In place: one buffer instead of one per channel (fewer passes over fresh memory).
         e = x[:, 0] * x[:, 0]
         for c in range(1, x.shape[1]):
-            e = torch.addcmul(e, x[:, c], x[:, c])
+            e.addcmul_(x[:, c], x[:, c])
         return e
     if x.stride(1) == 1 and x.is_contiguous(memory_format=torch.channels_last):
         # A token grid: each pixel's channels are contiguous, and the fused norm kernel reads x once
@@ -141,12 +143,13 @@ def _tables(h: int, w: int, stride: int, device: torch.device) -> Tuple[torch.Te
 
 
 @constant_cache(maxsize=256)
-def _window_starts(h: int, w: int, stride: int, device: torch.device) -> torch.Tensor:
-    """(s², h): for each flat phase (a, b), where output row i starts in a (h, w + s - 1) map whose
-    rows carry their first s - 1 pixels again at the end: row (i + a) % h, column b."""
+def _window_starts(c: int, h: int, w: int, stride: int, device: torch.device) -> torch.Tensor:
+    """(s², c*h): for each flat phase (a, b), where output row i of channel k starts in a (c, h, 2w) map
+    whose rows are repeated twice: row (i + a) % h of channel k, column b."""
     a = torch.arange(stride, device=device)
-    starts = ((torch.arange(h, device=device) + a[:, None]) % h * (w + stride - 1))[:, None, :] + a[None, :, None]
-    return starts.reshape(stride * stride, h)
+    rows = torch.arange(c, device=device)[:, None] * h + (torch.arange(h, device=device) + a[:, None, None]) % h
+    starts = (rows * (2 * w)).reshape(stride, 1, c * h) + a[None, :, None]  # (a, b, c*h)
+    return starts.reshape(stride * stride, c * h)
 
 
 @constant_cache(maxsize=64)
@@ -157,6 +160,8 @@ def _batch_offsets(b: int, hw: int, device: torch.device) -> torch.Tensor:
 
 def _select(x: torch.Tensor, stride: int) -> torch.Tensor:
     """Flat anchor index a * stride + b per image (LongTensor[B]); no autograd graph."""
+    if not torch.is_grad_enabled():  # a sweep's inference mode: skip the context switch
+        return _phase_sums(x, stride).flatten(1).argmax(dim=1)
     with torch.no_grad():
         return _phase_sums(x, stride).flatten(1).argmax(dim=1)
 
@@ -197,23 +202,25 @@ def roll_batch(x: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
 def _roll_rows(x: torch.Tensor, flat: torch.Tensor, stride: int) -> torch.Tensor:
     """The anchor roll of a contiguous NCHW map (an image) without gradients, as whole-row copies.
 
-    Each row gets its first s - 1 pixels appended; every output row is then a window of W consecutive
-    values of that buffer, so one index_select of W-long windows (an overlapping ``unfold`` view) does
-    the 2-D roll, reading one start per row instead of one index per pixel (1.5x faster than a gather
-    on a batch of 32-px images; slower for rows shorter than ~16 values, which go to the gather).
+    Each row is laid twice side by side; every output row is then a window of W consecutive values of
+    that buffer, so one index_select of W-long windows (an overlapping ``unfold`` view) does the 2-D roll,
+    reading one start per row instead of one index per pixel (1.5x faster than a gather on a batch of
+    32-px images; slower for rows shorter than ~16 values, which go to the gather). Doubling whole rows
+    is one fast concatenation, cheaper than appending s - 1 pixels to each row.
     Not used under autograd: the backward of overlapping windows is slow."""
     b, c, h, w = x.shape
-    padded = torch.cat((x, x[..., :stride - 1]), dim=-1)  # (B, C, H, W + s - 1), contiguous
-    starts = _window_starts(h, w, stride, x.device).index_select(0, flat).unsqueeze(1)  # (B, 1, H)
-    starts = starts + _batch_offsets(b * c, h * (w + stride - 1), x.device).view(b, c, 1)
-    return padded.reshape(-1).unfold(0, w, 1).index_select(0, starts.reshape(-1)).reshape(b, c, h, w)
+    doubled = torch.cat((x, x), dim=-1)  # (B, C, H, 2W), contiguous
+    starts = _window_starts(c, h, w, stride, x.device).index_select(0, flat)  # (B, C*H)
+    starts = starts + _batch_offsets(b, c * h * 2 * w, x.device)
+    return doubled.reshape(-1).unfold(0, w, 1).index_select(0, starts.reshape(-1)).reshape(b, c, h, w)
 
 
 def anchor(x: torch.Tensor, stride: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Roll ``x`` by minus its anchor. Returns ``(rolled_x, index)`` with index LongTensor[B, 2].
 
     The roll is never undone: the network continues in the anchored frame. Gradients flow through
-    the roll (the index itself is a discrete choice and carries none)."""
+    the roll (the index itself is a discrete choice and carries none). A contiguous map of more than
+    4 channels comes back channels-last (the fast layout for the roll and for the conv after it)."""
     flat = _select(x, stride)
     idx = _tables(1, 1, stride, flat.device)[0].index_select(0, flat)
     return _roll_to_anchor(x, flat, stride), idx
@@ -227,6 +234,12 @@ def _roll_to_anchor(x: torch.Tensor, flat: torch.Tensor, stride: int) -> torch.T
     # rolling by -(a, b): output pixel (i, j) reads input pixel ((i + a) % H, (j + b) % W)
     if w >= 16 and 0 < x.numel() <= _ROWS_MAX and x.is_contiguous() and not (x.requires_grad and torch.is_grad_enabled()):
         return _roll_rows(x, flat, stride)
+    if c > 4 and x.is_contiguous() and x.numel() > 0:
+        # A contiguous NCHW feature map (Twins hands the next stage's patch embed one): an element-wise
+        # gather over (B, C, H*W) costs ~7 copies of the map; going channels-last (one transposing copy)
+        # and moving whole C-vectors costs ~2, and the strided conv after it then emits its tokens
+        # contiguously. The result is channels-last; its values are the same.
+        x = x.contiguous(memory_format=torch.channels_last)
     phase, rows, cols, table = _tables(h, w, stride, x.device)
     if table is not None:
         src = table.index_select(0, flat)

@@ -249,10 +249,11 @@ def test_record_anchors_names_batches_and_scope():
 
 
 # --- the fast paths of the roll ------------------------------------------------------------------------
-# anchor() picks one of four copies by layout and size: whole-row windows (contiguous NCHW, rows of >= 16
-# values, no autograd), a gather with a full (s², H*W) index table, a gather with separable row/column
-# tables (big maps), and whole-pixel index_select (channels-last token grids). Each must be the plain
-# per-image torch.roll by minus the selected index, exactly.
+# anchor() picks one of several copies by layout and size: whole-row windows (contiguous NCHW, rows of >= 16
+# values, no autograd), whole-pixel index_select (channels-last token grids, and contiguous NCHW maps of
+# more than 4 channels after a channels-last copy), and a gather with a full (s², H*W) index table or with
+# separable row/column tables (big maps). Each must be the plain per-image torch.roll by minus the
+# selected index, exactly.
 def _layouts(b, c, h, w, g):
     x = torch.randn(b, c, h, w, generator=g)
     tokens = torch.randn(b, h * w, c, generator=g).transpose(1, 2).reshape(b, c, h, w)  # channels-last view
@@ -286,7 +287,7 @@ def test_every_roll_path_equals_a_loop_of_torch_roll(b, c, h, w, s, full_table, 
         polyphase._tables.cache_clear()
 
 
-@pytest.mark.parametrize("b, c, h, w, s", [(2, 3, 32, 32, 4), (2, 4, 8, 8, 2)])
+@pytest.mark.parametrize("b, c, h, w, s", [(2, 3, 32, 32, 4), (2, 4, 8, 8, 2), (2, 8, 8, 8, 2)])
 def test_gradient_through_the_roll_is_the_inverse_roll(b, c, h, w, s):
     """With autograd on, the roll is a permutation, so d(sum(g * anchor(x))) / dx = g rolled back."""
     x = torch.randn(b, c, h, w, dtype=torch.float64, generator=torch.Generator().manual_seed(h + s),
