@@ -416,10 +416,11 @@ class _Probe:
             p = self.prefix
             heads = a.shape[1]
             rows = a[:, :, 0, p:] if kind == "cls" else a[:, :, p:, p:].mean(2)
-            # Rollout needs the head mean of every layer; kept (B, T, T) until the pass ends, as a sum
-            # of head slices (3x faster than a.mean(1), a reduction over a short strided dim) and the
-            # head count, which _rollout divides by.
-            total = a[:, 0] if heads == 1 else torch.add(a[:, 0], a[:, 1])
+            # Rollout needs the head mean of every layer; kept (B, T, T) until the pass ends, as a float32
+            # sum of head slices (3x faster than a.mean(1), a reduction over a short strided dim) and the
+            # head count, which _rollout divides by. torch.add makes a new tensor: the map itself is still
+            # needed by the attention's own ``attn @ v``.
+            total = a[:, 0].float() if heads == 1 else torch.add(a[:, 0].float(), a[:, 1])
             for k in range(2, heads):
                 total.add_(a[:, k])
             st.head_means.append((total, heads))

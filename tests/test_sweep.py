@@ -112,9 +112,11 @@ def test_crop_mode_cuts_windows_from_a_larger_canvas(models):
     assert res.meta["image_size"] == [32, 32] and res.meta["input_size"] == [40, 40]
 
 
-@pytest.mark.parametrize("name", ["vit", "vit-a"])
+@pytest.mark.parametrize("name", ["vit", "vit-a", "vit-1-head", "vit-a-4-heads"])
 def test_vit_attention_and_rollout_match_a_manual_computation(models, name):
-    model, x = models[name], image(5)
+    # 1 and 4 heads: the rollout sums head slices (one slice; more than two) and divides by the count.
+    extra = {"vit-1-head": lambda: vit(num_heads=1), "vit-a-4-heads": lambda: anchored(vit(num_heads=4))}
+    model, x = (models[name] if name in models else extra[name]()), image(5)
     s = torch.tensor([[0, 0], [3, 1], [4, 8], [13, 6]])
     res = sweep(model, x, s)
     with torch.no_grad():
