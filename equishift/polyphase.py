@@ -143,13 +143,12 @@ def _tables(h: int, w: int, stride: int, device: torch.device) -> Tuple[torch.Te
 
 
 @constant_cache(maxsize=256)
-def _window_starts(c: int, h: int, w: int, stride: int, device: torch.device) -> torch.Tensor:
-    """(s², c*h): for each flat phase (a, b), where output row i of channel k starts in a (c, h, 2w) map
-    whose rows are repeated twice: row (i + a) % h of channel k, column b."""
+def _window_starts(h: int, w: int, stride: int, device: torch.device) -> torch.Tensor:
+    """(s², h): for each flat phase (a, b), where output row i starts in a (h, w + s - 1) map whose
+    rows carry their first s - 1 pixels again at the end: row (i + a) % h, column b."""
     a = torch.arange(stride, device=device)
-    rows = torch.arange(c, device=device)[:, None] * h + (torch.arange(h, device=device) + a[:, None, None]) % h
-    starts = (rows * (2 * w)).reshape(stride, 1, c * h) + a[None, :, None]  # (a, b, c*h)
-    return starts.reshape(stride * stride, c * h)
+    starts = ((torch.arange(h, device=device) + a[:, None]) % h * (w + stride - 1))[:, None, :] + a[None, :, None]
+    return starts.reshape(stride * stride, h)
 
 
 @constant_cache(maxsize=64)
@@ -202,17 +201,18 @@ def roll_batch(x: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
 def _roll_rows(x: torch.Tensor, flat: torch.Tensor, stride: int) -> torch.Tensor:
     """The anchor roll of a contiguous NCHW map (an image) without gradients, as whole-row copies.
 
-    Each row is laid twice side by side; every output row is then a window of W consecutive values of
-    that buffer, so one index_select of W-long windows (an overlapping ``unfold`` view) does the 2-D roll,
-    reading one start per row instead of one index per pixel (1.5x faster than a gather on a batch of
-    32-px images; slower for rows shorter than ~16 values, which go to the gather). Doubling whole rows
-    is one fast concatenation, cheaper than appending s - 1 pixels to each row.
+    Each row gets its first s - 1 pixels appended; every output row is then a window of W consecutive
+    values of that buffer, so one index_select of W-long windows (an overlapping ``unfold`` view) does
+    the 2-D roll, reading one start per row instead of one index per pixel (1.5x faster than a gather
+    on a batch of 32-px images; slower for rows shorter than ~16 values, which go to the gather).
+    (Laying each row twice side by side is a faster concatenation on its own, but inside a forward pass,
+    where the buffer is fresh memory, writing 2W instead of W + s - 1 values per row costs more.)
     Not used under autograd: the backward of overlapping windows is slow."""
     b, c, h, w = x.shape
-    doubled = torch.cat((x, x), dim=-1)  # (B, C, H, 2W), contiguous
-    starts = _window_starts(c, h, w, stride, x.device).index_select(0, flat)  # (B, C*H)
-    starts = starts + _batch_offsets(b, c * h * 2 * w, x.device)
-    return doubled.reshape(-1).unfold(0, w, 1).index_select(0, starts.reshape(-1)).reshape(b, c, h, w)
+    padded = torch.cat((x, x[..., :stride - 1]), dim=-1)  # (B, C, H, W + s - 1), contiguous
+    starts = _window_starts(h, w, stride, x.device).index_select(0, flat).unsqueeze(1)  # (B, 1, H)
+    starts = starts + _batch_offsets(b * c, h * (w + stride - 1), x.device).view(b, c, 1)
+    return padded.reshape(-1).unfold(0, w, 1).index_select(0, starts.reshape(-1)).reshape(b, c, h, w)
 
 
 def anchor(x: torch.Tensor, stride: int) -> tuple[torch.Tensor, torch.Tensor]:
