@@ -219,8 +219,9 @@ def anchor(x: torch.Tensor, stride: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Roll ``x`` by minus its anchor. Returns ``(rolled_x, index)`` with index LongTensor[B, 2].
 
     The roll is never undone: the network continues in the anchored frame. Gradients flow through
-    the roll (the index itself is a discrete choice and carries none). A contiguous map of more than
-    4 channels comes back channels-last (the fast layout for the roll and for the conv after it)."""
+    the roll (the index itself is a discrete choice and carries none). The values never depend on the
+    layout, but a contiguous map of more than 4 channels may come back channels-last (the fast layout
+    for the roll and for the conv after it)."""
     flat = _select(x, stride)
     idx = _tables(1, 1, stride, flat.device)[0].index_select(0, flat)
     return _roll_to_anchor(x, flat, stride), idx
