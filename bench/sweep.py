@@ -7,8 +7,9 @@
     random weights — the script says which), and vit_small_patch16_224's 16×16 period.
 
 Timings are the best of ``--repeats`` runs, the compared variants interleaved (in rotating order) so that
-load from other processes hits both alike; (b) is quoted as the median of the per-repetition ratios. ``--clock cpu`` measures process CPU time instead of wall time: on a shared,
-overloaded machine that (with ``--threads 1``) approximates the wall time on one idle core.
+load from other processes hits both alike; (b) is quoted as the median of the per-repetition ratios.
+``--clock cpu`` measures process CPU time instead of wall time: on a shared, overloaded machine that
+(with ``--threads 1``) approximates the wall time on one idle core.
 Usage: ``python bench/sweep.py [--repeats 5] [--quick] [--threads N] [--clock wall|cpu]``.
 """
 from __future__ import annotations
@@ -26,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from equishift import anchorize  # noqa: E402
 from equishift.shifts import grid, orbit, period_grid  # noqa: E402
-from equishift.sweep import sweep, working_copy  # noqa: E402
+from equishift.sweep import sweep, unfuse_attention, working_copy  # noqa: E402
 
 
 CLOCK = time.perf_counter
@@ -118,10 +119,7 @@ def main():
     # same bare forward with fused attention off is timed too: (b0) is the floor that alone sets for (b),
     # (b1) what the recording costs on top of it.
     for name, m in (("baseline", base), ("anchored", anch)):
-        unfused = working_copy(m)
-        for mod in unfused.modules():
-            if hasattr(mod, "fused_attn"):
-                mod.fused_attn = False
+        unfused = unfuse_attention(working_copy(m))
         rows = timed([lambda: sweep(m, x, orbit32), lambda: bare(m, x, orbit32, 64),
                       lambda: bare(m, x, orbit32, 128), lambda: bare(unfused, x, orbit32, 64)], args.repeats)
         paired = statistics.median(sw / min(b64, b128) for sw, b64, b128, _ in rows)

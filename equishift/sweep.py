@@ -51,7 +51,7 @@ import math
 import sys
 import types
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -61,7 +61,7 @@ from .errors import EquishiftError, LimitError
 from .polyphase import PolyphaseAnchor, record_anchors
 from .shifts import MODES, ShiftsLike, as_shifts, orbit, shift_batch
 
-__all__ = ["RECORDS", "SweepResult", "sweep", "working_copy", "architecture", "DEFAULT_MEMORY_MB", "MAX_SHIFTS"]
+__all__ = ["RECORDS", "SweepResult", "sweep", "working_copy", "unfuse_attention", "architecture", "DEFAULT_MEMORY_MB", "MAX_SHIFTS"]
 
 RECORDS = ("logits", "attention", "anchors", "features")
 DEFAULT_MEMORY_MB = 1024
@@ -243,6 +243,15 @@ def working_copy(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model, memo)
 
 
+def unfuse_attention(model: nn.Module) -> nn.Module:
+    """Turn timm's fused attention off in every module of ``model`` (in place; use a ``working_copy``),
+    so that the softmax maps exist for ``AttentionExtract``. Returns ``model``."""
+    for mod in model.modules():
+        if hasattr(mod, "fused_attn"):
+            mod.fused_attn = False
+    return model
+
+
 def _blocks(model: nn.Module, arch: str) -> List[Tuple[str, nn.Module]]:
     if arch == "vit":
         return [(f"blocks.{i}", b) for i, b in enumerate(model.blocks)]
@@ -277,7 +286,7 @@ class _Pass:
         self.logits: Optional[torch.Tensor] = None
         self.attention: Dict[str, torch.Tensor] = {}
         self.query: Dict[str, Tuple[int, int]] = {}
-        self.head_means: List[Tuple[torch.Tensor, int]] = []  # ViT: per-layer (head sum, heads) for the rollout
+        self.head_sums: List[Tuple[torch.Tensor, int]] = []  # ViT: per-layer (head sum, heads) for the rollout
         self.raw_attention_bytes = 0    # per sample, as captured (before reduction), all layers
         self.max_map_bytes = 0          # per sample, the largest single layer
 
@@ -339,9 +348,7 @@ class _Probe:
 
             # Fused attention (SDPA) never materialises the maps; this is the working copy, so the flag
             # flip is private to this sweep.
-            for mod in m.modules():
-                if hasattr(mod, "fused_attn"):
-                    mod.fused_attn = False
+            unfuse_attention(m)
             # timm's extractor captures each softmax map at ``attn_drop``. A second hook on the same
             # module, registered after it (PyTorch runs hooks in registration order), takes the map out
             # of the extractor at once and reduces it, so no full N×N map outlives its layer: holding
@@ -423,7 +430,7 @@ class _Probe:
             total = a[:, 0].float() if heads == 1 else torch.add(a[:, 0].float(), a[:, 1])
             for k in range(2, heads):
                 total.add_(a[:, k])
-            st.head_means.append((total, heads))
+            st.head_sums.append((total, heads))
             return rows.reshape(b, heads, h, w)
         if kind == "lsa":
             ws = self.ws[layer]
@@ -443,10 +450,10 @@ class _Probe:
             self.state = st = _Pass(shifts_px.double().clone(), rec, is_ref)
             try:
                 self.model(x)
-                if st.head_means:
+                if st.head_sums:
                     h, w = st.sizes[self.layers[-1]]
-                    st.attention["rollout"] = self._rollout(st.head_means).reshape(-1, 1, h, w).to(torch.float16).cpu()
-                    st.head_means = []
+                    st.attention["rollout"] = self._rollout(st.head_sums).reshape(-1, 1, h, w).to(torch.float16).cpu()
+                    st.head_sums = []
             finally:
                 if self.extract is not None:
                     self.extract.hooks.get_output(x.device)  # drop anything left by a failed pass
@@ -455,20 +462,20 @@ class _Probe:
         self.state = None
         return st
 
-    def _rollout(self, means: List[Tuple[torch.Tensor, int]]) -> torch.Tensor:
+    def _rollout(self, sums: List[Tuple[torch.Tensor, int]]) -> torch.Tensor:
         """Rollout read-out row over patch tokens: v^T Â_L ··· Â_1 with Â = 0.5·mean_heads(A) + 0.5·I,
         from (sum over heads, head count) per layer. Â's rows already sum to 1 (softmax rows), so no
         renormalisation is needed; multiplying a row vector from the last layer down costs B·T² per
         layer instead of B·T³ for the full product."""
         p = self.prefix
-        last = means[-1][0]
+        last = sums[-1][0]
         b, t = last.shape[0], last.shape[-1]
         v = torch.zeros(b, 1, t, dtype=torch.float32, device=last.device)
         if self.has_cls:
             v[:, :, 0] = 1
         else:  # mean over patch queries
             v[:, :, p:] = 1.0 / (t - p)
-        for m, heads in reversed(means):
+        for m, heads in reversed(sums):
             v = (0.5 / heads) * torch.bmm(v, m.float()) + 0.5 * v
         return v[:, 0, p:]
 
