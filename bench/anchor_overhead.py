@@ -2,6 +2,8 @@
 
     HF_HUB_OFFLINE=1 nice -n 15 .venv/bin/python bench/anchor_overhead.py [--reps 9] [--batch 64]
         [--threads N --clock wall|cpu]   (default: one table on 1 thread, CPU clock; one on all threads, wall)
+        [--floor]   (two more columns: the same anchored model with each anchor replaced by the least work
+                     any anchor that materialises its roll must do, and with no anchors at all)
 
 For each model the untouched timm model and ``anchorize(model, "full")`` run the same batch under
 ``torch.inference_mode``; repetitions are interleaved (A B, B A, A B, ...) so that load from other
@@ -15,7 +17,10 @@ import argparse
 import statistics
 import time
 
+import copy
+
 import torch
+from torch import nn
 
 from equishift import anchorize
 from equishift.polyphase import PolyphaseAnchor
@@ -75,6 +80,23 @@ def _anchor_time(model, x, reps: int, clock) -> float:
     return statistics.median(per_forward)
 
 
+class _ReadAndCopy(nn.Module):
+    """A cost floor, not an anchor: scoring needs every value read once and the roll writes one copy;
+    this does exactly that much (a sum and a clone) and nothing else (no choice, no index arithmetic)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x.sum()
+        return x.clone()
+
+
+def _replace_anchors(model: nn.Module, make) -> nn.Module:
+    """A copy of ``model`` whose PolyphaseAnchor modules are replaced by ``make()``."""
+    model = copy.deepcopy(model)
+    for name in [n for n, m in model.named_modules() if isinstance(m, PolyphaseAnchor)]:
+        model.set_submodule(name, make())
+    return model
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=int, default=64)
@@ -85,6 +107,9 @@ def main(argv=None) -> None:
     ap.add_argument("--clock", choices=sorted(_CLOCKS), default=None,
                     help="wall: elapsed time; cpu: this process's CPU time — with --threads 1 it does not count "
                          "time the scheduler gives to other processes, so it is the steadier figure on a busy host")
+    ap.add_argument("--floor", action="store_true",
+                    help="also time the anchored model with each anchor replaced by a sum + clone of its map "
+                         "(floor) and by nothing (no anchors: circular PEGs and wrappers only), interleaved")
     args = ap.parse_args(argv)
     if args.threads is None and args.clock is None:
         # One thread measures the work the anchors add; all threads shows how it parallelises (the anchors'
@@ -97,7 +122,10 @@ def main(argv=None) -> None:
         _table(args, clock)
     print("ratio = median(anchored) / median(baseline) (the figure to quote; target ≤ 1.15); paired = median of "
           "per-rep ratios; min = fastest anchored / fastest baseline (least disturbed by other load); anchors = "
-          "share of the median anchored forward spent inside PolyphaseAnchor modules.")
+          "share of the median anchored forward spent inside PolyphaseAnchor modules."
+          + (" floor = anchors replaced by one read and one copy of their map; no-anch = anchors removed "
+             "(both ÷ baseline, median; neither model is shift-invariant, they only bound the cost)."
+             if args.floor else ""))
 
 
 def _table(args, clock_name: str) -> None:
@@ -105,25 +133,32 @@ def _table(args, clock_name: str) -> None:
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, "
           f"{args.reps} interleaved reps, {clock_name} clock, CPU, torch.inference_mode")
-    print(f"{'model':28s} {'base ms':>9s} {'anch ms':>9s} {'ratio':>6s} {'paired':>7s} {'min':>6s} {'anchors':>8s}")
+    print(f"{'model':28s} {'base ms':>9s} {'anch ms':>9s} {'ratio':>6s} {'paired':>7s} {'min':>6s} {'anchors':>8s}"
+          + (f" {'floor':>6s} {'no-anch':>7s}" if args.floor else ""))
     for name, (build, size) in _models(args.only).items():
         base = build().eval()
         anch = anchorize(base, "full").eval()
+        models = [base, anch]
+        if args.floor:
+            models += [_replace_anchors(anch, _ReadAndCopy), _replace_anchors(anch, nn.Identity)]
         x = torch.randn(args.batch, 3, size, size)
         with torch.inference_mode():
             for _ in range(2):  # warm-up: allocator, oneDNN primitive caches
-                base(x), anch(x)
-            tb, ta = [], []
+                for m in models:
+                    m(x)
+            times = [[] for _ in models]
             for r in range(args.reps):
-                pair = (base, anch) if r % 2 == 0 else (anch, base)
-                t = {id(m): _time(m, x, clock) for m in pair}
-                tb.append(t[id(base)])
-                ta.append(t[id(anch)])
+                # rotate the order (A B C D, B C D A, ...): load from other processes hits all alike
+                for k in range(len(models)):
+                    i = (r + k) % len(models)
+                    times[i].append(_time(models[i], x, clock))
             share = _anchor_time(anch, x, max(3, args.reps // 3), clock)
+        tb, ta = times[0], times[1]
         mb, ma = statistics.median(tb), statistics.median(ta)
         paired = statistics.median(a / b for a, b in zip(ta, tb))
+        extra = "".join(f" {statistics.median(t) / mb:{w}.3f}" for t, w in zip(times[2:], (6, 7)))
         print(f"{name:28s} {mb * 1e3:9.1f} {ma * 1e3:9.1f} {ma / mb:6.3f} {paired:7.3f} {min(ta) / min(tb):6.3f} "
-              f"{share / ma:7.1%}", flush=True)
+              f"{share / ma:7.1%}{extra}", flush=True)
 
 
 if __name__ == "__main__":

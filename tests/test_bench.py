@@ -1,0 +1,58 @@
+"""bench/anchor_overhead.py runs end to end on a tiny case, and its cost-floor models are what they claim.
+
+Only the plumbing is checked here (timings are the bench's business, not a unit test's)."""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import torch
+from timm.models.vision_transformer import VisionTransformer
+
+from equishift import anchorize
+from equishift.polyphase import PolyphaseAnchor
+
+_BENCH = Path(__file__).resolve().parents[1] / "bench" / "anchor_overhead.py"
+
+
+def _load_bench():
+    spec = importlib.util.spec_from_file_location("anchor_overhead", _BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_floor_models_replace_every_anchor_and_leave_the_anchored_model_alone(make_twins):
+    bench = _load_bench()
+    anch = anchorize(make_twins("svt"), "full").eval()
+    n_anchors = sum(isinstance(m, PolyphaseAnchor) for m in anch.modules())
+    assert n_anchors == 5  # image, stage-1 LSA and GSA, stage-2 patch embedding, stage-2 LSA
+    floor = bench._replace_anchors(anch, bench._ReadAndCopy)
+    none = bench._replace_anchors(anch, torch.nn.Identity)
+    assert not any(isinstance(m, PolyphaseAnchor) for m in floor.modules())
+    assert sum(isinstance(m, bench._ReadAndCopy) for m in floor.modules()) == n_anchors
+    assert sum(isinstance(m, PolyphaseAnchor) for m in anch.modules()) == n_anchors  # a copy was changed
+    x = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode():
+        # A clone changes no value: the floor computes exactly what the model without anchors does.
+        assert floor(x).shape == none(x).shape == anch(x).shape
+        torch.testing.assert_close(floor(x), none(x), rtol=0, atol=0)
+
+
+def test_main_prints_a_row_with_floor_columns(capsys, monkeypatch):
+    bench = _load_bench()
+    tiny = lambda: VisionTransformer(img_size=16, patch_size=4, embed_dim=16, depth=1, num_heads=1,  # noqa: E731
+                                     num_classes=3)
+    monkeypatch.setattr(bench, "_models", lambda only: {"tiny ViT p4 @16": (tiny, 16)})
+    threads = torch.get_num_threads()
+    try:
+        bench.main(["--reps", "2", "--batch", "2", "--threads", "1", "--clock", "cpu", "--floor"])
+    finally:
+        torch.set_num_threads(threads)  # main sets the process's thread count
+    out = capsys.readouterr().out
+    header = next(line for line in out.splitlines() if line.startswith("model"))
+    assert header.split()[-2:] == ["floor", "no-anch"]
+    row = next(line for line in out.splitlines() if line.startswith("tiny ViT p4 @16"))
+    values = row[len("tiny ViT p4 @16"):].split()
+    assert len(values) == 8  # base, anch, ratio, paired, min, anchors share, floor, no-anch
+    assert all(float(v.rstrip("%")) > 0 for v in values)
