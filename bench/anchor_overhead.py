@@ -7,8 +7,9 @@
 
 For each model the untouched timm model and ``anchorize(model, "full")`` run the same batch under
 ``torch.inference_mode``; repetitions are interleaved (A B, B A, ...; with ``--floor``, A B C D,
-B C D A, ...) so that load from other processes hits all alike, and the ratio of the medians is printed (target ≤ 1.15), together with the
-median of the per-repetition ratios and the share of the anchored forward spent in the anchors themselves.
+B C D A, ...) so that load from other processes hits all alike, and the ratio of the medians is
+printed (target ≤ 1.15), together with the median of the per-repetition ratios and the share of the
+anchored forward spent in the anchors themselves.
 Random weights: speed does not depend on them.
 """
 from __future__ import annotations
