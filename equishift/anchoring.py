@@ -1,6 +1,6 @@
 """``anchorize``: turn a timm ViT/DeiT or Twins model into an adaptively anchored, shift-invariant one.
 
-Where anchors go (shared/notes/anchoring.md):
+Where anchors go (docs/anchoring.md):
 
 ViT / DeiT (timm ``VisionTransformer``)
   full        anchor the image with s = patch size before the patch conv; the absolute position

@@ -1,8 +1,9 @@
 """Accuracy and shift-consistency protocols on a dataset: ``evaluate`` and ``python -m equishift evaluate``.
 
-Definitions follow shared/notes/metrics.md; each protocol below is one exact recipe (README, section
-``evaluate``). Notation: x a prepared image of size H×W, ŷ the argmax class, y the label, s the model's
-patch size (``LoadedModel.stride``), m = H // 8 the crop margin (4 for 32-pixel inputs).
+Definitions follow docs/metrics.md; each protocol below is one exact recipe (docs/training.md, section
+"Evaluating shift robustness"). Notation: x a prepared image of size H×W, ŷ the argmax class, y the
+label, s the model's patch size (``LoadedModel.stride``), m = H // 8 the crop margin (4 for 32-pixel
+inputs).
 
 - ``clean``            accuracy 1[ŷ(x) = y].
 - ``consistency-a``    circular; 1[ŷ(x) = ŷ(R_δ x)], one δ per image uniform in {0..14}² (the paper's default).

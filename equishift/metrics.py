@@ -1,4 +1,4 @@
-"""Shift metrics, one function per definition in shared/notes/metrics.md. Pure functions on tensors.
+"""Shift metrics, one function per definition in docs/metrics.md. Pure functions on tensors.
 
 Notation: ŷ = argmax of the logits, p = softmax. Shapes: N images, K shifts, C classes.
 Rates (consistency, accuracy, robustness) come back as an ``Estimate`` with a Wilson 95% interval,

@@ -1,4 +1,4 @@
-"""Shift transforms and shift grids (definitions: shared/notes/metrics.md, "Shifts").
+"""Shift transforms and shift grids (definitions: docs/metrics.md, "Shift modes").
 
 A shift (dy, dx) moves image *content* down by dy rows and right by dx columns. Every mode is
 implemented per sample with index arithmetic (gather), so a batch holding a different shift for each

@@ -9,8 +9,9 @@ checkpoint paths of the sidebar (a local path, and the safetensors uploader); a 
 exact tensors; no code payload ever runs (its marker file never appears).
 
 Cases with ``load_kwargs`` test a limit argument the page does not expose (it uses the defaults), so they
-are left out here. ``python tests/test_app_corpus.py`` prints the input kind → behaviour table of the
-README's hardening section; ``test_readme_table_is_current`` keeps the two in step.
+are left out here. ``python tests/test_app_corpus.py`` prints the input kind → behaviour table of
+docs/security.md, ``python tests/test_app_corpus.py --write`` rewrites it there (between the
+``input-table`` markers), and ``test_security_doc_table_is_current`` keeps the two in step.
 """
 from __future__ import annotations
 
@@ -212,7 +213,11 @@ def test_no_payload_ever_ran(ckpts):
     assert not [m for m in markers if m.exists()]
 
 
-# --- the README table ----------------------------------------------------------------------------------
+# --- the table in docs/security.md ---------------------------------------------------------------------
+SECURITY_DOC = ROOT / "docs" / "security.md"
+TABLE_START, TABLE_END = "<!-- section:input-table -->", "<!-- /section:input-table -->"
+
+
 def behaviour_table() -> str:
     """Markdown table, input kind → behaviour, for both corpora; every row is checked against the real
     loaders while it is generated (an outcome the code does not produce raises AssertionError)."""
@@ -272,11 +277,34 @@ def behaviour_table() -> str:
     return "\n".join(lines)
 
 
-def test_readme_table_is_current():
-    readme = (ROOT / "README.md").read_text()
-    section = readme[readme.index("<!-- section:hardening -->"):readme.index("<!-- /section:hardening -->")]
-    assert behaviour_table() in section, "regenerate with: python tests/test_app_corpus.py"
+def _table_span(text: str) -> tuple:
+    """(start, end) of the text between the input-table markers of docs/security.md."""
+    start, end = text.find(TABLE_START), text.find(TABLE_END)
+    assert 0 <= start < end, f"{SECURITY_DOC} lacks the markers {TABLE_START} … {TABLE_END}"
+    return start + len(TABLE_START), end
+
+
+def write_table() -> bool:
+    """Rewrite the table between the markers of docs/security.md; True when the file changed."""
+    text = SECURITY_DOC.read_text(encoding="utf-8")
+    start, end = _table_span(text)
+    new = text[:start] + "\n" + behaviour_table() + "\n" + text[end:]
+    if new == text:
+        return False
+    SECURITY_DOC.write_text(new, encoding="utf-8")
+    return True
+
+
+def test_security_doc_table_is_current():
+    text = SECURITY_DOC.read_text(encoding="utf-8")
+    start, end = _table_span(text)
+    assert behaviour_table() in text[start:end], "regenerate with: python tests/test_app_corpus.py --write"
 
 
 if __name__ == "__main__":
-    print(behaviour_table())
+    if sys.argv[1:] == ["--write"]:
+        print(f"{SECURITY_DOC}: {'rewritten' if write_table() else 'already current'}")
+    elif sys.argv[1:]:
+        sys.exit("usage: python tests/test_app_corpus.py [--write]")
+    else:
+        print(behaviour_table())
