@@ -5,8 +5,16 @@ For a map ``x`` of shape (B, C, H, W) and a period ``s`` the s² polyphase compo
 channels and positions; ``anchor`` rolls ``x`` by minus that index so that every later operator that is
 equivariant to shifts by multiples of ``s`` becomes equivariant to all integer circular shifts.
 
-Ties go to the first index in row-major order (``a * s + b``): ``torch.argmax`` returns the first
-maximal entry, and the scores are laid out row-major. A constant image therefore anchors at (0, 0).
+Near-ties. The choice is an argmax over s² numbers computed from features, and features computed for a
+shifted input are not an exact permutation of the unshifted ones on every CPU (matrix kernels round
+differently for different row positions, batch sizes and vector widths). Two phases whose norms differ
+by less than that rounding can swap places under a shift. So phases within a relative tolerance
+``tie_tol`` of the largest norm (``TIE_TOL``, per dtype) count as tied, and among them the largest
+fourth-power sum ``sum x⁴`` wins: a second, shift-consistent key that is not flattened by a LayerNorm
+(after a default LayerNorm every token has the same l2 norm, so every phase ties on the l2 key). Outside
+near-ties this is the paper's rule (largest l2 norm). ``tie_tol=0`` gives the plain argmax. Remaining
+exact ties go to the first index in row-major order (``a * s + b``), so a constant image anchors at
+(0, 0). docs/anchoring.md ("Near-ties") has the measurements behind the tolerances.
 """
 from __future__ import annotations
 
@@ -19,7 +27,27 @@ from typing import Dict, Iterator, Optional, Tuple
 import torch
 from torch import nn
 
-__all__ = ["polyphase_norms", "select_anchor", "anchor", "roll_batch", "PolyphaseAnchor", "record_anchors"]
+__all__ = ["TIE_TOL", "polyphase_norms", "polyphase_margin", "select_anchor", "anchor", "roll_batch",
+           "PolyphaseAnchor", "record_anchors", "AnchorRecord"]
+
+# Relative tie tolerance per dtype of the map being anchored: phases whose squared norm is within
+# ``tie_tol * max`` of the largest are decided by the second key. float32: above the margins that
+# LayerNorm's eps leaves between phases of an untrained model (1e-7 to 1e-5; 1e-5 still flipped) and
+# ~2000x the run-to-run rounding of phase sums measured across CPU kernels (<= 5e-8); trained models
+# rarely come that close (bench/near_ties.py). Half precision: about the rounding of a LayerNorm output
+# summed over a phase (eps / sqrt(C * N)); larger values would overrule the l2 rule on many trained
+# choices (bfloat16: 30-50% of them have margins below 1e-2). docs/anchoring.md, "Near-ties".
+TIE_TOL: Dict[torch.dtype, float] = {
+    torch.float64: 1e-10,
+    torch.float32: 1e-4,
+    torch.bfloat16: 1e-3,
+    torch.float16: 2e-4,
+}
+
+
+def tie_tolerance(dtype: torch.dtype) -> float:
+    """The default relative tie tolerance for maps of ``dtype`` (float32's for other dtypes)."""
+    return TIE_TOL.get(dtype, TIE_TOL[torch.float32])
 
 
 def _check(x: torch.Tensor, stride: int) -> None:
@@ -70,6 +98,20 @@ def _phase_sums(x: torch.Tensor, stride: int) -> torch.Tensor:
     return rows.reshape(b, stride, w // stride, stride).sum(dim=2)           # (B, s, s): phase (a, b)
 
 
+def _quartic_sums(x: torch.Tensor, stride: int) -> torch.Tensor:
+    """(B, stride, stride) sums of x⁴ over each polyphase component, in float64 (float32 on MPS).
+
+    The tie-break key: per pixel, sum_c x⁴ is reduced in the same order wherever the pixel sits (a shift
+    only permutes the pixels), and unlike sum_c x² it is not constant after a LayerNorm."""
+    b, c, h, w = x.shape
+    x = x if x.dtype in (torch.float32, torch.float64) else x.float()
+    x2 = x * x
+    q = (x2 * x2).sum(dim=1)
+    acc = torch.float32 if q.device.type == "mps" else torch.float64
+    rows = q.reshape(b, h // stride, stride, w).sum(dim=1, dtype=acc)
+    return rows.reshape(b, stride, w // stride, stride).sum(dim=2)
+
+
 def polyphase_norms(x: torch.Tensor, stride: int) -> torch.Tensor:
     """Squared l2 norm of each polyphase component, shape (B, stride, stride), returned in float32
     (float64 for float64 input); half-precision input is scored in float32, so it does not tie or overflow."""
@@ -83,6 +125,16 @@ def _fake_mode_active() -> bool:
     try:
         return torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None
     except (AttributeError, RuntimeError):  # a torch without this hook: no fake mode to worry about
+        return False
+
+
+def _tracing() -> bool:
+    """Inside torch.compile, make_fx (a proxy mode) or a fake mode: no data-dependent host checks."""
+    if torch.compiler.is_compiling() or _fake_mode_active():
+        return True
+    try:
+        return torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.PROXY) is not None
+    except (AttributeError, RuntimeError):
         return False
 
 
@@ -157,20 +209,59 @@ def _batch_offsets(b: int, hw: int, device: torch.device) -> torch.Tensor:
     return (torch.arange(b, device=device) * hw).unsqueeze(1)
 
 
-def _select(x: torch.Tensor, stride: int) -> torch.Tensor:
-    """Flat anchor index a * stride + b per image (LongTensor[B]); no autograd graph."""
-    if not torch.is_grad_enabled():  # a sweep's inference mode: skip the context switch
-        return _phase_sums(x, stride).flatten(1).argmax(dim=1)
-    with torch.no_grad():
-        return _phase_sums(x, stride).flatten(1).argmax(dim=1)
+def _margin(sums: torch.Tensor) -> torch.Tensor:
+    """(B,) relative gap between the largest and second-largest phase sums, (S1 - S2) / S1, in [0, 1]
+    (0 for an all-zero map, 1 when only one phase carries energy or there is only one phase)."""
+    if sums.shape[1] < 2:
+        return torch.ones(sums.shape[0], dtype=sums.dtype, device=sums.device)
+    top = sums.topk(2, dim=1).values
+    return torch.where(top[:, 0] > 0, (top[:, 0] - top[:, 1]) / top[:, 0], torch.zeros_like(top[:, 0]))
 
 
-def select_anchor(x: torch.Tensor, stride: int) -> torch.Tensor:
+def _decide(x: torch.Tensor, sums: torch.Tensor, stride: int, tie_tol: float) -> torch.Tensor:
+    """Flat anchor index per image from the (B, s²) phase sums: the largest, or among the phases within
+    ``tie_tol`` (relative) of the largest, the one with the largest sum of x⁴."""
+    if tie_tol <= 0:
+        return sums.argmax(dim=1)
+    near = sums >= sums.amax(dim=1, keepdim=True) * (1.0 - tie_tol)
+    # On the CPU a host check is free and skips the second pass when nothing is tied (the usual case);
+    # on accelerators and while tracing the key is always computed (no sync, no graph break).
+    if x.device.type == "cpu" and not _tracing() and not bool((near.sum(dim=1) > 1).any()):
+        return sums.argmax(dim=1)
+    key = _quartic_sums(x, stride).flatten(1)
+    return key.masked_fill(~near, float("-inf")).argmax(dim=1)
+
+
+def _select(x: torch.Tensor, stride: int, tie_tol: Optional[float] = None,
+            with_margin: bool = False) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """(flat anchor index a * stride + b per image (LongTensor[B]), relative top-2 margin or None);
+    no autograd graph. ``tie_tol`` None: the default for the dtype of ``x``."""
+    tol = tie_tolerance(x.dtype) if tie_tol is None else float(tie_tol)
+    if torch.is_grad_enabled():
+        with torch.no_grad():
+            return _select(x, stride, tol, with_margin)
+    sums = _phase_sums(x, stride).flatten(1)
+    return _decide(x, sums, stride, tol), (_margin(sums).to(_score_dtype(x)) if with_margin else None)
+
+
+def select_anchor(x: torch.Tensor, stride: int, tie_tol: Optional[float] = None) -> torch.Tensor:
     """(row, col) phase of the largest-norm polyphase component per image: LongTensor[B, 2].
 
-    Ties resolve to the first index in row-major order (a * stride + b)."""
-    flat = _select(x, stride)
+    Phases within ``tie_tol`` (relative; default ``TIE_TOL[x.dtype]``) of the largest norm are tied and
+    decided by the largest sum of x⁴; ``tie_tol=0`` is the plain argmax. Exact ties resolve to the first
+    index in row-major order (a * stride + b)."""
+    flat, _ = _select(x, stride, tie_tol)
     return _tables(1, 1, stride, flat.device)[0].index_select(0, flat)
+
+
+def polyphase_margin(x: torch.Tensor, stride: int) -> torch.Tensor:
+    """Relative gap between the two largest polyphase squared norms per image, (S1 - S2) / S1: float
+    tensor [B] in [0, 1]. Below ``TIE_TOL[x.dtype]`` the anchor is a near-tie, decided by the x⁴ key."""
+    return _margin(_phase_sums(x, stride).flatten(1)).to(_score_dtype(x))
+
+
+def _score_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def _gather_pixels(x: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
@@ -215,14 +306,14 @@ def _roll_rows(x: torch.Tensor, flat: torch.Tensor, stride: int) -> torch.Tensor
     return padded.reshape(-1).unfold(0, w, 1).index_select(0, starts.reshape(-1)).reshape(b, c, h, w)
 
 
-def anchor(x: torch.Tensor, stride: int) -> tuple[torch.Tensor, torch.Tensor]:
+def anchor(x: torch.Tensor, stride: int, tie_tol: Optional[float] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Roll ``x`` by minus its anchor. Returns ``(rolled_x, index)`` with index LongTensor[B, 2].
 
     The roll is never undone: the network continues in the anchored frame. Gradients flow through
     the roll (the index itself is a discrete choice and carries none). The values never depend on the
     layout, but a contiguous map of more than 4 channels may come back channels-last (the fast layout
-    for the roll and for the conv after it)."""
-    flat = _select(x, stride)
+    for the roll and for the conv after it). ``tie_tol``: as in ``select_anchor``."""
+    flat, _ = _select(x, stride, tie_tol)
     idx = _tables(1, 1, stride, flat.device)[0].index_select(0, flat)
     return _roll_to_anchor(x, flat, stride), idx
 
@@ -258,46 +349,69 @@ _RECORDER: contextvars.ContextVar[Optional["_Recorder"]] = contextvars.ContextVa
 )
 
 
+class AnchorRecord(Dict[str, torch.Tensor]):
+    """What ``record_anchors`` yields: a dict module name -> LongTensor[B, 2] of selected (row, col)
+    phases, and ``margins``: module name -> float tensor [B], the relative top-2 margin of each choice
+    (see ``polyphase_margin``; a margin below ``tie_tol`` means the x⁴ key decided)."""
+
+    def __init__(self):
+        super().__init__()
+        self.margins: Dict[str, torch.Tensor] = {}
+        self.tie_tol: Dict[str, float] = {}
+
+
 class _Recorder:
     def __init__(self, names: Dict[int, str]):
         self.names = names
-        self.records: Dict[str, torch.Tensor] = {}
+        self.records = AnchorRecord()
 
-    def add(self, module: nn.Module, index: torch.Tensor) -> None:
-        name = self.names.get(id(module))
-        if name is None:  # an anchor of another model run inside the same context
-            return
-        prev = self.records.get(name)
-        index = index.detach().cpu()
+    def wants(self, module: nn.Module) -> bool:
+        return id(module) in self.names  # not an anchor of another model run inside the same context
+
+    def add(self, module: nn.Module, index: torch.Tensor, margin: torch.Tensor, tie_tol: float) -> None:
+        name = self.names[id(module)]
         # Several forward passes inside one context (e.g. a chunked sweep) concatenate along the batch.
-        self.records[name] = index if prev is None else torch.cat((prev, index))
+        for store, value in ((self.records, index), (self.records.margins, margin)):
+            value = value.detach().cpu()
+            prev = store.get(name)
+            store[name] = value if prev is None else torch.cat((prev, value))
+        self.records.tie_tol[name] = tie_tol
 
 
 class PolyphaseAnchor(nn.Module):
-    """Anchors a (B, C, H, W) map with period ``stride``; records its choice inside ``record_anchors``."""
+    """Anchors a (B, C, H, W) map with period ``stride``; records its choice inside ``record_anchors``.
 
-    def __init__(self, stride: int):
+    ``tie_tol``: relative near-tie tolerance (None: ``TIE_TOL`` for the map's dtype; 0: plain argmax)."""
+
+    def __init__(self, stride: int, tie_tol: Optional[float] = None):
         super().__init__()
         self.stride = int(stride)
+        if tie_tol is not None and not (0.0 <= float(tie_tol) < 1.0):
+            raise ValueError(f"tie_tol must be in [0, 1), got {tie_tol!r}")
+        self.tie_tol = None if tie_tol is None else float(tie_tol)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = _select(x, self.stride)
         rec = _RECORDER.get()
-        if rec is not None:  # (row, col) only when someone records it
-            rec.add(self, _tables(1, 1, self.stride, flat.device)[0].index_select(0, flat))
+        recording = rec is not None and rec.wants(self)
+        tol = tie_tolerance(x.dtype) if self.tie_tol is None else self.tie_tol
+        flat, margin = _select(x, self.stride, tol, with_margin=recording)
+        if recording:  # (row, col) and the margin only when someone records them
+            rec.add(self, _tables(1, 1, self.stride, flat.device)[0].index_select(0, flat), margin, tol)
         return _roll_to_anchor(x, flat, self.stride)
 
     def extra_repr(self) -> str:
-        return f"stride={self.stride}"
+        return f"stride={self.stride}" + ("" if self.tie_tol is None else f", tie_tol={self.tie_tol:g}")
 
 
 @contextmanager
-def record_anchors(model: nn.Module) -> Iterator[Dict[str, torch.Tensor]]:
-    """Record, per anchored module name, the LongTensor[B, 2] each forward pass selects.
+def record_anchors(model: nn.Module) -> Iterator[AnchorRecord]:
+    """Record, per anchored module name, the LongTensor[B, 2] each forward pass selects, and in
+    ``.margins`` the relative top-2 margin of each choice (how close it came to a tie).
 
     >>> with record_anchors(model) as anchors:
     ...     model(x)
     >>> anchors["patch_embed.anchor"]  # (B, 2) row/col phase
+    >>> anchors.margins["patch_embed.anchor"]  # (B,) (S1 - S2) / S1
 
     The dict is filled as the forward pass runs. Thread-safe: the recorder is context-local."""
     names = {id(m): n for n, m in model.named_modules() if isinstance(m, PolyphaseAnchor)}

@@ -9,6 +9,9 @@ What is recorded (``record`` picks a subset; K = number of shifts)
 - ``logits``  [K, classes] float32 (``.probs``, ``.pred``).
 - ``anchors`` {module name: LongTensor[K, 2]}: the (row, col) phase each ``PolyphaseAnchor`` selected
   (via ``equishift.record_anchors``). Empty for unanchored models.
+- ``margins`` {module name: float32 [K]}: each choice's relative top-2 margin (S1 - S2) / S1 of the
+  polyphase squared norms; below ``meta["anchor_tie_tol"][name]`` it was a near-tie, decided by the
+  second key (docs/anchoring.md, "Near-ties"). ``ref_margins``: the same for the unshifted image.
 - ``attention`` {layer: float16 [K, heads, h, w]} on the layer's own map grid:
     * ViT with a CLS token: the CLS → patch-token row of every head (``kind='cls'``);
       ViT without CLS: the mean attention each patch token *receives*, averaged over patch queries
@@ -93,11 +96,13 @@ class SweepResult:
     shifts: torch.Tensor                                   # [K, 2] long (float64 for sub-pixel modes)
     logits: Optional[torch.Tensor]                         # [K, classes] float32
     anchors: Dict[str, torch.Tensor] = field(default_factory=dict)      # name -> long [K, 2]
+    margins: Dict[str, torch.Tensor] = field(default_factory=dict)      # name -> float32 [K], top-2 margin
     attention: Dict[str, torch.Tensor] = field(default_factory=dict)    # layer -> fp16 [K, heads, h, w]
     layer_error: Dict[str, torch.Tensor] = field(default_factory=dict)  # layer -> float32 [K]
     offset: Dict[str, torch.Tensor] = field(default_factory=dict)       # layer -> float32 [K, 2] pixels
     ref_logits: Optional[torch.Tensor] = None              # [classes]
     ref_anchors: Dict[str, torch.Tensor] = field(default_factory=dict)     # name -> long [2]
+    ref_margins: Dict[str, torch.Tensor] = field(default_factory=dict)     # name -> float32 []
     ref_attention: Dict[str, torch.Tensor] = field(default_factory=dict)   # layer -> fp16 [heads, h, w]
     meta: Dict[str, Any] = field(default_factory=dict)
 
@@ -139,8 +144,8 @@ class SweepResult:
     @property
     def nbytes(self) -> int:
         """Bytes held by this result's tensors (what a cache of sweeps should count)."""
-        return _tensor_bytes([self.shifts, self.logits, self.ref_logits, self.anchors, self.attention,
-                              self.layer_error, self.offset, self.ref_anchors, self.ref_attention])
+        return _tensor_bytes([self.shifts, self.logits, self.ref_logits, self.anchors, self.margins, self.attention,
+                              self.layer_error, self.offset, self.ref_anchors, self.ref_margins, self.ref_attention])
 
     def index_of(self, dy: float, dx: float) -> int:
         """Row of shift (dy, dx) in this sweep; EquishiftError if it was not swept."""
@@ -180,6 +185,27 @@ class SweepResult:
         """One line naming the shift mode and range, for figure titles (metrics.md, last line)."""
         return f"{self.meta.get('mode', '?')} shifts, {describe_shifts(self.shifts)}"
 
+    def anchor_margins(self, k: int) -> List[Dict[str, Any]]:
+        """One row per anchored module at shift index ``k``: name, stride, the selected (row, col) phase,
+        its relative top-2 margin here, the smallest margin over all swept shifts, the tie tolerance, and
+        how many swept shifts were near-ties (margin below the tolerance: decided by the second key).
+        A margin that is tiny but above the tolerance is where another CPU's rounding could flip the
+        choice; docs/anchoring.md ("Near-ties") explains the bound."""
+        rows = []
+        strides = self.meta.get("anchor_stride", {})
+        tols = self.meta.get("anchor_tie_tol", {})
+        for name, idx in self.anchors.items():
+            m = self.margins.get(name)
+            tol = tols.get(name)
+            rows.append({
+                "module": name, "stride": strides.get(name), "phase": tuple(int(v) for v in idx[k]),
+                "margin": None if m is None else float(m[k]),
+                "min_margin": None if m is None else float(m.min()),
+                "tie_tol": tol,
+                "near_ties": None if m is None or tol is None else int((m < tol).sum()),
+            })
+        return rows
+
     # persistence ----------------------------------------------------------------------------------
     def save(self, path) -> None:
         """Write an ``.npz`` (numpy arrays and a JSON string; loads with ``allow_pickle=False``)."""
@@ -187,7 +213,8 @@ class SweepResult:
         if self.logits is not None:
             arrays["logits"] = self.logits.numpy()
             arrays["ref_logits"] = self.ref_logits.numpy()
-        for prefix, d in (("anchors", self.anchors), ("attention", self.attention),
+        for prefix, d in (("anchors", self.anchors), ("margins", self.margins), ("ref_margins", self.ref_margins),
+                          ("attention", self.attention),
                           ("layer_error", self.layer_error), ("offset", self.offset),
                           ("ref_anchors", self.ref_anchors), ("ref_attention", self.ref_attention)):
             for k, v in d.items():
@@ -281,6 +308,8 @@ class _Pass:
         self.layer_offset: Dict[str, torch.Tensor] = {}
         self.layer_error: Dict[str, torch.Tensor] = {}
         self.anchors: Dict[str, torch.Tensor] = {}
+        self.margins: Dict[str, torch.Tensor] = {}     # relative top-2 margin of each anchor's choice
+        self.tie_tol: Dict[str, float] = {}
         self.sizes: Dict[str, Tuple[int, int]] = {}
         self.features: Dict[str, torch.Tensor] = {}   # reference run only
         self.logits: Optional[torch.Tensor] = None
@@ -368,6 +397,8 @@ class _Probe:
             g = self.hw[0] / args[0].shape[-2]
             st.offset = st.offset - idx.double() * g
             st.anchors[name] = idx
+            st.margins[name] = st.rec.margins[name].float()
+            st.tie_tol[name] = st.rec.tie_tol[name]
         return hook
 
     def _grid(self, layer: str, args) -> Tuple[int, int]:
@@ -653,6 +684,8 @@ def _assemble(s, parts: List[_Pass], ref: _Pass, probe: _Probe, record, mode, hw
     if "anchors" in record:
         res.anchors = {n: cat(lambda p: p.anchors[n]) for n in ref.anchors}
         res.ref_anchors = {n: v[0] for n, v in ref.anchors.items()}
+        res.margins = {n: cat(lambda p: p.margins[n]) for n in ref.margins}
+        res.ref_margins = {n: v[0] for n, v in ref.margins.items()}
     if "attention" in record:
         res.attention = {n: cat(lambda p: p.attention[n]) for n in ref.attention}
         res.ref_attention = {n: v[0] for n, v in ref.attention.items()}
@@ -668,6 +701,8 @@ def _assemble(s, parts: List[_Pass], ref: _Pass, probe: _Probe, record, mode, hw
         "classes": list(classes) if classes is not None else None,
         "grid": {n: list(v) for n, v in ref.sizes.items()},
     })
+    if ref.tie_tol:
+        meta["anchor_tie_tol"] = dict(ref.tie_tol)
     if probe.arch == "other":
         skipped = [r for r in ("attention", "features") if r in record]
         if skipped:

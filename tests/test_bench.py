@@ -56,3 +56,24 @@ def test_main_prints_a_row_with_floor_columns(capsys, monkeypatch):
     values = row[len("tiny ViT p4 @16"):].split()
     assert len(values) == 8  # base, anch, ratio, paired, min, anchors share, floor, no-anch
     assert all(float(v.rstrip("%")) > 0 for v in values)
+
+
+def test_near_ties_bench_runs_and_the_default_rule_holds_on_this_cpus_kernels(tmp_path):
+    """bench/near_ties.py end to end on a tiny case, under whatever kernels this process's CPU settings
+    pick (CI runs the suite again under ATEN_CPU_CAPABILITY=avx2 and =default): the default rule moves no
+    logits of untrained Twins, the case where plain argmax is decided by rounding."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "nt.json"
+    bench = _BENCH.parent / "near_ties.py"
+    proc = subprocess.run([sys.executable, str(bench), "--caps", "native", "--seeds", "2", "--images", "1",
+                           "--dtypes", "float32", "--json", str(out)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "| native | svt timm init | float32 | tolerant |" in proc.stdout
+    rows = json.loads(out.read_text())["native"]
+    for kind in ("svt timm init", "pcpvt timm init", "svt LN randomised"):
+        row = rows[f"{kind} | float32 | tolerant"]
+        assert row["pairs"] == 2 * 256 and row["moved"] == 0 and row["max"] <= 1e-4, (kind, row)
+        assert row["decisions"] > 0

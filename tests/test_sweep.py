@@ -408,3 +408,27 @@ def test_shipped_anchored_models_follow_the_shift_exactly(spec, period):
     res = sweep(lm, x, torch.cat((period_grid(period), torch.tensor([[13, -21], [-30, 7]]))))
     _check_anchored(res, 4)
     assert res.classes == lm.classes
+
+
+def test_margins_are_recorded_per_anchor_and_shift_and_survive_save(models, tmp_path):
+    """Each anchor's top-2 margin is recorded at every shift; the image-level one is exactly the margin
+    of the shifted image's polyphase norms (a shift permutes the phases, so it does not change), and the
+    tolerance each anchor used is in the metadata."""
+    from equishift.polyphase import TIE_TOL, polyphase_margin
+
+    x = image(3)
+    s = torch.cat((period_grid(4), torch.tensor([[9, -13]])))
+    res = sweep(models["twins-a"], x, s)
+    assert set(res.margins) == set(res.anchors) and set(res.ref_margins) == set(res.anchors)
+    for n, m in res.margins.items():
+        assert m.shape == (len(s),) and m.dtype == torch.float32 and ((m >= 0) & (m <= 1)).all()
+    first = "patch_embeds.0.anchor"
+    want = polyphase_margin(x[None], 4)[0]
+    torch.testing.assert_close(res.ref_margins[first], want)
+    torch.testing.assert_close(res.margins[first], want.expand(len(s)), rtol=1e-5, atol=1e-7)
+    assert res.meta["anchor_tie_tol"] == {n: TIE_TOL[torch.float32] for n in res.anchors}
+    res.save(tmp_path / "r.npz")
+    back = SweepResult.load(tmp_path / "r.npz")
+    assert set(back.margins) == set(res.margins)
+    for n in res.margins:
+        assert torch.equal(back.margins[n], res.margins[n]) and torch.equal(back.ref_margins[n], res.ref_margins[n])
