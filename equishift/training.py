@@ -38,7 +38,7 @@ __all__ = ["ARCHS", "TrainConfig", "build_model", "train", "save_model", "card_f
 
 MODELS_DIR = Path(__file__).resolve().parent.parent / "assets" / "models"
 
-# Architectures sized for 32x32 inputs and a CPU budget of ~10 minutes per model (see README "models").
+# Architectures sized for 32x32 inputs and a CPU budget of ~10 minutes per model (docs/training.md, "The recipe").
 ARCHS: Dict[str, Tuple[str, Dict[str, Any]]] = {
     "vit": ("VisionTransformer", dict(img_size=32, patch_size=4, in_chans=3, num_classes=10, embed_dim=64,
                                       depth=4, num_heads=2, mlp_ratio=2.0)),
