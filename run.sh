@@ -10,14 +10,14 @@ case "$cmd" in
   dashboard)
     bash scripts/setup.sh
     # glibc keeps freed sweep buffers in per-thread heaps otherwise: resident memory then exceeds the
-    # sweep memory budget and grows with the number of sessions (README, "Limits"). Override by exporting.
+    # sweep memory budget and grows with the number of sessions (docs/deployment.md, "Memory"). Override by exporting.
     export MALLOC_MMAP_THRESHOLD_=${MALLOC_MMAP_THRESHOLD_:-131072} MALLOC_ARENA_MAX=${MALLOC_ARENA_MAX:-2}
     exec .venv/bin/python -m streamlit run dashboard/app.py "$@"
     ;;
   test)
     bash scripts/setup.sh
     export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
-    exec .venv/bin/python -m pytest -ra "$@"
+    exec .venv/bin/python -m pytest -ra --durations=15 "$@"
     ;;
   *)
     echo "usage: bash run.sh dashboard|test [extra args]" >&2
