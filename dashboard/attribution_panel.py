@@ -8,6 +8,7 @@ from __future__ import annotations
 import streamlit as st
 
 from equishift import attribution, plots
+from equishift.formatting import fmt
 
 from dashboard import compute
 from dashboard.export import show
@@ -47,7 +48,7 @@ def render(sides, mode, shift, index) -> None:
                              help="patch: the first patch conv; a block: its patch tokens as a (C, h, w) map.")
         layer = None if layer == "patch" else layer
     maps, scores = {}, {}
-    with st.spinner(f"{METHODS[method]} at shift {shift} …"):
+    with st.spinner(f"{METHODS[method]} at shift ({fmt(shift[0])}, {fmt(shift[1])}) …"):
         for side in sides:
             try:
                 att, ref = _attribute(side, mode, method, layer, shift)

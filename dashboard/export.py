@@ -12,6 +12,8 @@ from typing import Callable, Optional
 import plotly.graph_objects as go
 import streamlit as st
 
+from equishift import formatting
+
 __all__ = ["show", "figure_bytes", "static_export_problem", "report_panel"]
 
 MIME = {"png": "image/png", "svg": "image/svg+xml", "html": "text/html"}
@@ -31,10 +33,12 @@ def _kaleido_server() -> Optional[str]:
 
 
 def static_export_problem() -> Optional[str]:
-    """None when PNG/SVG export works here, else why not (e.g. no chromium installed)."""
-    import shutil
+    """None when PNG/SVG export works here, else why not (e.g. no chromium installed). The browser is
+    looked for as kaleido looks for it (``equishift.report.find_browser``): without one kaleido would
+    not fail but wait forever."""
+    from equishift.report import find_browser
 
-    if not any(shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome", "chrome")):
+    if find_browser() is None:
         return "PNG/SVG export needs Chromium (`apt-get install chromium`); HTML works offline."
     return None
 
@@ -43,7 +47,7 @@ def figure_bytes(fig: go.Figure, fmt: str) -> bytes:
     """The figure as PNG, SVG or standalone HTML (plotly.js inline, so it opens offline)."""
     if fmt == "html":
         return fig.to_html(include_plotlyjs=True, full_html=True).encode("utf-8")
-    problem = _kaleido_server()
+    problem = static_export_problem() or _kaleido_server()
     if problem is not None:
         raise RuntimeError(f"static export unavailable: {problem}")
     return fig.to_image(format=fmt, scale=2 if fmt == "png" else 1)
@@ -107,6 +111,7 @@ def report_panel(sides, mode: str, grid, image_bytes: bytes) -> None:
         st.download_button("Download comparison report", data=built["data"], file_name="equishift-report.zip",
                            mime="application/zip", on_click="ignore", type="primary", key="download_report",
                            icon=":material/download:")
-        st.caption(f"{len(built['data']) / 1e6:.1f} MB · for the models, image, mode and grid shown above.")
+        st.caption(f"{formatting.fmt(len(built['data']) / 1e6, '.1f')} MB · for the models, image, mode and grid "
+                   "shown above.")
     elif built:
         st.caption("The models, image, mode or grid changed since the last report: build it again.")

@@ -16,11 +16,12 @@ import streamlit as st
 import torch
 
 from equishift import metrics, plots
+from equishift.formatting import fmt
 
 from dashboard import compute
 from dashboard.export import show
 
-__all__ = ["preprocessing", "heatmap_keys", "summary", "render", "TABS"]
+__all__ = ["preprocessing", "heatmap_keys", "summary", "top5_markdown", "render", "TABS"]
 
 TABS = ("Logit curves", "Orbit heatmaps", "Attention", "Polyphase indices", "Layer × shift error",
         "Attribution", "Export")
@@ -44,8 +45,8 @@ def preprocessing(sides, thumb, original_size, choice) -> None:
 
 def _recipe(card) -> str:
     c, h, w = card["input_size"]
-    mean = ", ".join(f"{v:.3f}" for v in card["mean"])
-    std = ", ".join(f"{v:.3f}" for v in card["std"])
+    mean = ", ".join(fmt(v, ".3f") for v in card["mean"])
+    std = ", ".join(fmt(v, ".3f") for v in card["std"])
     color = "grayscale" if int(c) == 1 else "RGB"
     if card.get("preprocess") == "timm":
         how = f"resize to {int(np.floor(min(h, w) / card['crop_pct']))} ({card['interpolation']}), centre crop {h}×{w}"
@@ -91,18 +92,18 @@ def summary(sides, mode: str) -> None:
         drop = n["unshifted_top1_prob"] - n["min_prob_top1"]
         cols = st.columns([2, 2, 2, 2])
         cols[0].markdown(f"**{side.role}**  \n`{side.spec}`  \nunshifted: **{n['classes'][n['unshifted_top1']]}** "
-                         f"({100 * n['unshifted_top1_prob']:.1f}%)")
-        cols[1].metric("consistency over the orbit", f"{100 * est['value']:.1f}%",
+                         f"({fmt(100 * n['unshifted_top1_prob'], '.1f')}%)")
+        cols[1].metric("consistency over the orbit", f"{fmt(100 * est['value'], '.1f')}%",
                        help=f"Fraction of the {est['n']} swept {mode} shifts whose top-1 equals the unshifted "
                             f"top-1 (consistency A against the unshifted image); 95% Wilson CI "
-                            f"[{100 * lo:.1f}, {100 * hi:.1f}]%. Strictly orbit-consistent: "
+                            f"[{fmt(100 * lo, '.1f')}, {fmt(100 * hi, '.1f')}]%. Strictly orbit-consistent: "
                             f"{'yes' if n['orbit_consistent'] else 'no'}.")
-        cols[2].metric("smallest flipping shift", "none" if flip is None else f"{flip:g} px",
+        cols[2].metric("smallest flipping shift", "none" if flip is None else f"{fmt(flip)} px",
                        help="Smallest max(|dy|, |dx|) of a swept shift that changes the top-1 (L∞); "
                             "'none': no swept shift flips it.")
-        cols[3].metric("largest probability drop", f"{100 * drop:.1f} pp",
+        cols[3].metric("largest probability drop", f"{fmt(100 * drop, '.1f')} pp",
                        help=f"p(x)[ŷ] − min over the swept shifts of p(shifted x)[ŷ], ŷ = the unshifted top-1, "
-                            f"in percentage points; lowest at (dy, dx) = ({dy:g}, {dx:g}).")
+                            f"in percentage points; lowest at (dy, dx) = ({fmt(dy)}, {fmt(dx)}).")
 
 
 def _probs(side) -> Dict[str, Any]:
@@ -116,14 +117,19 @@ def _probs(side) -> Dict[str, Any]:
     return compute.cached(("probs", side.key), make)
 
 
-def _top5(side, index: int) -> None:
-    n = _probs(side)
-    p = n["probs"][index]
+def top5_markdown(p, ref_probs, ref_pred: int, classes) -> str:
+    """The top-5 table (markdown) of probabilities ``p`` [classes] with their change from ``ref_probs``
+    in percentage points; ★ marks ``ref_pred``. A change that rounds to zero reads 0.0, never ±0.0."""
     rows = ["| top-5 at this shift | p | Δ |", "|---|---:|---:|"]
     for i in np.argsort(-p, kind="stable")[:5]:
-        mark = " ★" if i == n["ref_pred"] else ""
-        rows.append(f"| {n['classes'][i]}{mark} | {100 * p[i]:.1f}% | {100 * (p[i] - n['ref_probs'][i]):+.1f} |")
-    st.markdown("\n".join(rows))
+        mark = " ★" if i == ref_pred else ""
+        rows.append(f"| {classes[i]}{mark} | {fmt(100 * p[i], '.1f')}% | {fmt(100 * (p[i] - ref_probs[i]), '+.1f')} |")
+    return "\n".join(rows)
+
+
+def _top5(side, index: int) -> None:
+    n = _probs(side)
+    st.markdown(top5_markdown(n["probs"][index], n["ref_probs"], n["ref_pred"], n["classes"]))
     st.caption("★ the unshifted top-1 · Δ: change from the unshifted image, in percentage points")
 
 
@@ -140,7 +146,7 @@ def _column(side, mode: str, shift, index: int) -> None:
     pred = int(n["pred"][index])
     flipped = pred != n["ref_pred"]
     st.markdown(f"### {side.role}\nPrediction at this shift: **{n['classes'][pred]}** "
-                f"({100 * float(n['probs'][index, pred]):.1f}%)" + (" — **flipped**" if flipped else ""))
+                f"({fmt(100 * float(n['probs'][index, pred]), '.1f')}%)" + (" — **flipped**" if flipped else ""))
     image = side.loaded.denormalize((side.canvas if mode == "crop" else side.x)[0]).cpu()
     size = tuple(side.x.shape[-2:]) if mode == "crop" else None
     fig = plots.shifted_image(image, shift, mode, patch=side.loaded.stride, anchor=_first_anchor(r, index),
@@ -272,8 +278,8 @@ def _attention(v: View) -> None:
                 continue
             r, iou = _attention_scores(side, layer)
             k = index[side.role]
-            rows.append(f"| {side.role} | {layer} | {float(r[k]):.3f} | {float(iou[k]):.3f} | "
-                        f"{float(r.nanmean()):.3f} | {float(iou.nanmean()):.3f} |")
+            rows.append(f"| {side.role} | {layer} | {fmt(r[k], '.3f')} | {fmt(iou[k], '.3f')} | "
+                        f"{fmt(r.nanmean(), '.3f')} | {fmt(iou.nanmean(), '.3f')} |")
     st.markdown("**Attention equivariance** — Pearson r and IoU of the top-10% region between the un-shifted "
                 "head-mean map at each shift and the unshifted map (1 = equivariant):\n\n" + "\n".join(rows))
 

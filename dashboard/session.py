@@ -16,6 +16,7 @@ import streamlit as st
 import torch
 
 from equishift.errors import EquishiftError
+from equishift.formatting import fmt
 from equishift.images import load_image
 from equishift.shifts import shift_batch
 from equishift.sweep import MAX_SHIFTS, SweepResult, sweep
@@ -158,13 +159,13 @@ def _grid_picker(ref: Side, mode: str, sha256: str) -> state.GridSpec:
     default = max(fits) if fits else 0
     if asked is not None:
         default = options.index(asked)
-    labels = [f"{g.label} · ~{t:.0f} s" if t >= 1 else g.label for g, t in zip(options, est)]
+    labels = [f"{g.label} · ~{fmt(t, '.0f')} s" if t >= 1 else g.label for g, t in zip(options, est)]
     choice = st.sidebar.selectbox("Shift grid", range(len(options)), index=default, format_func=labels.__getitem__,
                                   key=f"grid_{mode}_{h}_{stride}",
                                   help="The shifts swept once (then cached); the controls move within it.")
     cached = ("sweep", ref.spec, sha256, mode, options[choice].key) in compute.store()
     if est[choice] > COARSE_AFTER_S and not cached:
-        st.sidebar.warning(f"This grid takes about {est[choice]:.0f} s on {compute.device_label()}; "
+        st.sidebar.warning(f"This grid takes about {fmt(est[choice], '.0f')} s on {compute.device_label()}; "
                            f"a coarser grid answers sooner.")
     return options[choice]
 
@@ -249,7 +250,7 @@ def _shift_controls(ref: Side, mode: str, grid: state.GridSpec, heatmap_keys) ->
 
 
 def _fmt(v) -> str:
-    return f"{v:g}" if isinstance(v, float) else str(v)
+    return fmt(v) if isinstance(v, float) else str(v)
 
 
 # --- the page -------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ _LAZY = {
     "SweepResult": "equishift.sweep",
 }
 _SUBMODULES = {"polyphase", "anchoring", "shifts", "testing", "zoo", "data", "training", "evaluation",
-               "sweep", "metrics", "attribution", "plots", "report", "images", "cli", "device"}
+               "sweep", "metrics", "attribution", "plots", "report", "images", "cli", "device", "formatting"}
 
 __all__ = sorted(_LAZY) + sorted(_SUBMODULES)
 

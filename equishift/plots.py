@@ -7,6 +7,9 @@ Conventions
 - ``current`` is a shift index into the sweep (``result.index_of(dy, dx)``); it is marked on the figure.
 - Images passed for display are (C, H, W) or (H, W) tensors/arrays in [0, 1] (already denormalised,
   e.g. with ``LoadedModel.denormalize``); 1 channel is shown in grey.
+- Numbers in titles go through ``equishift.formatting.fmt`` and data through ``clean``, so no figure
+  shows a signed zero (``-0.0``: float noise whose sign differs between CPUs). Hover templates are
+  formatted by plotly.js (d3-format), which already drops the sign of a value that rounds to zero.
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ import torch
 from plotly.subplots import make_subplots
 
 from .errors import EquishiftError
+from .formatting import clean, fmt
 from .sweep import SweepResult, describe_shifts
 
 __all__ = [
@@ -67,7 +71,7 @@ def _title(what: str, res: SweepResult, detail: str = "") -> str:
 
 def _shift_text(res: SweepResult, k: int) -> str:
     dy, dx = res.shifts[k].tolist()
-    return f"(dy={dy:g}, dx={dx:g})"
+    return f"(dy={fmt(dy)}, dx={fmt(dx)})"
 
 
 def default_path(res: SweepResult) -> torch.Tensor:
@@ -125,7 +129,7 @@ def logit_curve(baseline: SweepResult, anchored: Optional[SweepResult] = None, p
         hover = [_shift_text(res, int(k)) for k in idx]
         for j, c in enumerate(cls):
             fig.add_trace(go.Scatter(
-                x=steps, y=vals[:, c].tolist(), mode="lines+markers", name=_class_name(res, c),
+                x=steps, y=clean(vals[:, c].tolist()), mode="lines+markers", name=_class_name(res, c),
                 legendgroup=str(c), showlegend=col == 1, line=dict(color=palette[j % len(palette)]),
                 text=hover, hovertemplate="%{text}<br>%{y:.4f}<extra>" + _class_name(res, c) + "</extra>",
             ), row=1, col=col)
@@ -136,7 +140,7 @@ def logit_curve(baseline: SweepResult, anchored: Optional[SweepResult] = None, p
             if where.numel():
                 s = int(where[0, 0])
                 fig.add_vline(x=s, line=dict(color="black", dash="dot"), row=1, col=col)
-                fig.add_trace(go.Scatter(x=[s] * len(cls), y=[float(vals[s, c]) for c in cls], mode="markers",
+                fig.add_trace(go.Scatter(x=[s] * len(cls), y=clean([float(vals[s, c]) for c in cls]), mode="markers",
                                          marker=dict(size=11, symbol="circle-open", color="black"),
                                          name="current shift", showlegend=col == 1, hoverinfo="skip"),
                               row=1, col=col)
@@ -174,7 +178,7 @@ def orbit_heatmap(baseline: SweepResult, anchored: Optional[SweepResult] = None,
         _, _, pz = res.to_grid(res.pred.float())
         text = [[("" if np.isnan(p) else _class_name(res, int(p))) for p in row] for row in pz.numpy()]
         fig.add_trace(go.Heatmap(
-            x=xs, y=ys, z=z.numpy(), text=np.array(text), coloraxis="coloraxis",
+            x=clean(xs), y=clean(ys), z=clean(z.numpy()), text=np.array(text), coloraxis="coloraxis",
             hovertemplate="dy=%{y}, dx=%{x}<br>value=%{z:.4f}<br>top-1: %{text}<extra>" + name + "</extra>",
         ), row=1, col=col)
         # Transparent click targets, one per swept shift, over the heatmap: a click on a heatmap cell
@@ -183,13 +187,14 @@ def orbit_heatmap(baseline: SweepResult, anchored: Optional[SweepResult] = None,
         # numpy arrays, not lists: plotly validates lists element by element (~10x slower for 1024 shifts)
         names = np.array([_class_name(res, int(p)) for p in res.pred.tolist()])
         fig.add_trace(go.Scatter(
-            x=res.shifts[:, 1].numpy(), y=res.shifts[:, 0].numpy(), mode="markers", showlegend=False,
-            name="shifts", marker=dict(size=8, color="rgba(0,0,0,0)"), customdata=v.numpy(), text=names,
+            x=clean(res.shifts[:, 1].numpy()), y=clean(res.shifts[:, 0].numpy()), mode="markers", showlegend=False,
+            name="shifts", marker=dict(size=8, color="rgba(0,0,0,0)"), customdata=clean(v.numpy()), text=names,
             hovertemplate="dy=%{y}, dx=%{x}<br>value=%{customdata:.4f}<br>top-1: %{text}<extra>" + name + "</extra>",
         ), row=1, col=col)
         if current is not None:
             dy, dx = res.shifts[int(current)].tolist()
-            fig.add_trace(go.Scatter(x=[dx], y=[dy], mode="markers", name="current shift", showlegend=col == 1,
+            fig.add_trace(go.Scatter(x=clean([dx]), y=clean([dy]), mode="markers", name="current shift",
+                                     showlegend=col == 1,
                                      marker=dict(symbol="x", size=12, color="white", line=dict(color="black", width=1))),
                           row=1, col=col)
         fig.update_xaxes(title_text="dx (pixels)", row=1, col=col)
@@ -245,7 +250,7 @@ def attention_grid(baseline: SweepResult, anchored: Optional[SweepResult] = None
                         subplot_titles=[f"{r} · {c}" if heads == "mean" else f"{r} · {c}" for r in rows for c in cols])
     for r_lab, c_lab, m in cells:
         r, c = rows.index(r_lab) + 1, cols.index(c_lab) + 1
-        fig.add_trace(go.Heatmap(z=m.numpy(), coloraxis="coloraxis",
+        fig.add_trace(go.Heatmap(z=clean(m.numpy()), coloraxis="coloraxis",
                                  hovertemplate="row %{y}, col %{x}<br>%{z:.4f}<extra>" + f"{r_lab} {c_lab}</extra>"),
                       row=r, col=c)
     fig.update_yaxes(autorange="reversed", showticklabels=False)
@@ -293,11 +298,11 @@ def polyphase_panel(result: SweepResult, current: int = 0, path=None) -> go.Figu
         flat = (result.anchors[n][:, 0] * s + result.anchors[n][:, 1]).float()
         if two_d:
             gy, gx, gz = result.to_grid(flat)
-            fig.add_trace(go.Heatmap(x=gx, y=gy, z=gz.numpy(), coloraxis="coloraxis",
+            fig.add_trace(go.Heatmap(x=clean(gx), y=clean(gy), z=clean(gz.numpy()), coloraxis="coloraxis",
                                      hovertemplate="dy=%{y}, dx=%{x}<br>index %{z}<extra>" + n + "</extra>"),
                           row=2, col=c)
             dy, dx = result.shifts[current].tolist()
-            fig.add_trace(go.Scatter(x=[dx], y=[dy], mode="markers", showlegend=False, hoverinfo="skip",
+            fig.add_trace(go.Scatter(x=clean([dx]), y=clean([dy]), mode="markers", showlegend=False, hoverinfo="skip",
                                      marker=dict(symbol="x", size=10, color="white", line=dict(color="black", width=1))),
                           row=2, col=c)
             fig.update_yaxes(autorange="reversed", title_text="dy" if c == 1 else None, row=2, col=c)
@@ -337,7 +342,8 @@ def layer_error_map(baseline: SweepResult, anchored: Optional[SweepResult] = Non
     for r, (name, res, idx, layers, m) in enumerate(mats, start=1):
         z = torch.log10(m.clamp_min(1e-8)) if log else m
         text = [[_shift_text(res, int(k)) for k in idx] for _ in layers]
-        fig.add_trace(go.Heatmap(z=z.numpy(), y=layers, x=list(range(len(idx))), text=text, coloraxis="coloraxis",
+        fig.add_trace(go.Heatmap(z=clean(z.numpy()), y=layers, x=list(range(len(idx))), text=text,
+                                 coloraxis="coloraxis",
                                  hovertemplate="%{y} at %{text}<br>error %{z:.3g}<extra>" + name + "</extra>"),
                       row=r, col=1)
         if current is not None:
@@ -375,7 +381,7 @@ def attribution_overlay(image, maps: Dict[str, torch.Tensor], method: str = "att
         t = k
         if scores and k in scores:
             r, iou = scores[k]
-            t += f"<br>r={r:.3f}, IoU@10%={iou:.3f}"
+            t += f"<br>r={fmt(r, '.3f')}, IoU@10%={fmt(iou, '.3f')}"
         titles.append(t)
     fig = make_subplots(rows=1, cols=len(labels), subplot_titles=titles, horizontal_spacing=0.04)
     for c, k in enumerate(labels, start=1):
@@ -383,7 +389,7 @@ def attribution_overlay(image, maps: Dict[str, torch.Tensor], method: str = "att
         if tuple(m.shape) != rgb.shape[:2]:
             raise EquishiftError(f"map {k!r} is {tuple(m.shape)} but the image is {rgb.shape[:2]}")
         fig.add_trace(go.Image(z=rgb, hoverinfo="skip"), row=1, col=c)
-        fig.add_trace(go.Heatmap(z=m.numpy(), coloraxis="coloraxis", opacity=opacity,
+        fig.add_trace(go.Heatmap(z=clean(m.numpy()), coloraxis="coloraxis", opacity=opacity,
                                  hovertemplate="y=%{y}, x=%{x}<br>|attr|=%{z:.3g}<extra>" + k + "</extra>"),
                       row=1, col=c)
         fig.update_yaxes(autorange="reversed", scaleanchor=f"x{c if c > 1 else ''}", showticklabels=False, row=1, col=c)
@@ -391,7 +397,7 @@ def attribution_overlay(image, maps: Dict[str, torch.Tensor], method: str = "att
     fig.update_layout(coloraxis=dict(colorscale="Inferno", cmin=0, cmax=top, colorbar=dict(title="|attr|")))
     # The panel titles take two lines above the plots: the figure title is pinned to the top of the
     # canvas and the top margin leaves room for both (they overlapped at t=90).
-    fig.update_layout(title=dict(text=f"{method} at {mode} shift (dy={shift[0]:g}, dx={shift[1]:g})<br><sup>scores: "
+    fig.update_layout(title=dict(text=f"{method} at {mode} shift (dy={fmt(shift[0])}, dx={fmt(shift[1])})<br><sup>scores: "
                                       f"un-shift the map and compare with the unshifted one (Pearson r, IoU of the "
                                       f"top 10%)</sup>", y=0.95, yanchor="top"),
                       height=470, margin=dict(t=125))
@@ -432,6 +438,6 @@ def shifted_image(image, shift: Tuple[float, float] = (0, 0), mode: str = "circu
     grid_txt = f"grey: {patch}-px patch grid" if patch else "no patch grid"
     # on its own line: the figure is often drawn half-page wide, where one line would be cut off
     anc_txt = (f"<br>blue: anchored grid, phase ({anchor[0]}, {anchor[1]})" if anchor is not None and patch else "")
-    fig.update_layout(title=title or f"Input at {mode} shift (dy={shift[0]:g}, dx={shift[1]:g})<br><sup>{grid_txt}{anc_txt}</sup>",
+    fig.update_layout(title=title or f"Input at {mode} shift (dy={fmt(shift[0])}, dx={fmt(shift[1])})<br><sup>{grid_txt}{anc_txt}</sup>",
                       height=420, margin=dict(t=85 if anc_txt else 70))
     return fig

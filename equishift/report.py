@@ -32,6 +32,7 @@ import hashlib
 import io
 import json
 import math
+import os
 import platform
 import shutil
 import tempfile
@@ -45,10 +46,11 @@ import torch
 from . import metrics as M
 from . import plots
 from .errors import EquishiftError, LimitError
+from .formatting import clean, fmt
 from .shifts import MODES, grid as shift_grid_xy, period_grid, square_grid
 from .sweep import MAX_SHIFTS, SweepResult, sweep
 
-__all__ = ["build_report", "choose_shifts", "summarize", "add_arguments", "run", "ROLES"]
+__all__ = ["build_report", "choose_shifts", "summarize", "find_browser", "add_arguments", "run", "ROLES"]
 
 ROLES = ("baseline", "anchored")
 # kaleido's browser server is a per-process singleton; one export at a time keeps its page use simple.
@@ -115,7 +117,8 @@ def _est(e: M.Estimate) -> Dict[str, Any]:
 
 
 def summarize(res: SweepResult) -> Dict[str, Any]:
-    """Metrics of one sweep over its grid (metrics.md names; rates with Wilson 95% CIs, n = shifts)."""
+    """Metrics of one sweep over its grid (metrics.md names; rates with Wilson 95% CIs, n = shifts).
+    A ``-0.0`` (float noise, its sign differs between CPUs) is returned as ``0.0``."""
     c = res.ref_pred
     min_flip = float(M.minimal_flipping_shift(res.pred, c, res.shifts))
     out: Dict[str, Any] = {
@@ -142,7 +145,7 @@ def summarize(res: SweepResult) -> Dict[str, Any]:
                 s = res.meta["anchor_stride"][name]
                 follow[name] = float(((res.ref_anchors[name] + res.shifts) % s == idx).all(1).double().mean())
         out["image_anchor_follows_shift_fraction"] = follow
-    return out
+    return clean(out)
 
 
 def _focus(base: SweepResult) -> int:
@@ -169,7 +172,7 @@ def _per_shift_rows(pairs: List[Tuple[str, SweepResult]]) -> Tuple[List[str], Li
         cols += vals
     base = pairs[0][1]
     rows = [[*base.shifts[k].tolist(), *[col[k] for col in cols]] for k in range(len(base))]
-    return header, rows
+    return header, clean(rows)
 
 
 # --- figures -----------------------------------------------------------------------------------
@@ -219,11 +222,30 @@ def plots_input(x: torch.Tensor, shift: Tuple[float, float], mode: str, size) ->
     return shift_image(x[0], shift[0], shift[1], mode, size)[None]
 
 
+def find_browser() -> Optional[str]:
+    """The Chrome/Chromium executable kaleido would start for PNG/SVG export, or None when there is none.
+
+    Found the way kaleido finds it (choreographer: ``$BROWSER_PATH`` first, then the PATH and the usual
+    install locations), so ``BROWSER_PATH=/nonexistent`` makes a machine look browserless. Check this
+    before exporting: kaleido does not report a missing browser — its server starts, the server's
+    thread dies, and the first ``to_image`` then waits forever."""
+    try:
+        from choreographer.browsers.chromium import Chromium
+
+        path = Chromium.find_browser(skip_local=False)
+    except Exception:  # noqa: BLE001 - choreographer missing or changed: the plain search
+        path = os.environ.get("BROWSER_PATH") or next(
+            (p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome", "chrome")) if p), None)
+    return str(path) if path and Path(path).is_file() and os.access(path, os.X_OK) else None
+
+
 def _export_static(figs: Dict[str, Any], folder: Path) -> Optional[str]:
     """Write PNG and SVG of every figure; returns None, or why static export was impossible."""
     try:
         import kaleido
 
+        if find_browser() is None:
+            raise RuntimeError("no Chrome or Chromium browser found (kaleido renders PNG/SVG with one)")
         with _EXPORT_LOCK:
             kaleido.start_sync_server(silence_warnings=True)
             for name, fig in figs.items():
@@ -238,14 +260,26 @@ def _export_static(figs: Dict[str, Any], folder: Path) -> Optional[str]:
         return f"{type(e).__name__}: {e}"
 
 
+def _for_display(v: Any) -> Any:
+    """A summary or metadata value for the HTML tables: floats to 6 significant digits, never ``-0.0``
+    (``equishift.formatting.fmt``); containers element by element; anything else as it is."""
+    if isinstance(v, float):
+        return float(fmt(v, ".6g"))
+    if isinstance(v, dict):
+        return {k: _for_display(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_for_display(x) for x in v]
+    return v
+
+
 def _html(figs: Dict[str, Any], summary: Dict[str, Any], meta: Dict[str, Any]) -> str:
     from html import escape
 
     from plotly.offline import get_plotlyjs
 
     def table(d: Dict[str, Any]) -> str:
-        rows = "".join(f"<tr><th>{escape(str(k))}</th><td>{escape(json.dumps(v, default=str))}</td></tr>"
-                       for k, v in d.items())
+        rows = "".join(f"<tr><th>{escape(str(k))}</th><td>{escape(json.dumps(_for_display(v), default=str))}"
+                       "</td></tr>" for k, v in d.items())
         return f"<table>{rows}</table>"
 
     parts = [
@@ -255,7 +289,8 @@ def _html(figs: Dict[str, Any], summary: Dict[str, Any], meta: Dict[str, Any]) -
         f"<script type='text/javascript'>{get_plotlyjs()}</script></head><body>",
         "<h1>equishift comparison report</h1>",
         f"<p>{escape(meta['baseline']['spec'])} vs {escape(meta['anchored']['spec'])} — {escape(meta['mode'])} shifts, "
-        f"{escape(meta['shift_range'])}; focus shift (dy={meta['focus_shift'][0]}, dx={meta['focus_shift'][1]}).</p>",
+        f"{escape(meta['shift_range'])}; focus shift (dy={fmt(meta['focus_shift'][0])}, "
+        f"dx={fmt(meta['focus_shift'][1])}).</p>",
         "<h2>Summary</h2>",
     ]
     for role in ROLES:
@@ -264,8 +299,8 @@ def _html(figs: Dict[str, Any], summary: Dict[str, Any], meta: Dict[str, Any]) -
     for name, fig in figs.items():
         parts += [f"<h3>{escape(name)}</h3>", fig.to_html(full_html=False, include_plotlyjs=False)]
     parts += ["<h2>Metadata</h2>", table(meta),
-              f"<script type='application/json' id='equishift-summary'>{json.dumps(summary)}</script>",
-              f"<script type='application/json' id='equishift-metadata'>{json.dumps(meta, default=str)}</script>",
+              f"<script type='application/json' id='equishift-summary'>{json.dumps(clean(summary))}</script>",
+              f"<script type='application/json' id='equishift-metadata'>{json.dumps(clean(meta), default=str)}</script>",
               "</body></html>"]
     return "\n".join(parts)
 

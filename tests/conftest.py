@@ -1,4 +1,5 @@
-"""Shared fixtures. Tiny timm models with random weights for the core (anchoring) tests.
+"""Shared fixtures. Tiny timm models with random weights for the core (anchoring) tests; the hypothesis
+profiles; the ``chromium`` marker and fixture for tests that need a browser.
 
 The suite runs offline: HF_HUB_OFFLINE is set before anything imports timm or huggingface_hub, so a
 stray ``pretrained=True`` fails at once instead of retrying the network for ~47 s.
@@ -6,16 +7,78 @@ stray ``pretrained=True`` fails at once instead of retrying the network for ~47 
 from __future__ import annotations
 
 import os
+from typing import Optional
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
 from torch import nn  # noqa: E402
 
-# Tiny configurations (shared/notes/stack.md). Twins: SVT alternates locally-grouped (LSA, window ws) and
-# global sub-sampled (GSA, ratio sr) attention; PCPVT is all GSA; "svt-odd" has stages of odd depth, so a
-# stage ends on an LSA block and the next stride-2 patch embedding must be anchored on its own.
+# --- hypothesis ----------------------------------------------------------------------------------
+# "ci" (loaded when $CI is set, as CI runs `CI=true bash run.sh test`): the same examples on every run,
+# no example database (nothing carries over between CI runs anyway), and a failure prints the blob that
+# reproduces it (@reproduce_failure). A red CI run then means a change broke something, never that a new
+# random draw found an old bug that nobody can replay. No deadline and no too_slow health check there
+# either: CI machines are slower and busier, and a timing failure is not a bug. "dev" (the default, for
+# people at their desk) keeps hypothesis's random exploration and its local database, which replays
+# past failures first: that is how new counterexamples are found. Both are built on hypothesis's own
+# "default" profile, whatever hypothesis loaded at import (it loads its own "ci" when it sees $CI).
+# --hypothesis-profile=ci|dev overrides; tests that pin their own settings keep them under both.
+settings.register_profile("ci", settings.get_profile("default"), derandomize=True, database=None, print_blob=True,
+                          deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("dev", settings.get_profile("default"))
+settings.load_profile("ci" if os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no") else "dev")
+
+# --- Chromium ------------------------------------------------------------------------------------
+CHROMIUM_REASON = "needs Chromium (static figure export with kaleido, Playwright): apt-get install chromium"
+
+
+def chromium_path() -> Optional[str]:
+    """The Chromium that kaleido would start for static (PNG/SVG) export, or None when there is none
+    (``equishift.report.find_browser``, which the report and the dashboard check before exporting).
+
+    It is found the way kaleido finds it ($BROWSER_PATH first, then the PATH and the usual install
+    locations), so ``BROWSER_PATH=/nonexistent`` hides the browser from the tests, the report and
+    kaleido alike: the way to run the suite as on a machine without Chromium."""
+    from equishift.report import find_browser
+
+    return find_browser()
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", f"chromium: the test {CHROMIUM_REASON}; it is skipped when none is found")
+
+
+def pytest_collection_modifyitems(config, items):
+    marked = [item for item in items if item.get_closest_marker("chromium") is not None]
+    if marked and chromium_path() is None:
+        for item in marked:
+            item.add_marker(pytest.mark.skip(reason=CHROMIUM_REASON))
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """Path of the Chromium executable (for Playwright's ``executable_path``); skips the test without one."""
+    path = chromium_path()
+    if path is None:
+        pytest.skip(CHROMIUM_REASON)
+    return path
+
+
+@pytest.fixture(scope="session")
+def chromium_or_none() -> Optional[str]:
+    """Path of the Chromium executable, or None (for a test that checks more when one is there)."""
+    return chromium_path()
+
+
+# --- tiny models ---------------------------------------------------------------------------------
+# Tiny configurations: two stages with widths 32 and 64 and a handful of blocks, so that a forward pass
+# takes milliseconds on a CPU while every kind of block is present. Twins: SVT alternates locally-grouped
+# (LSA, window ws) and global sub-sampled (GSA, ratio sr) attention; PCPVT is all GSA; "svt-odd" has
+# stages of odd depth, so a stage ends on an LSA block and the next stride-2 patch embedding must be
+# anchored on its own.
 TWINS_CONFIGS = {
     "svt": dict(embed_dims=(32, 64), num_heads=(1, 2), mlp_ratios=(2, 2), depths=(2, 2), wss=(4, 2),
                 sr_ratios=(2, 1)),

@@ -1,5 +1,6 @@
 """The dashboard in a real browser: `streamlit run` as a subprocess, driven by Playwright with the Debian
-chromium (never `playwright install`). Skips cleanly when /usr/bin/chromium is absent.
+chromium (never `playwright install`). Skips with a reason when no Chromium is found (the ``chromium``
+marker and fixture of conftest.py).
 
 Full-page screenshots go to artifacts/ (gitignored); ``test_readme_screenshot`` also refreshes
 docs/screenshots/dashboard.png when EQUISHIFT_UPDATE_SCREENSHOTS=1.
@@ -23,14 +24,12 @@ sys.path.insert(0, str(Path(__file__).parent))
 from app_harness import free_port, wait_healthy  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = ROOT / "artifacts"
 CHROME_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
                "--disable-component-update", "--no-first-run", "--disable-sync", "--disable-quic"]
 GRID = "r3"  # ±3 px: 49 shifts per model, so a cold server answers in seconds
 
-pytestmark = [pytest.mark.browser, pytest.mark.slow,
-              pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"no browser: {CHROMIUM} is absent")]
+pytestmark = [pytest.mark.browser, pytest.mark.slow, pytest.mark.chromium]
 
 
 @pytest.fixture(scope="module")
@@ -58,10 +57,10 @@ def server(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def browser():
+def browser(chromium):
     sync_api = pytest.importorskip("playwright.sync_api")
     with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROME_ARGS)
+        b = p.chromium.launch(executable_path=chromium, args=CHROME_ARGS)
         yield b
         b.close()
 

@@ -162,3 +162,26 @@ def test_mismatched_modes_and_missing_records_are_refused():
         plots.attention_grid(a)
     with pytest.raises(EquishiftError, match="recorded no features"):
         plots.layer_error_map(a)
+
+
+def test_no_signed_zero_in_titles_or_data(pair):
+    """-0.0 and tiny negatives (float noise, its sign differs between CPUs) read as zero in titles and
+    travel as 0.0 in the figure data; real values keep their sign."""
+    import dataclasses
+    import math
+
+    base, _, x = pair
+    fig = plots.attribution_overlay(x.sigmoid(), {"anchored": torch.rand(32, 32)}, shift=(-0.0, -1.0),
+                                    scores={"anchored": (-1e-12, -0.0)})
+    assert "r=0.000, IoU@10%=0.000" in fig.layout.annotations[0].text
+    assert "(dy=0, dx=-1)" in _title(fig)
+    assert "dy=0, dx=2" in _title(plots.shifted_image(torch.rand(1, 8, 8), (-0.0, 2.0)))
+    logits = base.logits.clone()
+    logits[:, base.ref_pred] = -0.0
+    poisoned = dataclasses.replace(base, logits=logits)
+    fig = plots.logit_curve(poisoned, None, value="logit", classes=[base.ref_pred])
+    ys = [v for d in fig.data for v in (d.y if d.y is not None else [])]
+    assert ys and all(v == 0 and math.copysign(1, v) == 1 for v in ys)
+    error = {k: torch.full_like(v, -0.0) for k, v in base.layer_error.items()}
+    z = np.asarray(plots.layer_error_map(dataclasses.replace(base, layer_error=error)).data[0].z)
+    assert (z == 0).all() and not np.signbit(z).any()

@@ -1,11 +1,16 @@
 """The report bundle: the CLI run end to end and its files opened and checked; no-browser fallback;
-the zip bytes the dashboard downloads."""
+the zip bytes the dashboard downloads; no signed zero anywhere a person reads a number.
+
+PNG/SVG export needs Chromium (kaleido): the tests that check it carry the ``chromium`` marker
+(conftest.py) and skip without one; run with ``BROWSER_PATH=/nonexistent`` to see the suite as on a
+machine without a browser."""
 from __future__ import annotations
 
 import csv
 import hashlib
 import io
 import json
+import math
 import re
 import zipfile
 from pathlib import Path
@@ -50,8 +55,17 @@ def _figure_names(folder: Path):
     return sorted(p.stem for p in (folder / "figures").glob("*.png"))
 
 
+def _html_figure_names(html: str):
+    """Headings of the figures in report.html's Figures section, in order."""
+    section = html.split("<h2>Figures</h2>", 1)[1].split("<h2>Metadata</h2>", 1)[0]
+    return re.findall(r"<h3>([^<]+)</h3>", section)
+
+
+@pytest.mark.chromium
 def test_every_figure_is_a_non_blank_png_and_an_svg(bundle):
     names = _figure_names(bundle)
+    assert names == sorted(_html_figure_names((bundle / "report.html").read_text()))  # every figure exported
+    assert json.loads((bundle / "metadata.json").read_text())["static_export"] == "ok"
     assert {"logit_curve", "orbit_probability", "orbit_flips", "attention_aligned", "polyphase_anchored",
             "layer_error", "attribution_saliency", "attribution_gradcam", "input_anchored"} <= set(names)
     for n in names:
@@ -69,7 +83,10 @@ def test_html_is_offline_and_holds_the_figures_and_the_data(bundle):
     html = (bundle / "report.html").read_text()
     # plotly.js inline (no external script), so the page opens offline
     assert "<script src" not in html and "Plotly" in html and len(html) > 3_000_000
-    assert html.count('class="plotly-graph-div"') == len(_figure_names(bundle))
+    names = _html_figure_names(html)
+    assert {"logit_curve", "orbit_probability", "orbit_flips", "attention_aligned", "polyphase_anchored",
+            "layer_error", "attribution_saliency", "attribution_gradcam", "input_anchored"} <= set(names)
+    assert html.count('class="plotly-graph-div"') == len(names)  # each figure drawn once
     found = re.search(r"<script type='application/json' id='equishift-summary'>(.*?)</script>", html, re.S)
     summary = json.loads(found.group(1))
     assert summary == json.loads((bundle / "data" / "summary.json").read_text())
@@ -105,7 +122,7 @@ def test_metadata_names_everything_needed_to_reproduce(bundle, setup):
     assert meta["image_sha256"] == hashlib.sha256(setup["image"].read_bytes()).hexdigest()
     assert meta["mode"] == "circular" and meta["grid"] == "period" and meta["num_shifts"] == 16
     assert meta["shifts"] == period_grid(4).tolist()
-    assert meta["device"] == "cpu" and meta["static_export"] == "ok"
+    assert meta["device"] == "cpu" and meta["static_export"]  # "ok" with Chromium (checked above), else why not
     for pkg in ("torch", "timm", "plotly", "kaleido", "captum", "python"):
         assert meta["versions"][pkg]
     card = json.loads(Path(setup["base"][4:]).read_text())
@@ -136,6 +153,18 @@ def test_without_a_browser_the_bundle_says_so_and_the_rest_is_written(setup, tmp
     assert (out / "report.html").stat().st_size > 3_000_000
     meta = json.loads((out / "metadata.json").read_text())
     assert meta["static_export"].startswith("RuntimeError") and meta["num_shifts"] == 9  # {-1..1}²
+
+
+def test_a_missing_browser_is_reported_not_waited_for(setup, tmp_path, monkeypatch):
+    """No browser where kaleido looks (BROWSER_PATH set to nothing): kaleido itself would start its server
+    and then wait forever for the first image; the report notices first and writes everything else."""
+    monkeypatch.setenv("BROWSER_PATH", str(tmp_path / "no-such-chromium"))
+    assert report.find_browser() is None
+    out = report.build_report(setup["base"], setup["anch"], setup["image"], tmp_path / "b", grid=0, device="cpu")
+    note = (out / "figures" / "STATIC_EXPORT_UNAVAILABLE.txt").read_text()
+    assert "no Chrome or Chromium browser found" in note and "apt-get install chromium" in note
+    assert not list((out / "figures").glob("*.png")) and (out / "report.html").exists()
+    assert json.loads((out / "metadata.json").read_text())["static_export"].startswith("RuntimeError: no Chrome")
 
 
 def test_zip_bytes_for_the_dashboard_with_precomputed_sweeps(setup):
@@ -179,3 +208,46 @@ def test_summary_numbers_for_an_anchored_twins_sweep():
     assert s["top1_flips"] == 0 and s["orbit_consistent"] and s["minimal_flipping_shift_linf"] is None
     assert s["kl_max"] < 1e-9 and s["consistency_A_over_grid"]["n"] == 24
     assert max(s["feature_equivariance_error_max"].values()) < 1e-4
+
+
+# A signed zero as people read it: -0.0, +0.000, −0.0 (the typographic minus), -0, -0.0%. Not -0.05.
+SIGNED_ZERO = re.compile(r"(?<![\w.])[-+\u2212]0(?:\.0+)?(?![\w.])")
+
+
+def _readable(html: str) -> str:
+    """report.html without plotly.js (minified code) and the figures' base64 arrays (not text)."""
+    html = re.sub(r"<script type='text/javascript'>.*?</script>", "", html, count=1, flags=re.S)
+    return re.sub(r'"bdata":"[^"]*"', '"bdata":""', html)
+
+
+def test_no_signed_zero_in_the_report(setup, tmp_path):
+    """Values that are -0.0 or -1e-12 (float noise: the sign differs between CPUs) read as zero everywhere
+    in report.html — summary and metadata tables, figure titles and data — and in the data files."""
+    from equishift.sweep import sweep
+    from equishift.zoo import load_model
+
+    base, anch = load_model(setup["base"], "cpu"), load_model(setup["anch"], "cpu")
+    img = Image.open(setup["image"]).convert("RGB")
+    results = [sweep(m, m.preprocess(img), period_grid(4)) for m in (base, anch)]
+    for r in results:
+        first, second = list(r.layer_error)[:2]
+        r.layer_error[first] = torch.full_like(r.layer_error[first], -0.0)
+        r.layer_error[second] = torch.full_like(r.layer_error[second], -1e-12)
+        r.logits, r.ref_logits = r.logits.clone(), r.ref_logits.clone()  # sweeps return inference tensors
+        r.logits[:, -1], r.ref_logits[-1] = -0.0, -0.0
+        r.logits[:, -2], r.ref_logits[-2] = -1e-12, -1e-12
+        for layer, maps in r.attention.items():
+            r.attention[layer] = maps.clone()
+            r.attention[layer][:, :, 0, 0] = -0.0
+    assert SIGNED_ZERO.search(f"{-0.0} {-1e-12:.1f} {1e-12:+.3f}") is not None  # the pattern finds them
+    out = report.build_report(base, anch, img, tmp_path / "r", static=False, results=results)
+    html = (out / "report.html").read_text()
+    found = SIGNED_ZERO.findall(_readable(html))
+    assert not found, found
+    assert "feature_equivariance_error_mean" in html and "minimal_flipping_shift_linf" in html
+    summary = json.loads((out / "data" / "summary.json").read_text())
+    zero = summary["baseline"]["feature_equivariance_error_max"][first]
+    assert zero == 0.0 and math.copysign(1, zero) == 1  # -0.0 is stored as 0.0 (the same value)
+    assert summary["baseline"]["feature_equivariance_error_max"][second] == pytest.approx(-1e-12)  # data: exact
+    cells = [c for row in csv.reader((out / "data" / "per_shift.csv").read_text().splitlines()) for c in row]
+    assert "-0.0" not in cells
