@@ -292,6 +292,22 @@ def _polyphase(v: View) -> None:
     for side in anchored:
         show(plots.polyphase_panel(side.result, current=v.index[side.role]), f"polyphase-{side.role}",
              key=f"fig_poly_{side.role}")
+        _margin_table(side.role, side.result.anchor_margins(v.index[side.role]))
+
+
+def _margin_table(role: str, rows) -> None:
+    """How close each anchor's choice came to a tie: the one way an anchored model can fail to be exact."""
+    if not rows or rows[0]["margin"] is None:
+        return
+    lines = ["| module | s | phase | top-2 margin here | smallest over the sweep | tolerance | near-ties |",
+             "|---|---:|---|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| `{r['module']}` | {r['stride']} | {r['phase']} | {fmt(r['margin'], '.2g')} | "
+                     f"{fmt(r['min_margin'], '.2g')} | {fmt(r['tie_tol'], 'g')} | {r['near_ties']} |")
+    st.markdown(f"**{role}: polyphase margins** — relative gap (S1 − S2) / S1 between the two strongest "
+                "phases. Below the tolerance the choice is a near-tie, decided by the second key (Σx⁴); "
+                "a margin just above it is where another CPU's rounding could pick differently "
+                "(docs/anchoring.md, \"Near-ties\").\n\n" + "\n".join(lines))
 
 
 def _layer_error(v: View) -> None:

@@ -14,6 +14,7 @@ _LAZY = {
     "anchoring_mode": "equishift.anchoring",
     "record_anchors": "equishift.polyphase",
     "select_anchor": "equishift.polyphase",
+    "polyphase_margin": "equishift.polyphase",
     "anchor": "equishift.polyphase",
     "load_model": "equishift.zoo",
     "list_models": "equishift.zoo",

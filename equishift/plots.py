@@ -282,8 +282,17 @@ def polyphase_panel(result: SweepResult, current: int = 0, path=None) -> go.Figu
     strides = result.meta.get("anchor_stride", {})
     ys, xs, _ = result.to_grid(torch.zeros(len(result)))
     two_d = len(ys) > 1 and len(xs) > 1
+    margins = {r["module"]: r for r in result.anchor_margins(current)}
+
+    def head(n: str) -> str:
+        r = margins[n]
+        if r["margin"] is None:
+            return f"{n} (s={strides.get(n, '?')})"
+        tie = " · near-tie: x⁴ key" if r["tie_tol"] is not None and r["margin"] < r["tie_tol"] else ""
+        return f"{n} (s={strides.get(n, '?')})<br>top-2 margin {fmt(r['margin'], '.2g')}{tie}"
+
     fig = make_subplots(rows=2, cols=len(names), vertical_spacing=0.18,
-                        subplot_titles=[f"{n} (s={strides.get(n, '?')})" for n in names]
+                        subplot_titles=[head(n) for n in names]
                         + [("index a·s+b over (dy, dx)" if two_d else "index a·s+b along path") for _ in names])
     for c, n in enumerate(names, start=1):
         s = int(strides.get(n, int(result.anchors[n].max()) + 1))

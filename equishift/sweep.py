@@ -242,9 +242,10 @@ def describe_shifts(shifts: torch.Tensor) -> str:
     s = shifts
     if s.numel() == 0:
         return "no shifts"
-    fmt = (lambda v: f"{v:g}")
-    return (f"dy∈[{fmt(s[:, 0].min().item())}, {fmt(s[:, 0].max().item())}], "
-            f"dx∈[{fmt(s[:, 1].min().item())}, {fmt(s[:, 1].max().item())}] ({s.shape[0]} shifts)")
+    from .formatting import fmt
+
+    return (f"dy∈[{fmt(s[:, 0].min().item(), 'g')}, {fmt(s[:, 0].max().item(), 'g')}], "
+            f"dx∈[{fmt(s[:, 1].min().item(), 'g')}, {fmt(s[:, 1].max().item(), 'g')}] ({s.shape[0]} shifts)")
 
 
 # --- model introspection -------------------------------------------------------------------------

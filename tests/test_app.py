@@ -266,6 +266,16 @@ def test_twins_pair(app):
         assert not at.exception, (tab, at.exception)
         assert errors(at) == [], (tab, errors(at))
         assert len(charts(at)) >= 3, tab
+    # the polyphase tab shows each anchor's margin, the same numbers as the library's anchor_margins
+    at.session_state["panel"] = "Polyphase indices"
+    at.number_input(key="shift_dx").set_value(1).run()
+    table = [m.value for m in at.markdown if "polyphase margins" in m.value]
+    assert len(table) == 1, "no margin table for the anchored model"
+    rows = [line.split("|")[1:-1] for line in table[0].splitlines() if line.startswith("| `")]
+    assert [r[0].strip(" `") for r in rows][0] == "patch_embeds.0.anchor" and len(rows) >= 3
+    for r in rows:
+        margin, smallest, tol = (float(c) for c in (r[3], r[4], r[5]))
+        assert 0 <= smallest <= margin + 1e-12 <= 1 + 1e-12 and tol == pytest.approx(1e-4)
     # circular shifts: the anchored Twins is invariant, so its top-5 table does not move (as numbers:
     # its Δ of 0 is float noise, which CPUs round to either side of zero)
     before = top5_tables(at)[1]

@@ -121,6 +121,21 @@ def test_polyphase_panel_marks_the_selected_phase(pair):
     assert "not anchored" in empty.layout.annotations[0].text
 
 
+def test_polyphase_panel_titles_carry_each_anchors_margin(twins_pair):
+    """The margin in each module's title is the recorded one at that shift (parsed as a number), and a
+    choice below the tolerance is labelled a near-tie."""
+    _, anch = twins_pair
+    k = 5
+    titles = [a.text for a in plots.polyphase_panel(anch, current=k).layout.annotations if "(s=" in a.text]
+    rows = {r["module"]: r for r in anch.anchor_margins(k)}
+    assert len(titles) == len(rows)
+    for t in titles:
+        name = t.split(" (s=")[0]
+        shown = float(t.split("top-2 margin ")[1].split(" ")[0].split("<")[0])
+        assert shown == pytest.approx(rows[name]["margin"], rel=0.06, abs=1e-12)
+        assert ("near-tie" in t) == (rows[name]["margin"] < rows[name]["tie_tol"])
+
+
 def test_layer_error_map_uses_one_colour_scale(pair):
     base, anch, _ = pair
     fig = plots.layer_error_map(base, anch)

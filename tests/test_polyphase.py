@@ -478,3 +478,20 @@ def test_tie_tolerance_zero_is_the_plain_argmax_and_shows_in_repr():
         plain(x)
     want = brute_norms(x, 2).flatten(1).argmax(1)
     assert torch.equal(rec["0"][:, 0] * 2 + rec["0"][:, 1], want)
+
+
+@pytest.mark.slow
+def test_compiled_anchor_decides_near_ties_like_eager():
+    """torch.compile always takes the second-key path (no host sync while tracing): on maps where every
+    phase ties on the l2 key, the compiled choice must equal eager's. (A -inf mask here once made
+    inductor's vectorised argmax return an out-of-range index and abort the process.)"""
+    import torch._dynamo
+
+    x = layer_normed(8, 32, 8, 8, seed=7)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda t: anchor(t, 4))
+    with torch.no_grad():
+        rolled, idx = compiled(x)
+    want_rolled, want_idx = anchor(x, 4)
+    torch._dynamo.reset()
+    assert torch.equal(idx, want_idx) and torch.equal(rolled, want_rolled)

@@ -432,3 +432,10 @@ def test_margins_are_recorded_per_anchor_and_shift_and_survive_save(models, tmp_
     assert set(back.margins) == set(res.margins)
     for n in res.margins:
         assert torch.equal(back.margins[n], res.margins[n]) and torch.equal(back.ref_margins[n], res.ref_margins[n])
+
+
+def test_shift_range_text_never_shows_a_signed_zero():
+    from equishift.sweep import describe_shifts
+
+    text = describe_shifts(torch.tensor([[-0.0, -1e-20], [0.5, 1.0]], dtype=torch.float64))
+    assert "-0" not in text and "dy∈[0, 0.5]" in text
