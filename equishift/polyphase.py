@@ -24,7 +24,6 @@ import threading
 from contextlib import contextmanager
 from typing import Dict, Iterator, Optional, Tuple
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -227,14 +226,22 @@ def _decide(x: torch.Tensor, sums: torch.Tensor, stride: int, tie_tol: float) ->
     if sums.shape[1] == 1:
         return sums.argmax(dim=1)
     if x.device.type == "cpu" and not _tracing():
-        # On the CPU, look first and skip the second key when nothing is tied (the usual case). The
-        # (B, s²) sums are tiny: numpy's sort + argmax cost ~8 us, a third of the same steps as torch
-        # kernels. On accelerators and while tracing the key is always computed (no host sync, no
-        # graph break).
-        a = sums.numpy()
-        top2 = np.sort(a, axis=1)[:, -2:]
-        if not (top2[:, 0] >= top2[:, 1] * (1.0 - tie_tol)).any():
-            return torch.from_numpy(a.argmax(axis=1))
+        # On the CPU, look first, and compute the second key only for the images that have a near-tie
+        # (usually none; one tied image must not cost a pass over the whole batch). On accelerators and
+        # while tracing the key is computed for every image (no host sync, no graph break). (The same
+        # check in numpy is faster alone but measured 4-8% slower inside a 32-px Twins forward.)
+        top2 = sums.topk(2, dim=1).values
+        flat = sums.argmax(dim=1)
+        tied = top2[:, 1] >= top2[:, 0] * (1.0 - tie_tol)
+        if bool(tied.any()):
+            rows = tied.nonzero().flatten()
+            flat[rows] = _by_second_key(x.index_select(0, rows), sums.index_select(0, rows), stride, tie_tol)
+        return flat
+    return _by_second_key(x, sums, stride, tie_tol)
+
+
+def _by_second_key(x: torch.Tensor, sums: torch.Tensor, stride: int, tie_tol: float) -> torch.Tensor:
+    """Among the phases within ``tie_tol`` of each image's largest sum, the first with the largest x⁴."""
     near = sums >= sums.amax(dim=1, keepdim=True) * (1.0 - tie_tol)
     key = _quartic_sums(x, stride).flatten(1)
     # Non-candidates get -1 (every key is >= 0), not -inf: inductor's vectorised CPU argmax returned an

@@ -495,3 +495,13 @@ def test_compiled_anchor_decides_near_ties_like_eager():
     want_rolled, want_idx = anchor(x, 4)
     torch._dynamo.reset()
     assert torch.equal(idx, want_idx) and torch.equal(rolled, want_rolled)
+
+
+def test_a_batch_mixing_tied_and_untied_images_is_decided_per_image():
+    """On the CPU only the tied images get the second key; each image's choice is its own rule's."""
+    tied = layer_normed(3, 16, 8, 8, seed=11)
+    free = torch.randn(3, 16, 8, 8, generator=torch.Generator().manual_seed(12))
+    x = torch.stack([tied[0], free[0], tied[1], free[1], free[2], tied[2]])
+    assert torch.equal(select_anchor(x, 4), brute_anchor_index(x, 4))
+    for i in range(len(x)):
+        assert torch.equal(select_anchor(x[i:i + 1], 4), select_anchor(x, 4)[i:i + 1])
