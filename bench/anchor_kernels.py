@@ -26,6 +26,7 @@ import time
 
 import torch
 
+from anchor_overhead import trained_like  # bench/ is on sys.path: this script runs from there
 from equishift.polyphase import (PolyphaseAnchor, _energy, _phase_sums, _quartic_sums, _roll_to_anchor,
                                  _select)
 
@@ -90,11 +91,7 @@ def whole_model(reps: int, threads: int, batch: int) -> None:
     torch.manual_seed(0)
     base = Twins(img_size=32, patch_size=4, embed_dims=(32, 64), num_heads=(1, 2), mlp_ratios=(2, 2),
                  depths=(2, 2), wss=(4, 2), sr_ratios=(2, 1), num_classes=10).eval()
-    with torch.no_grad():
-        for m in base.modules():
-            if isinstance(m, torch.nn.LayerNorm):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.normal_(0, 0.2)
+    trained_like(base)
     default = anchorize(base).eval()
     plain = copy.deepcopy(default)
     for m in plain.modules():

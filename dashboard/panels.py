@@ -302,11 +302,14 @@ def _margin_table(role: str, rows) -> None:
     lines = ["| module | s | phase | top-2 margin here | smallest over the sweep | tolerance | near-ties |",
              "|---|---:|---|---:|---:|---:|---:|"]
     for r in rows:
+        tol = "—" if r["tie_tol"] is None else fmt(r["tie_tol"], "g")  # results saved without it
+        ties = "—" if r["near_ties"] is None else r["near_ties"]
         lines.append(f"| `{r['module']}` | {r['stride']} | {r['phase']} | {fmt(r['margin'], '.2g')} | "
-                     f"{fmt(r['min_margin'], '.2g')} | {fmt(r['tie_tol'], 'g')} | {r['near_ties']} |")
+                     f"{fmt(r['min_margin'], '.2g')} | {tol} | {ties} |")
     st.markdown(f"**{role}: polyphase margins** — relative gap (S1 − S2) / S1 between the two strongest "
-                "phases. Below the tolerance the choice is a near-tie, decided by the second key (Σx⁴); "
-                "a margin just above it is where another CPU's rounding could pick differently "
+                "phases. At or below the tolerance the choice is a near-tie, decided by the second key (Σx⁴); "
+                "a margin close to the tolerance, on either side, is where another CPU's rounding could "
+                "pick differently "
                 "(docs/anchoring.md, \"Near-ties\").\n\n" + "\n".join(lines))
 
 

@@ -288,7 +288,7 @@ def polyphase_panel(result: SweepResult, current: int = 0, path=None) -> go.Figu
         r = margins[n]
         if r["margin"] is None:
             return f"{n} (s={strides.get(n, '?')})"
-        tie = " · near-tie: x⁴ key" if r["tie_tol"] is not None and r["margin"] < r["tie_tol"] else ""
+        tie = " · near-tie: x⁴ key" if r["tie_tol"] is not None and r["margin"] <= r["tie_tol"] else ""
         return f"{n} (s={strides.get(n, '?')})<br>top-2 margin {fmt(r['margin'], '.2g')}{tie}"
 
     fig = make_subplots(rows=2, cols=len(names), vertical_spacing=0.18,

@@ -33,7 +33,7 @@ __all__ = ["TIE_TOL", "polyphase_norms", "polyphase_margin", "select_anchor", "a
 # Relative tie tolerance per dtype of the map being anchored: phases whose squared norm is within
 # ``tie_tol * max`` of the largest are decided by the second key. float32: above the margins that
 # LayerNorm's eps leaves between phases of an untrained model (1e-7 to 1e-5; 1e-5 still flipped) and
-# ~2000x the run-to-run rounding of phase sums measured across CPU kernels (<= 5e-8); trained models
+# several hundred times the run-to-run rounding of phase sums measured across CPU kernels (<= ~2e-7); trained models
 # rarely come that close (bench/near_ties.py). Half precision: about the rounding of a LayerNorm output
 # summed over a phase (eps / sqrt(C * N)); larger values would overrule the l2 rule on many trained
 # choices (bfloat16: 30-50% of them have margins below 1e-2). docs/anchoring.md, "Near-ties".
@@ -43,6 +43,13 @@ TIE_TOL: Dict[torch.dtype, float] = {
     torch.bfloat16: 1e-3,
     torch.float16: 2e-4,
 }
+
+
+def _checked_tol(tie_tol) -> float:
+    tol = float(tie_tol)
+    if not 0.0 <= tol < 1.0:
+        raise ValueError(f"tie_tol must be in [0, 1), got {tie_tol!r}")
+    return tol
 
 
 def tie_tolerance(dtype: torch.dtype) -> float:
@@ -104,11 +111,11 @@ def _quartic_sums(x: torch.Tensor, stride: int) -> torch.Tensor:
     The tie-break key: per pixel, sum_c x⁴ is reduced in the same order wherever the pixel sits (a shift
     only permutes the pixels), and unlike sum_c x² it is not constant after a LayerNorm."""
     b, c, h, w = x.shape
-    x = x if x.dtype in (torch.float32, torch.float64) else x.float()
-    x2 = x * x
-    q = (x2 * x2).sum(dim=1)
-    acc = torch.float32 if q.device.type == "mps" else torch.float64
-    rows = q.reshape(b, h // stride, stride, w).sum(dim=1, dtype=acc)
+    # In float64 (float32 on MPS): x⁴ of float32 values overflows above ~4e9 and underflows below ~1e-10,
+    # and equal (inf or 0) keys would hand the choice to the row-major order, which does not follow a shift.
+    acc = torch.float32 if x.device.type == "mps" else torch.float64
+    q = x.to(acc).pow(4).sum(dim=1)
+    rows = q.reshape(b, h // stride, stride, w).sum(dim=1)
     return rows.reshape(b, stride, w // stride, stride).sum(dim=2)
 
 
@@ -130,7 +137,7 @@ def _fake_mode_active() -> bool:
 
 def _tracing() -> bool:
     """Inside torch.compile, make_fx (a proxy mode) or a fake mode: no data-dependent host checks."""
-    if torch.compiler.is_compiling() or _fake_mode_active():
+    if torch.compiler.is_compiling() or _fake_mode_active() or torch.jit.is_tracing():
         return True
     try:
         return torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.PROXY) is not None
@@ -230,9 +237,9 @@ def _decide(x: torch.Tensor, sums: torch.Tensor, stride: int, tie_tol: float) ->
         # (usually none; one tied image must not cost a pass over the whole batch). On accelerators and
         # while tracing the key is computed for every image (no host sync, no graph break). (The same
         # check in numpy is faster alone but measured 4-8% slower inside a 32-px Twins forward.)
-        top2 = sums.topk(2, dim=1).values
-        flat = sums.argmax(dim=1)
+        top2, order = sums.topk(2, dim=1)
         tied = top2[:, 1] >= top2[:, 0] * (1.0 - tie_tol)
+        flat = order[:, 0]  # the unique maximum wherever nothing is tied (exact ties count as tied)
         if bool(tied.any()):
             rows = tied.nonzero().flatten()
             flat[rows] = _by_second_key(x.index_select(0, rows), sums.index_select(0, rows), stride, tie_tol)
@@ -253,7 +260,7 @@ def _select(x: torch.Tensor, stride: int, tie_tol: Optional[float] = None,
             with_margin: bool = False) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """(flat anchor index a * stride + b per image (LongTensor[B]), relative top-2 margin or None);
     no autograd graph. ``tie_tol`` None: the default for the dtype of ``x``."""
-    tol = tie_tolerance(x.dtype) if tie_tol is None else float(tie_tol)
+    tol = tie_tolerance(x.dtype) if tie_tol is None else _checked_tol(tie_tol)
     if torch.is_grad_enabled():
         with torch.no_grad():
             return _select(x, stride, tol, with_margin)
@@ -403,9 +410,7 @@ class PolyphaseAnchor(nn.Module):
     def __init__(self, stride: int, tie_tol: Optional[float] = None):
         super().__init__()
         self.stride = int(stride)
-        if tie_tol is not None and not (0.0 <= float(tie_tol) < 1.0):
-            raise ValueError(f"tie_tol must be in [0, 1), got {tie_tol!r}")
-        self.tie_tol = None if tie_tol is None else float(tie_tol)
+        self.tie_tol = None if tie_tol is None else _checked_tol(tie_tol)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rec = _RECORDER.get()

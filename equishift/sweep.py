@@ -37,7 +37,7 @@ What is recorded (``record`` picks a subset; K = number of shifts)
   ``SweepResult.aligned_attention`` uses the same offsets to undo the shift on the attention maps.
 
 The reference (unshifted: shift (0, 0) in the same mode) is always run too: ``ref_logits``,
-``ref_attention``, ``ref_anchors``.
+``ref_attention``, ``ref_anchors``, ``ref_margins``.
 
 Concurrency: the sweep never touches the model it is given. It runs on a *working copy* that shares
 every parameter and buffer with the model (a structural deep copy: module objects are new, weight tensors
@@ -188,8 +188,8 @@ class SweepResult:
     def anchor_margins(self, k: int) -> List[Dict[str, Any]]:
         """One row per anchored module at shift index ``k``: name, stride, the selected (row, col) phase,
         its relative top-2 margin here, the smallest margin over all swept shifts, the tie tolerance, and
-        how many swept shifts were near-ties (margin below the tolerance: decided by the second key).
-        A margin that is tiny but above the tolerance is where another CPU's rounding could flip the
+        how many swept shifts were near-ties (margin at most the tolerance: decided by the second key).
+        A margin close to the tolerance, on either side, is where another CPU's rounding could flip the
         choice; docs/anchoring.md ("Near-ties") explains the bound."""
         rows = []
         strides = self.meta.get("anchor_stride", {})
@@ -202,7 +202,7 @@ class SweepResult:
                 "margin": None if m is None else float(m[k]),
                 "min_margin": None if m is None else float(m.min()),
                 "tie_tol": tol,
-                "near_ties": None if m is None or tol is None else int((m < tol).sum()),
+                "near_ties": None if m is None or tol is None else int((m <= tol).sum()),
             })
         return rows
 
@@ -304,7 +304,7 @@ class _Pass:
 
     def __init__(self, offset: torch.Tensor, rec: Dict[str, torch.Tensor], is_ref: bool):
         self.offset = offset            # [B, 2] float64 on CPU: running content offset in pixels
-        self.rec = rec                  # record_anchors dict of this pass
+        self.rec = rec                  # the AnchorRecord of this pass (record_anchors)
         self.is_ref = is_ref
         self.layer_offset: Dict[str, torch.Tensor] = {}
         self.layer_error: Dict[str, torch.Tensor] = {}

@@ -68,11 +68,11 @@ def test_near_ties_bench_runs_and_the_default_rule_holds_on_this_cpus_kernels(tm
 
     out = tmp_path / "nt.json"
     bench = _BENCH.parent / "near_ties.py"
-    proc = subprocess.run([sys.executable, str(bench), "--caps", "native", "--seeds", "2", "--images", "1",
+    proc = subprocess.run([sys.executable, str(bench), "--caps", "inherit", "--seeds", "2", "--images", "1",
                            "--dtypes", "float32", "--json", str(out)], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "| native | svt timm init | float32 | tolerant |" in proc.stdout
-    rows = json.loads(out.read_text())["native"]
+    assert "| inherit | svt timm init | float32 | tolerant |" in proc.stdout
+    rows = json.loads(out.read_text())["inherit"]
     for kind in ("svt timm init", "pcpvt timm init", "svt LN randomised"):
         row = rows[f"{kind} | float32 | tolerant"]
         assert row["pairs"] == 2 * 256 and row["moved"] == 0 and row["max"] <= 1e-4, (kind, row)

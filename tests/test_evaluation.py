@@ -261,8 +261,15 @@ def test_torchrun_two_gloo_processes_equal_one(zoo, tmp_path):
                          capture_output=True, text=True, timeout=300)
     assert one.returncode == 0, one.stderr
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone"]
-    two = subprocess.run([*torchrun, *args, "--json", str(tmp_path / "two.json")], env=env,
-                         capture_output=True, text=True, timeout=300)
+    for attempt in range(2):
+        two = subprocess.run([*torchrun, *args, "--json", str(tmp_path / "two.json")], env=env,
+                             capture_output=True, text=True, timeout=300)
+        # Once in a few full-suite runs under load, a rank aborts in gloo's C++ teardown after the process
+        # group was destroyed ("terminate called without an active exception", SIGABRT; a known upstream
+        # race between gloo's worker threads and interpreter exit). Retried once for that signature only;
+        # any other failure fails at once.
+        if two.returncode == 0 or "terminate called without an active exception" not in two.stderr:
+            break
     assert two.returncode == 0, two.stderr
     a, b = (json.loads((tmp_path / f).read_text()) for f in ("one.json", "two.json"))
     assert (a["world_size"], b["world_size"]) == (1, 2)
