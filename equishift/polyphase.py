@@ -32,11 +32,11 @@ __all__ = ["TIE_TOL", "polyphase_norms", "polyphase_margin", "select_anchor", "a
 
 # Relative tie tolerance per dtype of the map being anchored: phases whose squared norm is within
 # ``tie_tol * max`` of the largest are decided by the second key. float32: above the margins that
-# LayerNorm's eps leaves between phases of an untrained model (1e-7 to 1e-5; 1e-5 still flipped) and
-# several hundred times the run-to-run rounding of phase sums measured across CPU kernels (<= ~2e-7); trained models
-# rarely come that close (bench/near_ties.py). Half precision: about the rounding of a LayerNorm output
-# summed over a phase (eps / sqrt(C * N)); larger values would overrule the l2 rule on many trained
-# choices (bfloat16: 30-50% of them have margins below 1e-2). docs/anchoring.md, "Near-ties".
+# LayerNorm's eps leaves between phases of an untrained model (1e-7 to 1e-5; 1e-5 still flipped), and
+# several hundred times the run-to-run rounding of phase sums across CPU kernels (<= ~2e-7); trained
+# models rarely come that close (bench/near_ties.py). Half precision: about the rounding of a LayerNorm
+# output summed over a phase (eps / sqrt(C * N)); larger values would overrule the l2 rule on many
+# trained choices (bfloat16: 30-50% of them have margins below 1e-2). docs/anchoring.md, "Near-ties".
 TIE_TOL: Dict[torch.dtype, float] = {
     torch.float64: 1e-10,
     torch.float32: 1e-4,
