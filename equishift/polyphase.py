@@ -150,8 +150,9 @@ def constant_cache(maxsize: int):
 
     A plain dict lookup on a hit (these run several times per forward pass). A miss builds the value
     outside inference mode: a table first made inside a sweep (inference mode) must still be usable by
-    autograd later (an attribution), which refuses inference tensors. While ``torch.compile`` traces, the
-    function runs as it is, so compiled graphs fold the constants in. At most ``maxsize`` entries (the
+    autograd later (an attribution), which refuses inference tensors. While anything traces
+    (torch.compile, make_fx, fake tensors), the function runs as it is, so compiled graphs fold the
+    constants in. At most ``maxsize`` entries (the
     oldest go first); safe to call from several threads."""
     def wrap(fn):
         cache: Dict[tuple, object] = {}
@@ -159,7 +160,7 @@ def constant_cache(maxsize: int):
 
         @functools.wraps(fn)
         def call(*args):
-            if torch.compiler.is_compiling() or _fake_mode_active():
+            if _tracing():  # compile, make_fx, jit or fake tensors: the same graph whether cached or not
                 return fn(*args)
             hit = cache.get(args)
             if hit is not None:
@@ -228,32 +229,47 @@ def _margin(sums: torch.Tensor) -> torch.Tensor:
 def _decide(x: torch.Tensor, sums: torch.Tensor, stride: int, tie_tol: float) -> torch.Tensor:
     """Flat anchor index per image from the (B, s²) phase sums: the largest, or among the phases within
     ``tie_tol`` (relative) of the largest, the one with the largest sum of x⁴."""
-    if tie_tol <= 0:
+    if tie_tol <= 0 or sums.shape[1] == 1:
         return sums.argmax(dim=1)
-    if sums.shape[1] == 1:
-        return sums.argmax(dim=1)
-    if x.device.type == "cpu" and not _tracing():
-        # On the CPU, look first, and compute the second key only for the images that have a near-tie
-        # (usually none; one tied image must not cost a pass over the whole batch). On accelerators and
-        # while tracing the key is computed for every image (no host sync, no graph break). (The same
-        # check in numpy is faster alone but measured 4-8% slower inside a 32-px Twins forward.)
-        top2, order = sums.topk(2, dim=1)
-        tied = top2[:, 1] >= top2[:, 0] * (1.0 - tie_tol)
-        flat = order[:, 0]  # the unique maximum wherever nothing is tied (exact ties count as tied)
-        if bool(tied.any()):
-            rows = tied.nonzero().flatten()
-            flat[rows] = _by_second_key(x.index_select(0, rows), sums.index_select(0, rows), stride, tie_tol)
-        return flat
-    return _by_second_key(x, sums, stride, tie_tol)
+    if _tracing():
+        # torch.compile / make_fx see one opaque op: no graph break, and no generated code for the
+        # data-dependent choice (inductor's vectorised CPU argmax over a masked float64 key produced
+        # out-of-range indices, wrong choices or failed to build, depending on the CPU's kernels).
+        return near_tie_choice(x, sums, stride, tie_tol)
+    return _decide_eagerly(x, sums, stride, tie_tol)
+
+
+def _decide_eagerly(x: torch.Tensor, sums: torch.Tensor, stride: int, tie_tol: float) -> torch.Tensor:
+    if x.device.type != "cpu":  # no host sync on accelerators: the key for every image
+        return _by_second_key(x, sums, stride, tie_tol)
+    # On the CPU, look first, and compute the second key only for the images that have a near-tie
+    # (usually none; one tied image must not cost a pass over the whole batch). (The same check in
+    # numpy is faster alone but measured 4-8% slower inside a 32-px Twins forward.)
+    top2, order = sums.topk(2, dim=1)
+    tied = top2[:, 1] >= top2[:, 0] * (1.0 - tie_tol)
+    flat = order[:, 0].contiguous()  # the unique maximum wherever nothing is tied (exact ties count as tied)
+    if bool(tied.any()):
+        rows = tied.nonzero().flatten()
+        flat[rows] = _by_second_key(x.index_select(0, rows), sums.index_select(0, rows), stride, tie_tol)
+    return flat
+
+
+@torch.library.custom_op("equishift::near_tie_choice", mutates_args=())
+def near_tie_choice(x: torch.Tensor, sums: torch.Tensor, stride: int, tie_tol: float) -> torch.Tensor:
+    """The anchor choice with the near-tie rule, as one operator for compilers (see ``_decide``)."""
+    return _decide_eagerly(x, sums, stride, tie_tol)
+
+
+@near_tie_choice.register_fake
+def _(x: torch.Tensor, sums: torch.Tensor, stride: int, tie_tol: float) -> torch.Tensor:
+    return sums.new_empty((sums.shape[0],), dtype=torch.long)
 
 
 def _by_second_key(x: torch.Tensor, sums: torch.Tensor, stride: int, tie_tol: float) -> torch.Tensor:
     """Among the phases within ``tie_tol`` of each image's largest sum, the first with the largest x⁴."""
     near = sums >= sums.amax(dim=1, keepdim=True) * (1.0 - tie_tol)
     key = _quartic_sums(x, stride).flatten(1)
-    # Non-candidates get -1 (every key is >= 0), not -inf: inductor's vectorised CPU argmax returned an
-    # out-of-range index for rows masked with -inf (an index-out-of-bounds abort in a compiled model).
-    return key.masked_fill(~near, -1.0).argmax(dim=1)
+    return key.masked_fill(~near, -1.0).argmax(dim=1)  # every key is >= 0
 
 
 def _select(x: torch.Tensor, stride: int, tie_tol: Optional[float] = None,
