@@ -43,6 +43,29 @@ def preprocessing(sides, thumb, original_size, choice) -> None:
             st.caption(("both: " if len(recipes) == 1 and len(sides) > 1 else f"{side.role}: ") + recipe)
 
 
+def model_cards(sides) -> None:
+    """Per model: where it comes from and, for an anchored one, its variant: every anchor site, whether
+    an anchor went there and why (the card's ``anchors``)."""
+    with st.expander("Model cards: source, anchoring variant, anchors"):
+        for side in sides:
+            card = side.loaded.card
+            line = f"**{side.role}** `{side.spec}` · {card.get('source', '?')} · anchoring **{card.get('anchoring', 'none')}**"
+            if card.get("anchor_options"):
+                line += " · " + ", ".join(f"{k}={v}" for k, v in card["anchor_options"].items())
+            st.markdown(line)
+            paper = card.get("paper")
+            if paper:
+                st.caption(f"paper checkpoint {paper.get('file')} ({paper.get('arch')}): epoch {paper.get('epoch')}, "
+                           f"max accuracy {paper.get('max_accuracy')}; config checked: "
+                           f"{', '.join(paper.get('config_checked') or []) or 'none in the file'}")
+            if card.get("anchor_options_note"):
+                st.caption(card["anchor_options_note"])
+            sites = card.get("anchors") or []
+            if sites:
+                st.dataframe([{"module": s["module"], "s": s["stride"], "anchored": "yes" if s["anchored"] else "no",
+                               "why": s["why"]} for s in sites], hide_index=True, width="stretch")
+
+
 def _recipe(card) -> str:
     c, h, w = card["input_size"]
     mean = ", ".join(fmt(v, ".3f") for v in card["mean"])

@@ -110,7 +110,7 @@ def _guarded_call(fn, *args) -> None:
     try:
         fn(*args)
     except Exception as e:  # noqa: BLE001 - a display problem must not take the page down
-        st.sidebar.error(f"Cannot show the preprocessing: {_message(e)}")
+        st.sidebar.error(f"Cannot show the {fn.__name__.replace('_', ' ')}: {_message(e)}")
 
 
 def crop_margin(stride: int) -> int:
@@ -282,6 +282,7 @@ def main() -> None:
     if not ok:
         return
     _guarded_call(panels.preprocessing, ok, thumb, original_size, choice)
+    _guarded_call(panels.model_cards, ok)
     ref = ok[0]
     try:
         grid = _grid_picker(ref, mode, choice.sha256)

@@ -31,7 +31,7 @@ SHIFT_MODES = {"circular": "circular", "zero-pad": "zero", "reflect": "reflect",
                "fractional (bilinear)": "bilinear", "fractional (Fourier)": "fourier"}
 UPLOAD_TYPES = ["png", "jpg", "jpeg", "webp", "bmp", "tif", "tiff", "gif"]
 ANCHOR_MODES = ("full", "pos-only", "patch-only")
-_SOURCES = ("Zoo", "timm name", "Local checkpoint", "Upload safetensors")
+_SOURCES = ("Zoo", "timm name", "Local checkpoint", "Upload safetensors", "Paper checkpoint")
 _UPLOAD_DIR = Path(tempfile.gettempdir()) / "equishift-uploads"
 
 
@@ -130,6 +130,8 @@ def _source_spec(side: str, source: str, default_zoo: str) -> Optional[str]:
             return None
         index = zoo.index(default_zoo) if default_zoo in zoo else 0
         return st.sidebar.selectbox("Zoo model", zoo, index=index, key=f"{side}_zoo")
+    if source == "Paper checkpoint":
+        return _paper_spec(side)
     name = st.sidebar.text_input("timm model name", value="vit_tiny_patch16_224", key=f"{side}_timm",
                                  help="Any name from timm.list_models(), e.g. vit_small_patch16_224, "
                                       "deit_tiny_patch16_224, twins_svt_small.")
@@ -155,6 +157,38 @@ def _source_spec(side: str, source: str, default_zoo: str) -> Optional[str]:
         return None
 
 
+def _paper_spec(side: str) -> Optional[str]:
+    """``paper:ARCH:TIMM_NAME[?options]@PATH`` from a checkpoint of the paper's code (path or upload)."""
+    from equishift.paper import ARCHS
+
+    arch = st.sidebar.selectbox("paper architecture", list(ARCHS), key=f"{side}_paper_arch",
+                                help="PolyViT, PolyTwins (PCPVT / SVT) or PolySwin as trained by the paper's code; "
+                                     "the file is read without running pickled code.")
+    default = {"polyvit": "vit_small_patch16_224", "polytwins-pcpvt": "twins_pcpvt_small",
+               "polytwins-svt": "twins_svt_small", "polyswin": "swin_tiny_patch4_window7_224"}[arch]
+    name = st.sidebar.text_input("timm layout", value=default, key=f"{side}_paper_timm_{arch}",
+                                 help="The timm model the checkpoint was trained on (its config's MODEL.CARD).")
+    options = st.sidebar.text_input("constructor options", value="", key=f"{side}_paper_options",
+                                    placeholder="img_size=384",
+                                    help="Only when the layout differs from the name's default.")
+    how = st.sidebar.radio("checkpoint", ("path", "upload"), horizontal=True, key=f"{side}_paper_how")
+    if how == "path":
+        path = st.sidebar.text_input("checkpoint file (ckpt_epoch_N.pth)", key=f"{side}_paper_path").strip()
+    else:
+        up = st.sidebar.file_uploader("checkpoint (.pth)", type=["pth", "pt", "safetensors"], key=f"{side}_paper_up")
+        if up is None:
+            return None
+        try:
+            path = _saved_upload(up.getvalue(), up.name)
+        except EquishiftError as e:
+            st.sidebar.error(str(e))
+            return None
+    if not name.strip() or not path:
+        return None
+    query = f"?{options.strip()}" if options.strip() else ""
+    return f"paper:{arch}:{name.strip()}{query}@{path}"
+
+
 def model_picker() -> Tuple[Optional[str], Optional[str]]:
     """The two model specs (baseline, anchored); None for a side the user is still filling in."""
     st.sidebar.header("Models")
@@ -172,7 +206,7 @@ def model_picker() -> Tuple[Optional[str], Optional[str]]:
         anchored = f"anchored[{mode}]:{baseline}" if baseline else None
     else:
         anchored = _source_spec("anchored", a_source, DEFAULT_ANCHORED)
-        if anchored and a_source != "Zoo":
+        if anchored and a_source not in ("Zoo", "Paper checkpoint"):
             wrap = st.sidebar.selectbox("anchorize it", ANCHOR_MODES + ("no (weights already anchored)",),
                                         key="anchored_wrap")
             if wrap in ANCHOR_MODES:

@@ -1,29 +1,17 @@
-"""``anchorize``: turn a timm ViT/DeiT or Twins model into an adaptively anchored, shift-invariant one.
+"""``anchorize``: turn a timm model into an adaptively anchored, shift-invariant one, and the layers it uses.
 
-Where anchors go (docs/anchoring.md):
+Each family's recipe (where anchors go in each mode, and its options) lives in its own module of
+``equishift.archs`` (vit, twins, swin); docs/anchoring.md has the overview. The layers here are shared:
+``CircularConv2d``, ``ConvPosEmbed`` (a circular depth-wise conv position encoding with a residual),
+``AnchoredPatchEmbed``, ``AnchoredBlock`` (token blocks taking (x, size)) and ``AnchoredMapBlock``
+(channels-last map blocks).
 
-ViT / DeiT (timm ``VisionTransformer``)
-  full        anchor the image with s = patch size before the patch conv; the absolute position
-              embedding is replaced by a depth-wise 3x3 conv with circular padding and a residual on the
-              patch-token grid (the CLS/register tokens get no position term).
-  pos-only    only the circular conv position encoding (no anchor).
-  patch-only  only the anchor before the patch conv (the absolute position embedding stays).
-
-Twins (timm ``Twins``: PCPVT = all global sub-sampled attention, SVT = local/global alternating)
-  full        anchor before every patch embedding with s = its stride (4 for the first, 2 between
-              stages — independent of stage depths), before every locally-grouped attention block with
-              s = window size and every sub-sampled global attention block with s = sr ratio; every
-              position-generating conv (PEG) pads circularly.
-  pos-only    only the circular PEGs.
-  patch-only  only the anchors before the patch embeddings; attention blocks and PEGs untouched.
-
-The input model is never mutated: anchorize works on a deep copy. Every surviving weight is reused;
-new position-encoding convs start at zero, so with their residual they are the identity.
+The input model is never mutated: anchorize works on a deep copy. Every surviving weight is reused.
 """
 from __future__ import annotations
 
 import copy
-from typing import Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -31,11 +19,10 @@ from torch import nn
 
 from .polyphase import PolyphaseAnchor, constant_cache
 
-__all__ = ["MODES", "anchorize", "anchoring_mode", "ConvPosEmbed", "AnchoredPatchEmbed", "AnchoredBlock",
-           "CircularConv2d"]
+__all__ = ["MODES", "anchorize", "anchoring_mode", "anchor_options", "anchor_sites", "ConvPosEmbed",
+           "AnchoredPatchEmbed", "AnchoredBlock", "AnchoredMapBlock", "CircularConv2d"]
 
 MODES = ("full", "pos-only", "patch-only")
-SUPPORTED = "timm VisionTransformer (ViT, DeiT, distilled DeiT) and timm Twins (PCPVT, SVT)"
 
 
 @constant_cache(maxsize=64)
@@ -130,12 +117,16 @@ class AnchoredPatchEmbed(nn.Module):
     Unknown attributes are looked up on the wrapped embedding, so timm code reading ``grid_size`` or
     ``patch_size`` keeps working."""
 
-    def __init__(self, embed: nn.Module, anchor: bool, pos_conv: Optional[ConvPosEmbed] = None):
+    def __init__(self, embed: nn.Module, anchor: bool, pos_conv: Optional[ConvPosEmbed] = None, why: str = ""):
         super().__init__()
         self.stride = _square(embed.patch_size)
         self.anchor = PolyphaseAnchor(self.stride) if anchor else None
         self.embed = embed
         self.pos_conv = pos_conv
+        self.why = why
+
+    def extra_repr(self) -> str:
+        return f"stride={self.stride}, anchored={self.anchor is not None}" + (f", why={self.why!r}" if self.why else "")
 
     def __getattr__(self, name: str):
         try:
@@ -161,10 +152,14 @@ class AnchoredPatchEmbed(nn.Module):
 class AnchoredBlock(nn.Module):
     """A Twins block taking (tokens, size), preceded by a polyphase anchor on its token grid."""
 
-    def __init__(self, block: nn.Module, stride: int):
+    def __init__(self, block: nn.Module, stride: int, why: str = ""):
         super().__init__()
         self.anchor = PolyphaseAnchor(stride)
         self.block = block
+        self.why = why
+
+    def extra_repr(self) -> str:
+        return f"stride={self.anchor.stride}" + (f", why={self.why!r}" if self.why else "")
 
     def __getattr__(self, name: str):
         try:
@@ -177,74 +172,76 @@ class AnchoredBlock(nn.Module):
         return self.block(x, size)
 
 
-def _block_stride(block: nn.Module) -> int:
-    """The period a Twins block's attention is tied to: window size (LSA) or sr ratio (GSA); 1 = none."""
-    attn = block.attn
-    if hasattr(attn, "ws"):
-        return int(attn.ws)
-    if getattr(attn, "sr", None) is not None:
-        return int(attn.sr_ratio)
-    return 1
+class AnchoredMapBlock(nn.Module):
+    """A module taking a channels-last map (B, H, W, C) (a Swin block or patch merging), preceded by a
+    polyphase anchor on that map."""
+
+    def __init__(self, block: nn.Module, stride: int, why: str = ""):
+        super().__init__()
+        self.anchor = PolyphaseAnchor(stride)
+        self.block = block
+        self.why = why
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(super().__getattr__("block"), name)
+
+    def extra_repr(self) -> str:
+        return f"stride={self.anchor.stride}" + (f", why={self.why!r}" if self.why else "")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block(self.anchor(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
 
 
-def _anchorize_vit(model: nn.Module, mode: str, pos_init: str) -> nn.Module:
-    anchor = mode in ("full", "patch-only")
-    pos_conv = None
-    if mode in ("full", "pos-only"):
-        pos_conv = ConvPosEmbed(model.embed_dim, init=pos_init)
-        ref = next(model.parameters())
-        pos_conv.to(device=ref.device, dtype=ref.dtype)
-        # timm's VisionTransformer skips the absolute embedding when it is None; subclasses that always
-        # add it (distilled DeiT) get a frozen zero buffer of the same shape instead.
-        from timm.models.vision_transformer import VisionTransformer
+def _adapter(model: nn.Module):
+    from .archs import adapter_for, adapters
 
-        if type(model)._pos_embed is VisionTransformer._pos_embed:
-            model.pos_embed = None
-        else:
-            zeros = torch.zeros_like(model.pos_embed.data)
-            del model.pos_embed
-            model.register_buffer("pos_embed", zeros, persistent=False)
-    model.patch_embed = AnchoredPatchEmbed(model.patch_embed, anchor=anchor, pos_conv=pos_conv)
-    return model
+    found = adapter_for(model)
+    if found is None:
+        supported = "; ".join(f"{a.name} ({', '.join(c.rsplit('.', 1)[-1] for c in a.classes)})"
+                              for a in adapters())
+        raise TypeError(f"anchorize supports {supported}; got {type(model).__module__}.{type(model).__name__}")
+    return found
 
 
-def _anchorize_twins(model: nn.Module, mode: str) -> nn.Module:
-    if mode in ("full", "patch-only"):
-        model.patch_embeds = nn.ModuleList(AnchoredPatchEmbed(e, anchor=True) for e in model.patch_embeds)
-    if mode == "full":
-        for k, stage in enumerate(model.blocks):
-            model.blocks[k] = nn.ModuleList(
-                AnchoredBlock(b, s) if (s := _block_stride(b)) > 1 else b for b in stage
-            )
-    if mode in ("full", "pos-only"):
-        for peg in model.pos_block:
-            for name, m in list(peg.named_modules()):
-                if isinstance(m, nn.Conv2d):
-                    peg.set_submodule(name, CircularConv2d.from_conv(m))  # same weights, circular padding
-    return model
+def anchorize(model: nn.Module, mode: str = "full", pos_init: str = "zeros", **options) -> nn.Module:
+    """Return an anchored copy of a timm ``model`` (the input is not modified).
 
-
-def anchorize(model: nn.Module, mode: str = "full", pos_init: str = "zeros") -> nn.Module:
-    """Return an anchored copy of a timm ViT/DeiT or Twins ``model`` (the input is not modified).
-
-    ``mode``: ``"full"`` (the paper's model), ``"pos-only"`` or ``"patch-only"`` — see the module doc.
-    ``pos_init``: ``"zeros"`` makes the new position conv the identity; ``"default"`` uses PyTorch's init.
-    """
+    ``mode``: ``"full"`` (the paper's model), ``"pos-only"`` or ``"patch-only"`` (what each means per
+    family: the modules in ``equishift.archs``). ``pos_init`` (families that get a new position conv,
+    ViT): ``"zeros"`` makes it the identity, ``"default"`` uses PyTorch's init (the paper's).
+    ``options`` are per family (ViT: ``patch_norm``; Twins: ``patch_anchors``; Swin: ``merge``); an
+    option the family does not know is a TypeError. The result carries ``equishift_anchoring`` (the
+    mode), ``equishift_anchor_options`` (every option, defaults included: what a card must record to
+    rebuild it) and ``equishift_anchor_sites`` (where anchors went, and why)."""
     if mode not in MODES:
         raise ValueError(f"unknown anchoring mode {mode!r}; choose one of {', '.join(MODES)}")
-    from timm.models.twins import Twins
-    from timm.models.vision_transformer import VisionTransformer
-
     if anchoring_mode(model) != "none":
         raise ValueError(f"model is already anchorized (mode {anchoring_mode(model)!r})")
-    if isinstance(model, VisionTransformer):
-        out = _anchorize_vit(copy.deepcopy(model), mode, pos_init)
-    elif isinstance(model, Twins):
-        out = _anchorize_twins(copy.deepcopy(model), mode)
-    else:
-        raise TypeError(f"anchorize supports {SUPPORTED}; got {type(model).__module__}.{type(model).__name__}")
+    adapter = _adapter(model)
+    if mode not in adapter.modes:
+        raise ValueError(f"{adapter.name}: anchoring mode {mode!r} does not exist for this family; choose one of "
+                         f"{', '.join(adapter.modes)}" + (f" ({adapter.modes_doc[mode]})" if mode in adapter.modes_doc else ""))
+    if "pos_init" in adapter.options:
+        options = {"pos_init": pos_init, **options}
+    resolved = adapter.check_options(options)
+    out, sites = adapter.anchorize(copy.deepcopy(model), mode, **resolved)
     out.equishift_anchoring = mode
+    out.equishift_anchor_options = {k: v for k, v in resolved.items() if k != "pos_init"}
+    out.equishift_anchor_sites = [s.as_dict() for s in sites]
     return out
+
+
+def anchor_options(model: nn.Module) -> Dict[str, object]:
+    """The family options an anchored model was built with ({} for a model that is not anchored)."""
+    return dict(getattr(model, "equishift_anchor_options", {}))
+
+
+def anchor_sites(model: nn.Module) -> List[Dict[str, object]]:
+    """Every place an anchor may go in an anchored model: module, stride, anchored, why."""
+    return [dict(s) for s in getattr(model, "equishift_anchor_sites", [])]
 
 
 def anchoring_mode(model: nn.Module) -> str:

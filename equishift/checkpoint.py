@@ -37,8 +37,8 @@ from torch import nn
 
 from equishift.errors import CheckpointError
 
-__all__ = ["CheckpointWarning", "DEFAULT_MAX_BYTES", "load_weights", "apply_weights", "save_weights",
-           "pickle_globals"]
+__all__ = ["CheckpointWarning", "DEFAULT_MAX_BYTES", "load_weights", "load_checkpoint", "apply_weights",
+           "save_weights", "pickle_globals"]
 
 DEFAULT_MAX_BYTES = 2 * 1024**3   # 2 GiB: a ViT-L in float32 (1.2 GB) fits, a stray dataset does not
 PathLike = Union[str, os.PathLike]
@@ -63,6 +63,28 @@ def load_weights(path: PathLike, *, max_bytes: int = DEFAULT_MAX_BYTES) -> Dict[
 
     Raises ``CheckpointError`` naming the file and the problem: not found, over ``max_bytes`` (checked
     before reading), empty, truncated or corrupt, not a checkpoint, or pickled code (refused unread)."""
+    state = _unwrap(_load_object(path, max_bytes, {}), _name(path))
+    _warn_non_finite(state, _name(path))
+    return state
+
+
+def load_checkpoint(path: PathLike, *, stand_ins: Mapping[str, type],
+                    max_bytes: int = DEFAULT_MAX_BYTES) -> object:
+    """The whole object a ``torch.save`` file holds (a training checkpoint: weights, epoch, config, ...).
+
+    Same checks as ``load_weights``, and the same refusal of code, except that each pickled class named
+    in ``stand_ins`` (``"module.Class"`` → a class of ours) is rebuilt as that stand-in: a config object
+    of a training framework, read as data. Stand-ins must be dict or list subclasses whose
+    ``__setstate__`` only stores data. Nothing else outside torch's weights-only allowlist is called."""
+    return _load_object(path, max_bytes, dict(stand_ins))
+
+
+def _name(path: PathLike) -> str:
+    p = Path(os.fspath(path))
+    return p.name or str(p)
+
+
+def _load_object(path: PathLike, max_bytes: int, stand_ins: Dict[str, type]) -> object:
     path = Path(os.fspath(path))
     name = path.name or str(path)
     if not path.exists():
@@ -78,17 +100,13 @@ def load_weights(path: PathLike, *, max_bytes: int = DEFAULT_MAX_BYTES) -> Dict[
     with open(path, "rb") as f:
         head = f.read(16)
     if _looks_like_safetensors(head):
-        state = _load_safetensors(path, name, size)
-    elif head.startswith(b"PK\x03\x04"):
-        state = _load_torch_zip(path, name, max_bytes)
-    elif head[:1] == b"\x80" and 2 <= head[1] <= 5:
-        state = _load_torch_legacy(path, name)
-    else:
-        raise CheckpointError(f"{name}: not a checkpoint ({_describe(head)}); expected a .safetensors file "
-                              "or a torch.save state dict (.pt/.pth/.bin)")
-    state = _unwrap(state, name)
-    _warn_non_finite(state, name)
-    return state
+        return _load_safetensors(path, name, size)
+    if head.startswith(b"PK\x03\x04"):
+        return _load_torch_zip(path, name, max_bytes, stand_ins)
+    if head[:1] == b"\x80" and 2 <= head[1] <= 5:
+        return _load_torch_legacy(path, name, stand_ins)
+    raise CheckpointError(f"{name}: not a checkpoint ({_describe(head)}); expected a .safetensors file "
+                          "or a torch.save state dict (.pt/.pth/.bin)")
 
 
 def _looks_like_safetensors(head: bytes) -> bool:
@@ -141,7 +159,7 @@ def _load_safetensors(path: Path, name: str, size: int) -> Dict[str, torch.Tenso
         raise CheckpointError(f"{name}: corrupt safetensors file ({_short(e)})") from None
 
 
-def _load_torch_zip(path: Path, name: str, max_bytes: int) -> object:
+def _load_torch_zip(path: Path, name: str, max_bytes: int, stand_ins: Dict[str, type]) -> object:
     try:
         with zipfile.ZipFile(path) as z:
             infos = z.infolist()
@@ -161,15 +179,15 @@ def _load_torch_zip(path: Path, name: str, max_bytes: int) -> object:
         raise
     except Exception as e:  # BadZipFile, EOFError, NotImplementedError (odd compression), ...
         raise CheckpointError(f"{name}: truncated or corrupt PyTorch checkpoint ({_short(e)})") from None
-    _refuse_unsafe_globals(pickle_globals(payload, name), name)
-    return _torch_load(path, name)
+    _refuse_unsafe_globals(pickle_globals(payload, name), name, stand_ins)
+    return _torch_load(path, name, stand_ins)
 
 
-def _load_torch_legacy(path: Path, name: str) -> object:
+def _load_torch_legacy(path: Path, name: str, stand_ins: Dict[str, type]) -> object:
     # Legacy torch.save: 5 consecutive pickles (magic, protocol, sys info, object, storage keys), then raw
     # storage bytes; a plain pickle is one. Scan all pickles that precede the raw bytes.
     with open(path, "rb") as f:   # streamed: the raw storage bytes after the pickles are never read
-        _refuse_unsafe_globals(pickle_globals(f, name, max_pickles=5), name)
+        _refuse_unsafe_globals(pickle_globals(f, name, max_pickles=5), name, stand_ins)
         f.seek(0)
         try:
             declared = _legacy_storage_bytes(f)
@@ -181,7 +199,7 @@ def _load_torch_legacy(path: Path, name: str) -> object:
     if declared > size:
         raise CheckpointError(f"{name}: declares {_human(declared)} of tensor data but the file holds "
                               f"{_human(size)}; truncated or corrupt PyTorch checkpoint")
-    return _torch_load(path, name)
+    return _torch_load(path, name, stand_ins)
 
 
 def _legacy_storage_bytes(stream: BinaryIO) -> int:
@@ -213,11 +231,14 @@ _STORAGE_ELEMENT_BYTES = {"DoubleStorage": 8, "FloatStorage": 4, "HalfStorage": 
                           "ComplexFloatStorage": 8, "UntypedStorage": 1}
 
 
-def _torch_load(path: Path, name: str) -> object:
+def _torch_load(path: Path, name: str, stand_ins: Dict[str, type]) -> object:
     try:
         # An open file, not the path: torch.load hands any path ending in .safetensors to safetensors,
         # which would call a real torch.save file with that name "corrupt" (content decides, not names).
         with open(path, "rb") as f:
+            if stand_ins:
+                return torch.load(f, map_location="cpu", weights_only=False,
+                                  pickle_module=_restricted_pickle_module(stand_ins))
             return torch.load(f, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         found = re.findall(r"GLOBAL ([\w.]+)", str(e))
@@ -326,14 +347,44 @@ def _allowed_globals() -> Set[str]:
     return allowed
 
 
-def _refuse_unsafe_globals(found: Set[str], name: str) -> None:
+def _refuse_unsafe_globals(found: Set[str], name: str, stand_ins: Mapping[str, type] = {}) -> None:
     allowed = _allowed_globals()
     if not allowed:
+        if stand_ins:  # without torch's list nothing can vouch for the other globals
+            raise CheckpointError(f"{name}: this torch has no weights-only allowlist; cannot read it safely")
         return
+    allowed |= set(stand_ins)
     # torch.* names outside the list are left to torch.load, which knows its own special cases.
     unsafe = sorted(g for g in found if g not in allowed and not g.startswith("torch."))
     if unsafe:
         raise CheckpointError(_code_message(name, unsafe, whole_model=_is_module_pickle(found)))
+
+
+def _restricted_pickle_module(stand_ins: Mapping[str, type]):
+    """A ``pickle_module`` for torch.load whose Unpickler resolves only torch's weights-only allowlist and
+    the stand-ins; any other global is an UnpicklingError naming it (before anything is called).
+
+    Used only for files that need stand-ins: torch's weights-only unpickler refuses to fill dict
+    subclasses, which is what a pickled config object (a yacs CfgNode) is."""
+    import types
+
+    from torch import _weights_only_unpickler as wou
+
+    table = {**wou._get_allowed_globals(), **wou._get_user_allowed_globals()}
+    table.update(stand_ins)
+
+    class Unpickler(pickle.Unpickler):
+        def find_class(self, module: str, attr: str):
+            key = _python3_name(module, attr)
+            if key in table:
+                return table[key]
+            raise pickle.UnpicklingError(f"GLOBAL {key} is not allowed")
+
+    mod = types.ModuleType("equishift_restricted_pickle")
+    mod.Unpickler = Unpickler
+    mod.load = pickle.load
+    mod.__name__ = "pickle"  # torch.load asks pickle_module.__name__ for its legacy-format checks
+    return mod
 
 
 def _is_module_pickle(found: Iterable[str]) -> bool:

@@ -12,6 +12,8 @@ COMMANDS = {
     "evaluate": ("equishift.evaluation", "accuracy and shift-consistency protocols on a dataset"),
     "sweep": ("equishift.report", "orbit sweep of a baseline/anchored pair on one image -> report bundle"),
     "models": ("equishift.zoo", "list the shipped models"),
+    "import-paper": ("equishift.paper", "convert a checkpoint of the paper's code (PolyViT/PolyTwins/PolySwin) "
+                                        "to safetensors + card"),
 }
 
 

@@ -277,7 +277,7 @@ def _autocast(device: torch.device):
 
 
 def train(cfg: TrainConfig) -> Dict[str, Any]:
-    """Train per ``cfg``. Returns {"model", "timm_class", "arch_config", "data", "seconds", "steps",
+    """Train per ``cfg``. Returns {"model", "timm_class", "arch_config", "anchor_options", "data", "seconds", "steps",
     "test_accuracy", "rank", "world_size", "device"}; the model is the unwrapped module on CPU."""
     from .device import default_device
 
@@ -358,7 +358,10 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
         dist.barrier()
         dist.destroy_process_group()
     model.eval().to("cpu")
-    return dict(model=model, timm_class=timm_class, arch_config=kwargs, data=info, seconds=round(seconds, 1),
+    from .anchoring import anchor_options
+
+    return dict(model=model, timm_class=timm_class, arch_config=kwargs, anchor_options=anchor_options(model),
+                data=info, seconds=round(seconds, 1),
                 steps=step, test_accuracy=test_acc, rank=rank, world_size=world, device=device.type)
 
 
@@ -390,7 +393,8 @@ def card_for(cfg: TrainConfig, result: Dict[str, Any], sha256: str, command: str
     arch = "twins" if result["timm_class"] == "Twins" else "vit"
     return {
         "name": cfg.name, "arch": arch, "timm_class": result["timm_class"], "arch_config": result["arch_config"],
-        "anchoring": cfg.anchoring, **result["data"], "untrained": False,
+        "anchoring": cfg.anchoring, **({"anchor_options": result["anchor_options"]} if cfg.anchoring != "none" else {}),
+        **result["data"], "untrained": False,
         "training": {
             "command": command, "seed": cfg.seed, "git_commit": _git_commit(), "seconds": result["seconds"],
             "epochs": cfg.epochs, "steps": result["steps"], "batch_size": cfg.batch_size, "lr": cfg.lr,

@@ -10,6 +10,8 @@ Specs
                                with a ModelSpecError, when offline and not cached)
 - ``timm:NAME@PATH``           weights from a local .safetensors or weights-only .pth
                                (``num_classes`` is read from the file's classifier when not given)
+- ``paper:ARCH:TIMM_NAME@PATH``  a checkpoint of the paper's code (ARCH: polyvit, polytwins-pcpvt,
+                               polytwins-svt, polyswin) on the timm layout TIMM_NAME (equishift.paper)
 - ``anchored:SPEC``, ``anchored[MODE]:SPEC``   ``anchorize(model, MODE)`` (default ``full``) on the fly;
                                new position-encoding convs start as the identity, so the card says
                                ``"untrained": true`` for the anchoring part.
@@ -41,7 +43,7 @@ from .errors import CheckpointError, ModelSpecError
 __all__ = ["LoadedModel", "load_model", "list_models", "parse_spec", "zoo_dir", "add_arguments", "run"]
 
 # Architectures a zoo card may name: a whitelist, so a card can never make us call an arbitrary attribute.
-TIMM_CLASSES = {"VisionTransformer": "vit", "Twins": "twins"}
+TIMM_CLASSES = {"VisionTransformer": "vit", "Twins": "twins", "SwinTransformer": "swin"}
 ANCHOR_MODES = ("full", "pos-only", "patch-only")
 # Zoo weight files are small; this cap only stops a wrong file from filling memory.
 MAX_WEIGHT_BYTES = 2 * 1024 ** 3
@@ -207,7 +209,7 @@ def model_stride(model: nn.Module) -> int:
 class Spec:
     """A parsed model spec."""
 
-    source: str  # "zoo" | "timm"
+    source: str  # "zoo" | "timm" | "paper" (name "ARCH:TIMM_NAME", path the checkpoint)
     name: str
     anchoring: str = "none"
     pretrained: bool = False
@@ -251,12 +253,24 @@ def parse_spec(spec: str) -> Spec:
     if rest.endswith(".json") and not rest.startswith(("zoo:", "timm:")):
         return Spec("zoo", rest, anchoring)  # a card file anywhere: NAME.json next to NAME.safetensors
     source, sep, body = rest.partition(":")
-    if not sep or source not in ("zoo", "timm") or not body:
+    if not sep or source not in ("zoo", "timm", "paper") or not body:
         raise ModelSpecError(f"unknown model spec {spec!r}; {_spec_help()}")
     if source == "zoo":
         return Spec("zoo", body, anchoring)
+    if source == "paper":
+        return _parse_paper(spec, body, anchoring)
     name, _, path = body.partition("@")
     name, _, query = name.partition("?")
+    pretrained, kwargs = _query(spec, query)
+    if pretrained and path:
+        raise ModelSpecError(f"{spec!r}: choose either '?pretrained' or '@PATH', not both")
+    if not name:
+        raise ModelSpecError(f"{spec!r}: missing the timm model name; {_spec_help()}")
+    return Spec("timm", name, anchoring, pretrained, path or None, tuple(kwargs))
+
+
+def _query(spec: str, query: str) -> Tuple[bool, List[Tuple[str, Any]]]:
+    """'pretrained&k=v&k=v' -> (pretrained, [(k, v), ...])."""
     pretrained, kwargs = False, []
     for item in filter(None, query.replace(",", "&").split("&")):
         key, eq, value = item.partition("=")
@@ -266,16 +280,34 @@ def parse_spec(spec: str) -> Spec:
             kwargs.append((key, _literal(value)))
         else:
             raise ModelSpecError(f"{spec!r}: cannot read {item!r}; write '?pretrained' or '?key=value&…'")
-    if pretrained and path:
-        raise ModelSpecError(f"{spec!r}: choose either '?pretrained' or '@PATH', not both")
-    if not name:
-        raise ModelSpecError(f"{spec!r}: missing the timm model name; {_spec_help()}")
-    return Spec("timm", name, anchoring, pretrained, path or None, tuple(kwargs))
+    return pretrained, kwargs
+
+
+def _parse_paper(spec: str, body: str, anchoring: str) -> Spec:
+    """``paper:ARCH:TIMM_NAME[?k=v&…]@PATH`` (a checkpoint of the paper's code; ``k=v`` are timm
+    constructor arguments of the layout it was trained with, e.g. img_size=384)."""
+    from .paper import ARCHS
+
+    head, at, path = body.partition("@")
+    head, _, query = head.partition("?")
+    pretrained, kwargs = _query(spec, query)
+    if pretrained:
+        raise ModelSpecError(f"{spec!r}: '?pretrained' does not apply to a paper checkpoint (its weights are @PATH)")
+    arch, colon, name = head.partition(":")
+    if anchoring != "none":
+        raise ModelSpecError(f"{spec!r}: a paper checkpoint is anchored already; drop the anchored: prefix")
+    if not colon or not name or not at or not path:
+        raise ModelSpecError(f"{spec!r}: write paper:ARCH:TIMM_NAME@PATH, e.g. "
+                             f"paper:polyvit:vit_small_patch16_224@ckpt_epoch_299.pth")
+    if arch not in ARCHS:
+        raise ModelSpecError(f"{spec!r}: unknown paper architecture {arch!r}; choose one of {', '.join(ARCHS)}")
+    return Spec("paper", f"{arch}:{name}", "none", False, path, tuple(kwargs))
 
 
 def _spec_help() -> str:
     zoo = list_models()
-    return ("use zoo:NAME, timm:NAME, timm:NAME?pretrained, timm:NAME@PATH, optionally prefixed by "
+    return ("use zoo:NAME, timm:NAME, timm:NAME?pretrained, timm:NAME@PATH, paper:ARCH:TIMM_NAME@PATH, "
+            "optionally prefixed by "
             "anchored: or anchored[full|pos-only|patch-only]:; shipped models: " + (", ".join(zoo) or "none"))
 
 
@@ -294,6 +326,11 @@ def load_model(spec: str, device: Optional[Union[str, torch.device]] = None,
         model, card = _load_zoo(card_file.stem, card_file.parent)
     elif s.source == "zoo":
         model, card = _load_zoo(s.name, zoo_dir(root))
+    elif s.source == "paper":
+        from .paper import load_paper
+
+        arch, _, name = s.name.partition(":")
+        model, card = load_paper(arch, name, s.path, timm_kwargs=dict(s.kwargs), max_bytes=MAX_WEIGHT_BYTES)
     else:
         model, card = _load_timm(s)
     if s.anchoring != "none":
@@ -324,9 +361,12 @@ def _anchor(model: nn.Module, card: Dict[str, Any], mode: str, spec: str):
                              f"drop the anchored: prefix")
     try:
         model = anchorize(model, mode, pos_init="zeros")
-    except TypeError as e:
+    except (TypeError, ValueError) as e:
         raise ModelSpecError(f"{spec!r}: {e}") from None
+    from .anchoring import anchor_options, anchor_sites
+
     card = dict(card, anchoring=mode, untrained=True, anchoring_untrained=True,
+                anchor_options=anchor_options(model), anchors=anchor_sites(model),
                 name=f"anchored[{mode}]:{card.get('name', '')}",
                 # Metrics of the base model do not describe the anchored one.
                 metrics={}, base_metrics=card.get("metrics", {}))
@@ -364,7 +404,7 @@ def _sha256(path: Path) -> str:
 def _load_zoo(name: str, root: Path):
     import timm.models
 
-    from .anchoring import anchorize
+    from .anchoring import anchor_sites, anchorize
     from .checkpoint import apply_weights, load_weights
 
     card = _read_card(name, root)
@@ -375,10 +415,14 @@ def _load_zoo(name: str, root: Path):
     if want and _sha256(weights) != want:
         raise CheckpointError(f"zoo model {name!r}: {weights.name} does not match the sha256 in its card "
                               f"(the file was modified or is corrupt)")
-    model = getattr(timm.models, card["timm_class"])(**card["arch_config"])
+    model = _build_card_model(card, name)
     mode = card.get("anchoring", "none")
     if mode != "none":
-        model = anchorize(model, mode)
+        try:
+            model = anchorize(model, mode, **card.get("anchor_options", {}))
+        except (TypeError, ValueError) as e:
+            raise ModelSpecError(f"zoo model {name!r}: its card's anchoring cannot be rebuilt: {e}") from None
+        card["anchors"] = anchor_sites(model)
     apply_weights(model, load_weights(weights, max_bytes=MAX_WEIGHT_BYTES), strict=True)
     card = copy.deepcopy(card)
     card.setdefault("name", name)
@@ -390,6 +434,29 @@ def _load_zoo(name: str, root: Path):
     card["preprocess"] = "padded"
     card["source"] = "zoo"
     return model, card
+
+
+def _build_card_model(card: Dict[str, Any], name: str) -> nn.Module:
+    """The card's architecture with fresh weights: a timm registry name (``timm_model``, e.g. an
+    imported paper checkpoint) or a whitelisted class built from ``arch_config``."""
+    import timm
+    import timm.models
+
+    kwargs = card["arch_config"]
+    if not isinstance(kwargs, dict):
+        raise ModelSpecError(f"zoo model {name!r}: arch_config must be an object")
+    try:
+        if card.get("timm_model"):
+            if not isinstance(card["timm_model"], str) or not timm.is_model(card["timm_model"]):
+                raise ModelSpecError(f"zoo model {name!r}: unknown timm model {card['timm_model']!r}")
+            model = timm.create_model(card["timm_model"], pretrained=False, **kwargs)
+            if type(model).__name__ != card["timm_class"]:
+                raise ModelSpecError(f"zoo model {name!r}: {card['timm_model']} is a {type(model).__name__}, "
+                                     f"the card says {card['timm_class']}")
+            return model
+        return getattr(timm.models, card["timm_class"])(**kwargs)
+    except (TypeError, AssertionError, RuntimeError) as e:
+        raise ModelSpecError(f"zoo model {name!r}: timm cannot build it from its card: {e}") from None
 
 
 def _timm_names_like(name: str) -> List[str]:

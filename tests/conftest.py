@@ -76,16 +76,20 @@ def chromium_or_none() -> Optional[str]:
 # --- tiny models ---------------------------------------------------------------------------------
 # Tiny configurations: two stages with widths 32 and 64 and a handful of blocks, so that a forward pass
 # takes milliseconds on a CPU while every kind of block is present. Twins: SVT alternates locally-grouped
-# (LSA, window ws) and global sub-sampled (GSA, ratio sr) attention; PCPVT is all GSA; "svt-odd" has
-# stages of odd depth, so a stage ends on an LSA block and the next stride-2 patch embedding must be
-# anchored on its own.
+# (LSA, window ws) and global sub-sampled (GSA, ratio sr) attention; PCPVT is all GSA. In "svt" and
+# "pcpvt" the first stage ends on a block anchored with an even period, so (as on the paper's layouts)
+# the stride-2 patch embedding needs no anchor of its own. Two layouts where it does: "svt-odd" (odd
+# depth and odd window 3, at 48 px: the stage ends on an LSA block of period 3) and "pcpvt-sr1" (sr = 1
+# in the first stage: no block anchor at all there).
 TWINS_CONFIGS = {
     "svt": dict(embed_dims=(32, 64), num_heads=(1, 2), mlp_ratios=(2, 2), depths=(2, 2), wss=(4, 2),
                 sr_ratios=(2, 1)),
     "pcpvt": dict(embed_dims=(32, 64), num_heads=(1, 2), mlp_ratios=(2, 2), depths=(2, 2), sr_ratios=(2, 1)),
-    "svt-odd": dict(embed_dims=(32, 64), num_heads=(1, 2), mlp_ratios=(2, 2), depths=(3, 1), wss=(4, 2),
+    "svt-odd": dict(embed_dims=(32, 64), num_heads=(1, 2), mlp_ratios=(2, 2), depths=(3, 1), wss=(3, 3),
                     sr_ratios=(2, 1)),
+    "pcpvt-sr1": dict(embed_dims=(32, 64), num_heads=(1, 2), mlp_ratios=(2, 2), depths=(2, 2), sr_ratios=(1, 1)),
 }
+TWINS_IMG = {"svt-odd": 48}  # image size per layout (32 otherwise): the windows must tile every stage
 
 
 @torch.no_grad()
@@ -155,14 +159,15 @@ def make_vit():
 
 @pytest.fixture(scope="session")
 def make_twins():
-    """``make_twins(kind="svt" | "pcpvt" | "svt-odd", seed=0, img=32, randomized=True)``: a tiny random timm
+    """``make_twins(kind="svt" | "pcpvt" | "svt-odd" | "pcpvt-sr1", seed=0, img=TWINS_IMG or 32, randomized=True)``: a tiny random timm
     Twins, eval mode; ``randomized=False`` keeps timm's own init (LayerNorm γ = 1, β = 0, small head)."""
 
-    def build(kind: str = "svt", seed: int = 0, img: int = 32, randomized: bool = True, **kw) -> nn.Module:
+    def build(kind: str = "svt", seed: int = 0, img: Optional[int] = None, randomized: bool = True,
+              **kw) -> nn.Module:
         from timm.models.twins import Twins
 
         torch.manual_seed(seed)
-        cfg = dict(img_size=img, patch_size=4, num_classes=10, **TWINS_CONFIGS[kind])
+        cfg = dict(img_size=img or TWINS_IMG.get(kind, 32), patch_size=4, num_classes=10, **TWINS_CONFIGS[kind])
         cfg.update(kw)
         model = Twins(**cfg).eval()
         return _randomize(model, seed) if randomized else model

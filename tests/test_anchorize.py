@@ -20,6 +20,8 @@ from equishift.polyphase import PolyphaseAnchor, polyphase_norms
 from equishift.shifts import period_grid, random_shifts
 from equishift.testing import assert_shift_invariant, check_shift_invariant
 
+from conftest import TWINS_IMG
+
 ATOL = 1e-4
 BROKEN = 1e-2  # an untouched model must miss invariance by at least 100 x ATOL
 PARTIAL = 1e-3  # pos-only / patch-only must miss it by at least 10 x ATOL (patch-only ViT: ~4e-3)
@@ -117,13 +119,15 @@ def test_vit_tiny_224_full_is_invariant(randomize, anchored):
 # --- invariance: Twins ----------------------------------------------------------------------------------
 @settings(max_examples=2, deadline=None, derandomize=True, database=None)
 @given(seed=st.integers(0, 10_000), batch=st.integers(1, 3))
-@pytest.mark.parametrize("kind", ["svt", "pcpvt", "svt-odd"])
+@pytest.mark.parametrize("kind", ["svt", "pcpvt", "svt-odd", "pcpvt-sr1"])
 def test_twins_full_is_invariant_untouched_is_not(make_twins, anchored, kind, seed, batch):
     base = make_twins(kind, seed=seed)
     model = anchored(base, "full", seed)
-    x = torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
-    # The period of the whole tiny network (patch 4 x window 4 = 16 px), not only the first anchor's.
-    shifts = shift_set(16, 32, seed)
+    img = TWINS_IMG.get(kind, 32)
+    x = torch.randn(batch, 3, img, img, generator=torch.Generator().manual_seed(seed))
+    # The period of the whole tiny network (patch 4 x window 4 = 16 px; 4 x 3 x 2 at 48 px), not only the
+    # first anchor's.
+    shifts = shift_set(24 if img == 48 else 16, img, seed)
     invariance_and_its_absence(base, model, x, shifts, 4, "patch_embeds.0.anchor")
 
 
@@ -199,12 +203,14 @@ def test_partial_modes_are_not_invariant(make_vit, make_twins, anchored, arch, m
 
 # --- where the anchors go ------------------------------------------------------------------------------
 EXPECTED_ANCHORS = {  # name -> stride, for the tiny configs in conftest
-    ("svt", "full"): {"patch_embeds.0.anchor": 4, "patch_embeds.1.anchor": 2, "blocks.0.0.anchor": 4,
-                      "blocks.0.1.anchor": 2, "blocks.1.0.anchor": 2},
-    ("pcpvt", "full"): {"patch_embeds.0.anchor": 4, "patch_embeds.1.anchor": 2, "blocks.0.0.anchor": 2,
-                        "blocks.0.1.anchor": 2},
-    ("svt-odd", "full"): {"patch_embeds.0.anchor": 4, "patch_embeds.1.anchor": 2, "blocks.0.0.anchor": 4,
-                          "blocks.0.1.anchor": 2, "blocks.0.2.anchor": 4, "blocks.1.0.anchor": 2},
+    # The paper's set: the first embedding and the LSA/GSA blocks; stage 0 ends on an anchor of period 2.
+    ("svt", "full"): {"patch_embeds.0.anchor": 4, "blocks.0.0.anchor": 4, "blocks.0.1.anchor": 2,
+                      "blocks.1.0.anchor": 2},
+    ("pcpvt", "full"): {"patch_embeds.0.anchor": 4, "blocks.0.0.anchor": 2, "blocks.0.1.anchor": 2},
+    # Stage 0 ends on a window of 3 (odd) or on no anchor (sr = 1): the stride-2 embedding is anchored.
+    ("svt-odd", "full"): {"patch_embeds.0.anchor": 4, "patch_embeds.1.anchor": 2, "blocks.0.0.anchor": 3,
+                          "blocks.0.1.anchor": 2, "blocks.0.2.anchor": 3, "blocks.1.0.anchor": 3},
+    ("pcpvt-sr1", "full"): {"patch_embeds.0.anchor": 4, "patch_embeds.1.anchor": 2},
     ("svt", "patch-only"): {"patch_embeds.0.anchor": 4, "patch_embeds.1.anchor": 2},
     ("svt", "pos-only"): {},
 }
@@ -216,7 +222,8 @@ def test_twins_anchor_placement_and_circular_pegs(make_twins, kind, mode):
     model = anchorize(base, mode).eval()
     strides = {n: m.stride for n, m in model.named_modules() if isinstance(m, PolyphaseAnchor)}
     assert strides == EXPECTED_ANCHORS[kind, mode]
-    x = torch.randn(3, 3, 32, 32)
+    img = TWINS_IMG.get(kind, 32)
+    x = torch.randn(3, 3, img, img, generator=torch.Generator().manual_seed(0))
     with record_anchors(model) as rec:
         model(x)
     assert set(rec) == set(strides)
@@ -389,9 +396,7 @@ def test_torch_compile_matches_eager(make_vit, anchored):
 
 
 # --- refusals --------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name, kw", [("resnet18", {}),
-                                      ("swin_tiny_patch4_window7_224", dict(depths=(1, 1), embed_dim=24,
-                                                                             num_heads=(1, 1)))])
+@pytest.mark.parametrize("name, kw", [("resnet18", {}), ("convnext_atto", {})])
 def test_other_architectures_raise_type_error_listing_supported(name, kw):
     import timm
 
@@ -399,7 +404,9 @@ def test_other_architectures_raise_type_error_listing_supported(name, kw):
     with pytest.raises(TypeError) as err:
         anchorize(model)
     msg = str(err.value)
-    assert "VisionTransformer" in msg and "Twins" in msg and type(model).__name__ in msg
+    for family in ("VisionTransformer", "Twins", "SwinTransformer"):
+        assert family in msg
+    assert type(model).__name__ in msg
 
 
 def test_bad_mode_and_double_anchorize_raise(make_vit):

@@ -518,3 +518,46 @@ def test_no_signed_zero_in_the_dashboard(tmp_path):
     for spec in chart_specs(at):
         titles = re.findall(r'"text":\s*"([^"]*)"', spec)
         assert titles and not any(SIGNED_ZERO.search(t) for t in titles), titles
+
+
+def test_paper_checkpoint_source_shows_its_variant(app, tmp_path):
+    """A checkpoint of the paper's code (PolyViT, 32-px layout) as the anchored model, by upload: the page
+    loads it without the 'anchorize it' step, predicts what the paper's model predicts and shows its
+    card (epoch, best accuracy, where its anchors are)."""
+    import timm
+
+    import paper_reference as ref
+
+    torch.manual_seed(3)
+    base = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10, img_size=32, patch_size=4,
+                             depth=2)
+    reference = ref.trained_like(ref.PaperViT(base), 3).eval()
+    path = tmp_path / "ckpt_epoch_41.pth"
+    ref.save_paper_checkpoint(path, reference.state_dict(), {"MODEL": {"TYPE": "polyvit"}, "DATA": {"IMG_SIZE": 32}},
+                              epoch=41, max_accuracy=88.25)
+    at = open_app()
+    at.sidebar.selectbox(key="anchored_source").set_value("Paper checkpoint").run()
+    at.sidebar.selectbox(key="anchored_paper_arch").set_value("polyvit").run()
+    at.sidebar.text_input(key="anchored_paper_timm_polyvit").set_value("vit_tiny_patch16_224")
+    at.sidebar.text_input(key="anchored_paper_options").set_value("img_size=32&patch_size=4&depth=2")
+    at.sidebar.radio(key="anchored_paper_how").set_value("upload").run()
+    at.sidebar.file_uploader(key="anchored_paper_up").upload(path.name, path.read_bytes(),
+                                                              "application/octet-stream").run()
+    assert not at.exception, at.exception
+    assert errors(at) == [], errors(at)
+    assert not [s for s in at.sidebar.selectbox if s.key == "anchored_wrap"], "a paper model is anchored already"
+    spec = next(m.value for m in at.markdown if m.value.startswith("**anchored**")).split("`")[1]
+    assert spec.startswith("paper:polyvit:vit_tiny_patch16_224?img_size=32&patch_size=4&depth=2@")
+    captions = " ".join(c.value for c in at.caption)
+    assert "epoch 41" in captions and "max accuracy 88.25" in captions
+    frames = [df.value for df in at.dataframe if "why" in getattr(df.value, "columns", [])]
+    assert frames and list(frames[-1]["module"]) == ["patch_embed"] and list(frames[-1]["anchored"]) == ["yes"]
+    from equishift.images import load_image
+    from equishift.zoo import load_model
+    from dashboard.sources import default_sample
+
+    lm = load_model(spec, device="cpu")
+    with torch.no_grad():
+        x = lm.preprocess(load_image(default_sample().read_bytes()))
+        p = reference(x).softmax(-1)[0]
+    assert_top5_shows(top5_tables(at)[1], p, p, lm.classes)

@@ -101,7 +101,7 @@ def test_code_payloads_are_live_but_never_run(tmp_path):
 
 def test_torch_own_refusal_is_reported_the_same_way(monkeypatch):
     """With our static scan switched off, torch's weights_only unpickler still refuses, and it is mapped."""
-    monkeypatch.setattr(checkpoint, "_refuse_unsafe_globals", lambda found, name: None)
+    monkeypatch.setattr(checkpoint, "_refuse_unsafe_globals", lambda found, name, stand_ins=None: None)
     for kind in ("code_payload_torch_zip", "code_payload_torch_legacy"):
         case = BY_KIND[kind]
         with pytest.raises(CheckpointError, match=rf"contains pickled code \({SYSTEM}\)"):
