@@ -206,14 +206,17 @@ def _adapter(model: nn.Module):
     return found
 
 
-def anchorize(model: nn.Module, mode: str = "full", pos_init: str = "zeros", **options) -> nn.Module:
+def anchorize(model: nn.Module, mode: str = "full", pos_init: str = "zeros", tie_tol: Optional[float] = None,
+              **options) -> nn.Module:
     """Return an anchored copy of a timm ``model`` (the input is not modified).
 
     ``mode``: ``"full"`` (the paper's model), ``"pos-only"`` or ``"patch-only"`` (what each means per
     family: the modules in ``equishift.archs``). ``pos_init`` (families that get a new position conv,
     ViT): ``"zeros"`` makes it the identity, ``"default"`` uses PyTorch's init (the paper's).
     ``options`` are per family (ViT: ``patch_norm``; Twins: ``patch_anchors``; Swin: ``merge``); an
-    option the family does not know is a TypeError. The result carries ``equishift_anchoring`` (the
+    option the family does not know is a TypeError. ``tie_tol`` (every family): the near-tie tolerance of
+    every anchor (None: the dtype's default, ``equishift.polyphase.TIE_TOL``; 0: the paper's plain argmax,
+    what models loaded from the paper's checkpoints use). The result carries ``equishift_anchoring`` (the
     mode), ``equishift_anchor_options`` (every option, defaults included: what a card must record to
     rebuild it) and ``equishift_anchor_sites`` (where anchors went, and why)."""
     if mode not in MODES:
@@ -227,9 +230,19 @@ def anchorize(model: nn.Module, mode: str = "full", pos_init: str = "zeros", **o
     if "pos_init" in adapter.options:
         options = {"pos_init": pos_init, **options}
     resolved = adapter.check_options(options)
+    if tie_tol is not None:
+        from .polyphase import _checked_tol
+
+        tie_tol = _checked_tol(tie_tol)
     out, sites = adapter.anchorize(copy.deepcopy(model), mode, **resolved)
+    if tie_tol is not None:
+        for m in out.modules():
+            if isinstance(m, PolyphaseAnchor):
+                m.tie_tol = tie_tol
     out.equishift_anchoring = mode
     out.equishift_anchor_options = {k: v for k, v in resolved.items() if k != "pos_init"}
+    if tie_tol is not None:
+        out.equishift_anchor_options["tie_tol"] = tie_tol
     out.equishift_anchor_sites = [s.as_dict() for s in sites]
     return out
 

@@ -63,21 +63,23 @@ def _plain(obj: Any) -> Any:
 class PaperArch:
     family: str                       # equishift.archs adapter name
     timm_class: str                   # the timm class the name must build
-    options: Dict[str, Any]           # anchorize options giving the paper's model
+    options: Dict[str, Any]           # anchorize options giving the paper's model (tie_tol 0: its plain argmax)
     model_types: Tuple[str, ...]      # MODEL.TYPE values of the paper's configs for this architecture
     timm_hint: str                    # names that fit, for messages
     name_filter: Callable[[str], bool] = lambda name: True
 
 
 ARCHS: Dict[str, PaperArch] = {
-    "polyvit": PaperArch("vit", "VisionTransformer", {"patch_norm": True, "pos_init": "default"}, ("polyvit",),
+    "polyvit": PaperArch("vit", "VisionTransformer", {"patch_norm": True, "pos_init": "default", "tie_tol": 0.0},
+                         ("polyvit",),
                          "vit_small_patch16_224, vit_base_patch16_224, ..."),
-    "polytwins-pcpvt": PaperArch("twins", "Twins", {"patch_anchors": "first"}, ("polytwins",),
+    "polytwins-pcpvt": PaperArch("twins", "Twins", {"patch_anchors": "first", "tie_tol": 0.0}, ("polytwins",),
                                  "twins_pcpvt_small, twins_pcpvt_base, twins_pcpvt_large",
                                  lambda n: "pcpvt" in n),
-    "polytwins-svt": PaperArch("twins", "Twins", {"patch_anchors": "first"}, ("polytwins",),
+    "polytwins-svt": PaperArch("twins", "Twins", {"patch_anchors": "first", "tie_tol": 0.0}, ("polytwins",),
                                "twins_svt_small, twins_svt_base, twins_svt_large", lambda n: "svt" in n),
-    "polyswin": PaperArch("swin", "SwinTransformer", {"block": "paper", "shifted_windows": True, "merge": "paper"},
+    "polyswin": PaperArch("swin", "SwinTransformer", {"block": "paper", "shifted_windows": True, "merge": "paper",
+                                                    "tie_tol": 0.0},
                           ("swin_poly",), "swin_tiny_patch4_window7_224, swin_small_..., swin_base_..."),
 }
 _ALL_TYPES: Dict[str, List[str]] = {}
@@ -360,6 +362,8 @@ def load_paper(arch: str, timm_name: str, path: Union[str, Path], *, timm_kwargs
         card["mean"], card["std"] = [float(v) for v in mean], [float(v) for v in std]
     elif arch == "polyvit":
         card["mean"], card["std"] = [0.5] * 3, [0.5] * 3  # what the paper's eval uses for (Poly)ViT
+    # The paper's evaluation: resize the short side to 256/224 of the input (bicubic), centre crop.
+    card["interpolation"], card["crop_pct"] = "bicubic", 0.875
     from .anchoring import anchor_options, anchor_sites
 
     card.update({

@@ -26,7 +26,7 @@ def test_floor_models_replace_every_anchor_and_leave_the_anchored_model_alone(ma
     bench = _load_bench()
     anch = anchorize(make_twins("svt"), "full").eval()
     n_anchors = sum(isinstance(m, PolyphaseAnchor) for m in anch.modules())
-    assert n_anchors == 5  # image, stage-1 LSA and GSA, stage-2 patch embedding, stage-2 LSA
+    assert n_anchors == 4  # image, stage-1 LSA and GSA, stage-2 LSA (the stride-2 embedding needs none)
     floor = bench._replace_anchors(anch, bench._ReadAndCopy)
     none = bench._replace_anchors(anch, torch.nn.Identity)
     assert not any(isinstance(m, PolyphaseAnchor) for m in floor.modules())

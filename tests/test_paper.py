@@ -100,7 +100,7 @@ def test_polytwins_svt_round_trip_equals_reference(tmp_path):
     x = _images(2, 224, seed=4, dtype=torch.float64)
     with torch.no_grad():
         torch.testing.assert_close(model.double()(x), ref.twins_forward(reference.double(), x), rtol=0, atol=1e-9)
-    assert card["anchor_options"] == {"patch_anchors": "first"}
+    assert card["anchor_options"] == {"patch_anchors": "first", "tie_tol": 0.0}
 
 
 def test_polytwins_pcpvt_round_trip_equals_reference(tmp_path):
@@ -412,3 +412,42 @@ def test_restricted_unpickler_refuses_on_its_own(tmp_path, monkeypatch):
     ref.save_paper_checkpoint(ok, {"head.weight": torch.zeros(2, 2)}, {"MODEL": {"TYPE": "polyvit"}})
     got = read_paper_checkpoint(ok)
     assert got.config == {"MODEL": {"TYPE": "polyvit"}} and type(got.config["MODEL"]) is dict
+
+
+def test_paper_models_use_the_papers_plain_argmax_on_near_ties(tmp_path):
+    """Two phases 1e-5 apart (relative): the paper takes the larger; equishift's default near-tie rule
+    (within 1e-4: largest sum x^4) may take the other. Models loaded from the paper's checkpoints use the
+    paper's rule (tie_tol 0, recorded in the card), so they keep its logits."""
+    from equishift.polyphase import record_anchors
+
+    reference = _vit_reference(seed=21)
+    path = tmp_path / "ckpt.pth"
+    ref.save_paper_checkpoint(path, reference.state_dict(), {"MODEL": {"TYPE": "polyvit"}})
+    ours, card = load_paper("polyvit", "vit_small_patch16_224", path, timm_kwargs=VIT_SMALL)
+    assert card["anchor_options"]["tie_tol"] == 0.0
+    default_rule = anchorize(_plain_vit(), "full", patch_norm=True).eval()   # the same weights, default rule
+    default_rule.load_state_dict(ours.state_dict())
+    for seed in range(50):
+        x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+        comp = x.reshape(1, 3, 4, 8, 4, 8)
+        norms = comp.pow(2).sum(dim=(1, 2, 4)).flatten()
+        best, other = int(norms.argmax()), int(norms.argsort()[-2])
+        (a, b), (c, d) = divmod(best, 8), divmod(other, 8)
+        x[:, :, c::8, d::8] *= float((norms[best] * (1 - 1e-5) / norms[other]).sqrt())
+        quartic = lambda r, q: float(x[:, :, r::8, q::8].pow(4).sum())  # noqa: E731
+        if quartic(c, d) > quartic(a, b):  # the second key prefers the other phase
+            break
+    else:
+        pytest.fail("no near-tie with the second key reversed in 50 seeds")
+    with torch.no_grad():
+        with record_anchors(ours) as got:
+            out = ours(x)
+        with record_anchors(default_rule) as alt:
+            default_rule(x)
+        torch.testing.assert_close(out, reference(x), rtol=0, atol=1e-4)
+    assert got["patch_embed.anchor"].tolist() == [[a, b]]
+    assert alt["patch_embed.anchor"].tolist() == [[c, d]]  # the test exercises a real near-tie
+
+
+def _plain_vit():
+    return timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=7, **VIT_SMALL)
