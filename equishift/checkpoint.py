@@ -72,10 +72,14 @@ def load_checkpoint(path: PathLike, *, stand_ins: Mapping[str, type],
                     max_bytes: int = DEFAULT_MAX_BYTES) -> object:
     """The whole object a ``torch.save`` file holds (a training checkpoint: weights, epoch, config, ...).
 
-    Same checks as ``load_weights``, and the same refusal of code, except that each pickled class named
-    in ``stand_ins`` (``"module.Class"`` → a class of ours) is rebuilt as that stand-in: a config object
-    of a training framework, read as data. Stand-ins must be dict or list subclasses whose
-    ``__setstate__`` only stores data. Nothing else outside torch's weights-only allowlist is called."""
+    Same checks as ``load_weights``, and the same loader (``torch.load(weights_only=True)``), except that
+    each pickled class named in ``stand_ins`` (``"module.Class"`` -> a class of ours) is allowed and built
+    as that stand-in: a config object of a training framework, read as data. A stand-in's ``__new__``
+    must return a plain container torch's weights-only unpickler may fill (an ``OrderedDict``): that
+    unpickler fills nothing else, and it calls nothing outside its allowlist and the stand-ins."""
+    for key, cls in stand_ins.items():
+        if not isinstance(key, str) or not isinstance(cls, type):
+            raise TypeError("stand_ins maps 'module.Class' names to classes")
     return _load_object(path, max_bytes, dict(stand_ins))
 
 
@@ -237,12 +241,19 @@ def _torch_load(path: Path, name: str, stand_ins: Dict[str, type]) -> object:
         # which would call a real torch.save file with that name "corrupt" (content decides, not names).
         with open(path, "rb") as f:
             if stand_ins:
-                return torch.load(f, map_location="cpu", weights_only=False,
-                                  pickle_module=_restricted_pickle_module(stand_ins))
+                # Still torch's weights-only unpickler (every pickle of the file, every opcode vetted);
+                # the stand-ins are only registered as allowed names for this call.
+                with torch.serialization.safe_globals([(cls, key) for key, cls in stand_ins.items()]):
+                    return torch.load(f, map_location="cpu", weights_only=True)
             return torch.load(f, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         found = re.findall(r"GLOBAL ([\w.]+)", str(e))
-        raise CheckpointError(_code_message(name, found or [_short(e)])) from None
+        if found:
+            raise CheckpointError(_code_message(name, found)) from None
+        # torch's refusal of an opcode rather than a name (e.g. BUILD on a class): its own one-line reason
+        why = re.search(r"WeightsUnpickler error:\s*(.+)", str(e))
+        raise CheckpointError(f"{name}: refused by torch's weights-only unpickler "
+                              f"({_short_text(why.group(1) if why else str(e))}); {_SAFE_HINT}") from None
     except MemoryError:
         raise CheckpointError(f"{name}: declares more tensor data than there is memory; corrupt?") from None
     except Exception as e:  # the globals were vetted: anything else is a damaged file, in torch's words
@@ -255,6 +266,11 @@ def _human(n: int) -> str:
     if n < 10 * 2**20:
         return f"{n / 1024:.1f} KiB"
     return f"{n / 2**20:.1f} MiB"
+
+
+def _short_text(text: str) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= 200 else text[:197] + "..."
 
 
 def _short(e: BaseException) -> str:
@@ -358,33 +374,6 @@ def _refuse_unsafe_globals(found: Set[str], name: str, stand_ins: Mapping[str, t
     unsafe = sorted(g for g in found if g not in allowed and not g.startswith("torch."))
     if unsafe:
         raise CheckpointError(_code_message(name, unsafe, whole_model=_is_module_pickle(found)))
-
-
-def _restricted_pickle_module(stand_ins: Mapping[str, type]):
-    """A ``pickle_module`` for torch.load whose Unpickler resolves only torch's weights-only allowlist and
-    the stand-ins; any other global is an UnpicklingError naming it (before anything is called).
-
-    Used only for files that need stand-ins: torch's weights-only unpickler refuses to fill dict
-    subclasses, which is what a pickled config object (a yacs CfgNode) is."""
-    import types
-
-    from torch import _weights_only_unpickler as wou
-
-    table = {**wou._get_allowed_globals(), **wou._get_user_allowed_globals()}
-    table.update(stand_ins)
-
-    class Unpickler(pickle.Unpickler):
-        def find_class(self, module: str, attr: str):
-            key = _python3_name(module, attr)
-            if key in table:
-                return table[key]
-            raise pickle.UnpicklingError(f"GLOBAL {key} is not allowed")
-
-    mod = types.ModuleType("equishift_restricted_pickle")
-    mod.Unpickler = Unpickler
-    mod.load = pickle.load
-    mod.__name__ = "pickle"  # torch.load asks pickle_module.__name__ for its legacy-format checks
-    return mod
 
 
 def _is_module_pickle(found: Iterable[str]) -> bool:

@@ -22,6 +22,7 @@ What each architecture is (docs/paper.md):
 """
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import re
@@ -38,24 +39,32 @@ __all__ = ["ARCHS", "PaperCheckpoint", "read_paper_checkpoint", "paper_model", "
            "key_map"]
 
 
-class _CfgNode(dict):
-    """Stand-in for ``yacs.config.CfgNode`` while unpickling: the items are kept, the object's private
-    state (immutability flags) is dropped. Converted to plain dicts right after loading."""
+class _CfgNode:
+    """Stand-in for ``yacs.config.CfgNode`` while unpickling: each node becomes an ``OrderedDict``, which
+    torch's weights-only unpickler fills with the node's items (and its private flags, dropped by
+    ``_plain``). Nothing of yacs is imported or run."""
 
-    def __setstate__(self, state):  # BUILD with the node's __dict__: flags only, nothing to keep
-        pass
+    def __new__(cls, *args, **kwargs):
+        return collections.OrderedDict()
 
 
 STAND_INS = {"yacs.config.CfgNode": _CfgNode}
 
 
-def _plain(obj: Any) -> Any:
+_MAX_DEPTH = 32  # config nesting; deeper (or cyclic) is not a config
+
+
+def _plain(obj: Any, depth: int = 0) -> Any:
+    """Nested OrderedDicts/lists of a config -> plain dicts/lists (yacs' private '__...__' flags dropped)."""
+    if depth > _MAX_DEPTH:
+        raise CheckpointError("its config is nested too deeply (or refers to itself); not a training config")
     if isinstance(obj, dict):
-        return {str(k): _plain(v) for k, v in obj.items()}
+        return {str(k): _plain(v, depth + 1) for k, v in obj.items()
+                if not (isinstance(k, str) and k.startswith("__") and k.endswith("__"))}
     if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
+        return [_plain(v, depth + 1) for v in obj]
     if isinstance(obj, torch.Tensor):
-        return obj.item() if obj.numel() == 1 else obj.tolist()
+        return obj.item() if obj.numel() == 1 else None
     return obj
 
 
@@ -86,8 +95,12 @@ _ALL_TYPES: Dict[str, List[str]] = {}
 for _arch, _spec in ARCHS.items():
     for _t in _spec.model_types:
         _ALL_TYPES.setdefault(_t, []).append(_arch)
+_FIRST_GENERATION = ("vit_poly", "vit_poly_small", "vit_poly_base", "vit_poly_untrained", "swin_poly_pretrained")
+# timm constructor arguments that would make timm read files or the network itself, around our checks.
+_REFUSED_KWARGS = ("checkpoint_path", "pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "cache_dir",
+                   "num_classes")
 
-# Buffers the paper's files carry that the timm model derives itself (checked for shape only).
+# Buffers the paper's files carry that the timm model derives itself (skipped).
 _DERIVED = re.compile(r"(^|\.)(attn_mask|relative_position_index|relative_coords_table)$")
 
 
@@ -129,9 +142,15 @@ def read_paper_checkpoint(path: Union[str, Path], *, max_bytes: Optional[int] = 
     state = dict(state)
     if all(k.startswith("module.") for k in state):
         state = {k[len("module."):]: v for k, v in state.items()}
-    config = _plain(meta.get("config") or {})
-    if not isinstance(config, dict):
+    config = meta.get("config")
+    if config is None:
+        config = {}
+    if not isinstance(config, Mapping):
         raise CheckpointError(f"{name}: its 'config' is a {type(config).__name__}, not a config node")
+    try:
+        config = _plain(config)
+    except CheckpointError as e:
+        raise CheckpointError(f"{name}: {e}") from None
     epoch, acc = _plain(meta.get("epoch")), _plain(meta.get("max_accuracy"))
     return PaperCheckpoint(state=state, config=config,
                            epoch=int(epoch) if isinstance(epoch, (int, float)) else None,
@@ -143,11 +162,12 @@ def read_paper_checkpoint(path: Union[str, Path], *, max_bytes: Optional[int] = 
 def _unwrapped(model: nn.Module) -> Dict[str, str]:
     """Our state-dict key -> the key without equishift's wrapper modules (the plain timm name)."""
     from .anchoring import AnchoredBlock, AnchoredMapBlock, AnchoredPatchEmbed
-    from .archs.swin import PaperSwinBlock
+    from .archs.swin import PaperSwinBlock, SwinAnchoredBlock
 
     wrappers = {name: "embed" if isinstance(m, AnchoredPatchEmbed) else "block"
                 for name, m in model.named_modules()
-                if isinstance(m, (AnchoredPatchEmbed, AnchoredBlock, AnchoredMapBlock, PaperSwinBlock))}
+                if isinstance(m, (AnchoredPatchEmbed, AnchoredBlock, AnchoredMapBlock, PaperSwinBlock,
+                                  SwinAnchoredBlock))}
     out = {}
     for key in model.state_dict():
         plain = key
@@ -245,10 +265,13 @@ def _base_name(card: str) -> str:
     return card.rsplit("/", 1)[-1].split(".")[0]
 
 
-def _check_config(arch: str, timm_name: str, model: nn.Module, config: Mapping, name: str) -> List[str]:
-    """Compare the file's config with the timm model; raise on a mismatch, return what was checked."""
+def _check_config(arch: str, timm_name: str, model: nn.Module, config: Mapping,
+                  name: str) -> Tuple[List[str], List[str]]:
+    """Compare the file's config with the timm model; raise on a mismatch. Returns (fields checked,
+    notes for the card)."""
     checked: List[str] = []
     problems: List[str] = []
+    notes: List[str] = []
 
     def compare(what: str, theirs, ours) -> None:
         if theirs is None:
@@ -262,12 +285,13 @@ def _check_config(arch: str, timm_name: str, model: nn.Module, config: Mapping, 
     mtype = _get(config, "MODEL.TYPE")
     if mtype is not None:
         checked.append("MODEL.TYPE")
-        if mtype not in ARCHS[arch].model_types:
-            other = " or ".join(_ALL_TYPES.get(mtype, []))
-            problems.append(f"MODEL.TYPE is {mtype!r}: " + (f"a checkpoint of {other}, load it with --arch {other}"
-                                                            if other else
-                                                            f"not a {arch} checkpoint (expected "
-                                                            f"{' or '.join(ARCHS[arch].model_types)})"))
+        if mtype in _FIRST_GENERATION:
+            problems.append(f"MODEL.TYPE is {mtype!r}: a first-generation model (an anchor in front of a plain "
+                            f"timm model, keys prefixed '1.'), which equishift does not import")
+        elif mtype in _ALL_TYPES and mtype not in ARCHS[arch].model_types:
+            problems.append(f"MODEL.TYPE is {mtype!r}: a checkpoint of {' or '.join(_ALL_TYPES[mtype])}, not {arch}")
+        elif mtype not in _ALL_TYPES:
+            notes.append(f"MODEL.TYPE {mtype!r} is not one of the paper's known types; read as {arch}")
     card = _get(config, "MODEL.CARD")
     if isinstance(card, str) and card:
         compare("MODEL.CARD", _base_name(card), _base_name(timm_name))
@@ -296,7 +320,7 @@ def _check_config(arch: str, timm_name: str, model: nn.Module, config: Mapping, 
         compare("MODEL.NUM_CLASSES", _get(config, "MODEL.NUM_CLASSES"), int(model.num_classes))
     if problems:
         raise CheckpointError(f"{name}: its config does not match timm:{timm_name}: " + "; ".join(problems))
-    return checked
+    return checked, notes
 
 
 def _inner(block: nn.Module) -> nn.Module:
@@ -351,10 +375,12 @@ def load_paper(arch: str, timm_name: str, path: Union[str, Path], *, timm_kwargs
     spec = _check_arch(arch)
     ckpt = read_paper_checkpoint(path, max_bytes=max_bytes)
     kwargs = dict(timm_kwargs or {})
-    if "num_classes" in kwargs:
-        raise ModelSpecError("num_classes is read from the checkpoint's classifier; do not pass it")
+    refused = [k for k in kwargs if k in _REFUSED_KWARGS]
+    if refused:
+        raise ModelSpecError(f"option(s) {', '.join(refused)} not allowed here: the weights come from the checkpoint "
+                             f"(num_classes is read from its classifier)")
     model = paper_model(arch, timm_name, num_classes=_num_classes(arch, ckpt.state), **kwargs)
-    checked = _check_config(arch, timm_name, model, ckpt.config, ckpt.file)
+    checked, notes = _check_config(arch, timm_name, model, ckpt.config, ckpt.file)
     apply_weights(model, _rename(arch, model, ckpt.state, ckpt.file), strict=True)
     card = _timm_card(model, Spec("timm", _base_name(timm_name)), untrained=False)
     mean, std = _get(ckpt.config, "DATA.MEAN"), _get(ckpt.config, "DATA.STD")
@@ -377,6 +403,8 @@ def load_paper(arch: str, timm_name: str, path: Union[str, Path], *, timm_kwargs
                   "model_card": _get(ckpt.config, "MODEL.CARD"), "config_checked": checked,
                   "key_map": [list(p) for p in KEY_MAP_DOC[arch.split("-")[0]]]},
     })
+    if notes:
+        card.setdefault("warnings", []).extend(notes)
     if arch == "polyswin":
         card.setdefault("warnings", []).append(
             "PolySwin as released keeps the shifted windows and their mask: not exactly shift-invariant "

@@ -445,6 +445,11 @@ def _build_card_model(card: Dict[str, Any], name: str) -> nn.Module:
     kwargs = card["arch_config"]
     if not isinstance(kwargs, dict):
         raise ModelSpecError(f"zoo model {name!r}: arch_config must be an object")
+    # Arguments that make timm read files or the network itself would bypass equishift.checkpoint.
+    refused = sorted(set(kwargs) & {"checkpoint_path", "pretrained", "pretrained_cfg", "pretrained_cfg_overlay",
+                                    "cache_dir"})
+    if refused:
+        raise ModelSpecError(f"zoo model {name!r}: arch_config may not set {', '.join(refused)}")
     try:
         if card.get("timm_model"):
             if not isinstance(card["timm_model"], str) or not timm.is_model(card["timm_model"]):

@@ -191,11 +191,115 @@ def test_malicious_global_is_refused_by_name_and_never_runs(tmp_path):
     assert not marker.exists()
 
 
-def test_a_class_posing_under_another_name_is_refused(tmp_path):
+def test_other_globals_are_refused_by_name(tmp_path):
     path = tmp_path / "odd.pth"
     torch.save({"model": {"head.weight": torch.zeros(2, 2)}, "config": re.compile("x")}, path)
-    with pytest.raises(CheckpointError, match=r"re\._compile|pickled code"):
+    with pytest.raises(CheckpointError, match=r"contains pickled code \(re\._compile\)"):
         read_paper_checkpoint(path)
+
+
+def _hostile_cases(tmp_path):
+    from corpus import checkpoint_cases
+
+    return [c for c in checkpoint_cases(tmp_path / "corpus") if c.marker is not None]
+
+
+@pytest.mark.parametrize("scan", ["on", "off"])
+def test_hostile_corpus_through_the_paper_loader(tmp_path, monkeypatch, scan):
+    """Every code payload of the weights corpus (zip and legacy formats, payloads in any pickle of the
+    file), read as a paper checkpoint: refused, and nothing runs — also with the static scan switched off
+    (then torch's weights-only unpickler, which the paper loader also uses, refuses)."""
+    from equishift import checkpoint
+
+    if scan == "off":
+        monkeypatch.setattr(checkpoint, "_refuse_unsafe_globals", lambda found, name, stand_ins=None: None)
+    cases = _hostile_cases(tmp_path)
+    assert len(cases) >= 3
+    for case in cases:
+        with pytest.raises(CheckpointError):
+            read_paper_checkpoint(case.path)
+        assert not case.marker.exists(), case.kind
+
+
+def _legacy_with_payload_in_first_pickle(path, marker):
+    """A legacy (pre-zip) torch.save file whose first pickle (the magic number) is a payload: loaders that
+    read the header pickles with plain pickle.load run it."""
+    import os
+
+    class Boom:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    buf = pickle.dumps(Boom(), protocol=2)
+    rest = [pickle.dumps(x, protocol=2) for x in (1001, {"protocol_version": 1001}, {"model": {}}, [])]
+    path.write_bytes(buf + b"".join(rest))
+
+
+@pytest.mark.parametrize("scan", ["on", "off"])
+def test_payload_in_a_legacy_header_pickle_never_runs(tmp_path, monkeypatch, scan):
+    from equishift import checkpoint
+
+    if scan == "off":
+        monkeypatch.setattr(checkpoint, "_refuse_unsafe_globals", lambda found, name, stand_ins=None: None)
+    marker = tmp_path / "pwned"
+    path = tmp_path / "legacy.pth"
+    _legacy_with_payload_in_first_pickle(path, marker)
+    with pytest.raises(CheckpointError):
+        read_paper_checkpoint(path)
+    assert not marker.exists()
+
+
+def test_build_opcodes_cannot_change_allowed_classes(tmp_path):
+    """A pickle that BUILDs state onto an allowed class (collections.Counter) must not reach it: torch's
+    weights-only unpickler only fills tensors and plain containers."""
+    import collections
+    import pickletools  # noqa: F401  (documentation: the bytes below are a hand-written pickle)
+
+    before = collections.Counter.most_common
+    payload = (b"\x80\x02ccollections\nCounter\n}X\x0b\x00\x00\x00most_commonc__builtin__\nset\nsb.")
+    path = tmp_path / "build.pth"
+    torch.save({"model": {"head.weight": torch.zeros(2, 2)}, "config": {"A": 1}}, path)
+    import zipfile
+
+    with zipfile.ZipFile(path) as z:
+        entries = {n: z.read(n) for n in z.namelist()}
+    pkl = next(n for n in entries if n.endswith("data.pkl"))
+    entries[pkl] = payload
+    with zipfile.ZipFile(path, "w") as z:
+        for n, data in entries.items():
+            z.writestr(n, data)
+    with pytest.raises(CheckpointError):
+        read_paper_checkpoint(path)
+    assert collections.Counter.most_common is before
+
+
+def test_a_payload_posing_as_cfgnode_builds_only_a_dict(tmp_path):
+    """The stand-in name called with arguments (REDUCE) still gives an empty mapping, never a call."""
+    import io
+
+    path = tmp_path / "pose.pth"
+    ref.save_paper_checkpoint(path, {"head.weight": torch.zeros(2, 2)}, {"MODEL": {"TYPE": "polyvit"}})
+    got = read_paper_checkpoint(path)
+    assert got.config == {"MODEL": {"TYPE": "polyvit"}}
+    raw = io.BytesIO()
+    pickle.dump({"model": {"head.weight": 1}}, raw)
+    cyc = tmp_path / "cyc.pth"
+    node = ref.yacs_module()({"A": 1})
+    node["self"] = node
+    torch.save({"model": {"head.weight": torch.zeros(2, 2)}, "config": node}, cyc)
+    with pytest.raises(CheckpointError, match="nested too deeply"):
+        read_paper_checkpoint(cyc)
+    tensor_cfg = tmp_path / "tcfg.pth"
+    torch.save({"model": {"head.weight": torch.zeros(2, 2)}, "config": torch.zeros(3)}, tensor_cfg)
+    with pytest.raises(CheckpointError, match="not a config node"):
+        read_paper_checkpoint(tensor_cfg)
+
+
+def test_timm_arguments_that_read_files_are_refused(tmp_path):
+    path = _vit_file(tmp_path)
+    for bad in ("checkpoint_path=/etc/passwd", "pretrained=True", "num_classes=3"):
+        with pytest.raises(ModelSpecError, match="not allowed here|does not apply to a paper checkpoint"):
+            load_model(f"paper:polyvit:vit_small_patch16_224?{bad}@{path}", device="cpu")
 
 
 def test_extra_and_missing_keys_are_named(tmp_path):
@@ -213,17 +317,31 @@ def test_config_mismatch_names_both_values(tmp_path):
                                               r"timm:vit_small_patch16_224 has \[32, 32\]"):
         load_paper("polyvit", "vit_small_patch16_224", path, timm_kwargs=VIT_SMALL)
     path = _vit_file(tmp_path, config={"MODEL": {"TYPE": "polytwins"}})
-    with pytest.raises(CheckpointError, match=r"MODEL\.TYPE is 'polytwins': a checkpoint of polytwins-pcpvt or polytwins-svt"):
+    with pytest.raises(CheckpointError, match=r"MODEL\.TYPE is 'polytwins': a checkpoint of polytwins-pcpvt or "
+                                              r"polytwins-svt, not polyvit"):
         load_paper("polyvit", "vit_small_patch16_224", path, timm_kwargs=VIT_SMALL)
+    path = _vit_file(tmp_path, config={"MODEL": {"TYPE": "vit_poly_small"}})
+    with pytest.raises(CheckpointError, match="first-generation model"):
+        load_paper("polyvit", "vit_small_patch16_224", path, timm_kwargs=VIT_SMALL)
+    path = _vit_file(tmp_path, config={"MODEL": {"TYPE": "my_polyvit_variant"}})
+    _, card = load_paper("polyvit", "vit_small_patch16_224", path, timm_kwargs=VIT_SMALL)
+    assert any("not one of the paper's known types" in w for w in card["warnings"])
 
 
 def test_swin_config_mismatch_names_both_values(tmp_path):
     layout = dict(img=64, dim=16, depths=(2, 2), heads=(1, 2), ws=4, num_classes=5)
     path = tmp_path / "ckpt.pth"
     ref.save_paper_checkpoint(path, _swin_reference(7, **layout).state_dict(), _swin_config(**{**layout, "ws": 8}))
+    kw = dict(img_size=64, embed_dim=16, depths=(2, 2), num_heads=(1, 2), window_size=4)
     with pytest.raises(CheckpointError, match=r"MODEL\.SWIN\.WINDOW_SIZE: the checkpoint says 8, .* has 4"):
-        load_paper("polyswin", "swin_tiny_patch4_window7_224", path,
-                   timm_kwargs=dict(img_size=64, embed_dim=16, depths=(2, 2), num_heads=(1, 2), window_size=4))
+        load_paper("polyswin", "swin_tiny_patch4_window7_224", path, timm_kwargs=kw)
+    config = _swin_config(**layout)
+    config["MODEL"]["SWIN"]["APE"] = True
+    config["MODEL"]["NUM_CLASSES"] = 1000
+    ref.save_paper_checkpoint(path, _swin_reference(7, **layout).state_dict(), config)
+    with pytest.raises(CheckpointError, match=r"MODEL\.SWIN\.APE: the checkpoint says True, .* has False; "
+                                              r"MODEL\.NUM_CLASSES: the checkpoint says 1000, .* has 5"):
+        load_paper("polyswin", "swin_tiny_patch4_window7_224", path, timm_kwargs=kw)
 
 
 def test_bare_state_dict_and_ddp_prefix_load(tmp_path):
@@ -396,8 +514,8 @@ def test_twins_full_is_invariant_on_released_layouts(name):
 
 
 def test_restricted_unpickler_refuses_on_its_own(tmp_path, monkeypatch):
-    """With the static scan switched off, the unpickler used for paper files (torch's allowlist + the
-    CfgNode stand-in) still refuses any other global, by name, before calling it."""
+    """With the static scan switched off, the unpickler used for paper files (torch's weights-only one,
+    with the CfgNode stand-in allowed) still refuses any other global, by name, before calling it."""
     from equishift import checkpoint
 
     monkeypatch.setattr(checkpoint, "_refuse_unsafe_globals", lambda found, name, stand_ins=None: None)
@@ -405,7 +523,7 @@ def test_restricted_unpickler_refuses_on_its_own(tmp_path, monkeypatch):
     path = tmp_path / "evil.pth"
     torch.save({"model": {"head.weight": torch.zeros(2, 2)}, "config": ref.yacs_module()({"A": 1}),
                 "x": _Payload(marker)}, path)
-    with pytest.raises(CheckpointError, match=r"pickled code \((posix|os|nt)\.system\)"):
+    with pytest.raises(CheckpointError, match=r"pickled code \((posix|os|nt)\.system"):
         read_paper_checkpoint(path)
     assert not marker.exists()
     ok = tmp_path / "ok.pth"
@@ -451,3 +569,53 @@ def test_paper_models_use_the_papers_plain_argmax_on_near_ties(tmp_path):
 
 def _plain_vit():
     return timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=7, **VIT_SMALL)
+
+
+# Key names and shapes of the paper's modules (as its model files define them), for layouts built here:
+# the mapping must produce exactly these, independently of the reference models above.
+PAPER_KEYS = {
+    ("polyvit", "vit_small_patch16_224", (("embed_dim", 24), ("depth", 1), ("num_heads", 2))): {
+        "cls_token": (1, 1, 24), "patch_embed.proj.weight": (24, 3, 16, 16), "patch_embed.norm.weight": (24,),
+        "pos_conv.proj.0.weight": (24, 1, 3, 3), "pos_conv.proj.0.bias": (24,), "blocks.0.attn.qkv.weight": (72, 24),
+        "norm.weight": (24,), "head.weight": (1000, 24)},
+    ("polytwins-svt", "twins_svt_small", (("embed_dims", (8, 16, 16, 32)), ("num_heads", (1, 1, 1, 1)))): {
+        "patch_embeds.0.proj.weight": (8, 3, 4, 4), "patch_embeds.1.norm.weight": (16,),
+        "blocks.0.0.attn.qkv.weight": (24, 8), "blocks.0.1.attn.sr.weight": (8, 8, 8, 8),
+        "pos_block.0.proj.0.weight": (8, 1, 3, 3), "norm.weight": (32,), "head.weight": (1000, 32)},
+    ("polyswin", "swin_tiny_patch4_window7_224", (("embed_dim", 8), ("num_heads", (1, 1, 1, 1)))): {
+        "patch_embed.proj.weight": (8, 3, 4, 4), "patch_embed.norm.weight": (8,),
+        "layers.0.blocks.1.attn.relative_position_bias_table": (169, 1), "layers.0.blocks.0.norm1.weight": (8,),
+        "layers.0.downsample.proj.weight": (16, 8, 2, 2), "layers.2.downsample.norm.weight": (64,),
+        "layers.3.blocks.1.mlp.fc2.weight": (64, 256), "norm.weight": (64,), "head.weight": (1000, 64)},
+}
+
+
+@pytest.mark.parametrize("arch, name, kw", list(PAPER_KEYS))
+def test_key_map_produces_the_papers_names_and_shapes(arch, name, kw):
+    from equishift.paper import key_map
+
+    model = paper_model(arch, name, **dict(kw))
+    mapping = key_map(arch, model)
+    state = model.state_dict()
+    for key, shape in PAPER_KEYS[arch, name, kw].items():
+        assert key in mapping, key
+        assert tuple(state[mapping[key]].shape) == shape, key
+    assert not any(k.startswith("layers.3.downsample") for k in mapping)  # the last stage merges nothing
+    assert all(".embed." not in k and ".block." not in k for k in mapping)
+
+
+def test_polyswin_set_input_size_keeps_the_recipe():
+    model = paper_model("polyswin", "swin_tiny_patch4_window7_224", num_classes=3, embed_dim=8, num_heads=(1,) * 4)
+    model.set_input_size((448, 448))  # timm's resize reaches the wrapped blocks: windows of 14
+    assert model(torch.randn(1, 3, 448, 448)).shape == (1, 3)
+    assert {b.anchor.stride for stage in model.layers for b in stage.blocks} == {14}
+    swin = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, num_classes=3, embed_dim=8,
+                             num_heads=(1,) * 4)
+    exact = anchorize(swin).eval()
+    exact.set_input_size((448, 448))
+    assert all(b.shift_size == (0, 0) for stage in exact.layers for b in stage.blocks)
+    x = _images(1, 448, seed=23)
+    assert check_shift_invariant(exact, x, torch.tensor([[5, 9], [250, 3]])).max_error <= 1e-4
+    exact.set_input_size((112, 112))  # windows of 3 on a 28-token grid: cannot be anchored, and says so
+    with pytest.raises(ValueError, match="H=28, W=28, stride=3"):
+        exact(torch.randn(1, 3, 112, 112))

@@ -43,8 +43,17 @@ class PaperSwinBlock(nn.Module):
         self.block = block
         self.why = why
 
+    def __getattr__(self, name: str):  # timm code reading the block's attributes keeps working
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(super().__getattr__("block"), name)
+
     def extra_repr(self) -> str:
         return f"stride={self.anchor.stride}" + (f", why={self.why!r}" if self.why else "")
+
+    def set_input_size(self, *args, **kwargs) -> None:
+        _resize(self, *args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         blk = self.block
@@ -67,6 +76,44 @@ class ConvMerging(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(self.proj(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
+
+
+def _resize(wrapper: nn.Module, *args, **kwargs) -> None:
+    """timm's ``set_input_size`` on the wrapped block (it may rescale the window), then the anchor's
+    period follows the new window; a removed shift stays removed."""
+    block = wrapper.block
+    removed = block.target_shift_size == (0, 0) and not any(block.shift_size)
+    block.set_input_size(*args, **kwargs)
+    if removed:
+        _unshift(block)
+    wrapper.anchor.stride = _window(block)
+
+
+class SwinAnchoredBlock(nn.Module):
+    """A timm Swin block preceded by an anchor of period = its window size (on the (B, H, W, C) map)."""
+
+    def __init__(self, block: nn.Module, stride: int, why: str = ""):
+        super().__init__()
+        from ..polyphase import PolyphaseAnchor
+
+        self.anchor = PolyphaseAnchor(stride)
+        self.block = block
+        self.why = why
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(super().__getattr__("block"), name)
+
+    def extra_repr(self) -> str:
+        return f"stride={self.anchor.stride}" + (f", why={self.why!r}" if self.why else "")
+
+    def set_input_size(self, *args, **kwargs) -> None:
+        _resize(self, *args, **kwargs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block(self.anchor(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
 
 
 def _window(block: nn.Module) -> int:
@@ -120,7 +167,7 @@ def anchorize(model: nn.Module, mode: str, merge: str = "timm", block: str = "pr
                 else:
                     _unshift(block)
                     why += "; shifted windows and their mask removed"
-            wrap = PaperSwinBlock if block_kind == "paper" else AnchoredMapBlock
+            wrap = PaperSwinBlock if block_kind == "paper" else SwinAnchoredBlock
             stage.blocks[j] = wrap(block, ws, why=why)
             sites.append(AnchorSite(name, ws, True, why))
     return model, sites
