@@ -619,3 +619,33 @@ def test_polyswin_set_input_size_keeps_the_recipe():
     exact.set_input_size((112, 112))  # windows of 3 on a 28-token grid: cannot be anchored, and says so
     with pytest.raises(ValueError, match="H=28, W=28, stride=3"):
         exact(torch.randn(1, 3, 112, 112))
+
+
+def test_evaluate_runs_on_a_paper_checkpoint(tmp_path):
+    """`python -m equishift evaluate` on an imported paper model and on its paper: spec, unchanged: an
+    image folder with classes 0..1; the anchored model is invariant, so consistency is 1 on circular shifts."""
+    import numpy as np
+    from PIL import Image
+
+    torch.manual_seed(24)
+    base = timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=2, **VIT_SMALL)
+    reference = ref.trained_like(ref.PaperViT(base), 24).eval()
+    ckpt = tmp_path / "ckpt.pth"
+    ref.save_paper_checkpoint(ckpt, reference.state_dict(), {"MODEL": {"TYPE": "polyvit"}, "DATA": {"IMG_SIZE": 32}})
+    rng = np.random.default_rng(24)
+    for label in ("0", "1"):
+        (tmp_path / "data" / label).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(tmp_path / "data" / label / f"{i}.png")
+    kw = ",".join(f"{k}={v}" for k, v in VIT_SMALL.items())
+    assert cli_main(["import-paper", str(ckpt), "--arch", "polyvit", "--timm", "vit_small_patch16_224",
+                     "--out", str(tmp_path / "m"), "--name", "pv", "--timm-kwargs", kw]) == 0
+    spec_kw = "&".join(f"{k}={v}" for k, v in VIT_SMALL.items())
+    for model in (f"zoo:{tmp_path / 'm' / 'pv.json'}", f"paper:polyvit:vit_small_patch16_224?{spec_kw}@{ckpt}"):
+        out = tmp_path / "eval.json"
+        rc = cli_main(["evaluate", "--model", model, "--dataset", str(tmp_path / "data"), "--protocol", "clean",
+                       "--protocol", "consistency-a", "--json", str(out), "--device", "cpu", "--no-progress"])
+        assert rc == 0
+        protocols = json.loads(out.read_text())["protocols"]
+        assert protocols["clean"]["n_images"] == 6
+        assert protocols["consistency-a"]["value"] == 1.0
