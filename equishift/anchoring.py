@@ -196,8 +196,11 @@ class AnchoredMapBlock(nn.Module):
 
 
 def _adapter(model: nn.Module):
-    from .archs import adapter_for, adapters
+    from .archs import adapter_for, adapters, refusal_for
 
+    reason = refusal_for(model)
+    if reason is not None:
+        raise TypeError(f"anchorize cannot make {type(model).__name__} shift-invariant: {reason}")
     found = adapter_for(model)
     if found is None:
         supported = "; ".join(f"{a.name} ({', '.join(c.rsplit('.', 1)[-1] for c in a.classes)})"

@@ -250,15 +250,12 @@ def describe_shifts(shifts: torch.Tensor) -> str:
 
 # --- model introspection -------------------------------------------------------------------------
 def architecture(model: nn.Module) -> str:
-    """'vit' (timm VisionTransformer, anchored or not), 'twins' (timm Twins) or 'other'."""
-    from timm.models.twins import Twins
-    from timm.models.vision_transformer import VisionTransformer
+    """'vit' (timm VisionTransformer, anchored or not), 'twins' (timm Twins) or 'other': the token layouts
+    the recorders know (the family comes from equishift.archs)."""
+    from .archs import adapter_for
 
-    if isinstance(model, VisionTransformer):
-        return "vit"
-    if isinstance(model, Twins):
-        return "twins"
-    return "other"
+    found = adapter_for(model)
+    return found.name if found is not None and found.name in ("vit", "twins") else "other"
 
 
 def working_copy(model: nn.Module) -> nn.Module:

@@ -16,7 +16,7 @@ import torch
 
 from .shifts import ShiftsLike, as_shifts, grid, random_shifts, shift_batch
 
-__all__ = ["ShiftReport", "default_shifts", "check_shift_invariant", "assert_shift_invariant",
+__all__ = ["ShiftReport", "default_shifts", "trained_like", "check_shift_invariant", "assert_shift_invariant",
            "check_shift_equivariant", "assert_shift_equivariant"]
 
 
@@ -45,6 +45,28 @@ class ShiftReport:
         bad = int((self.errors > self.atol).sum())
         return (f"max |Δ| = {self.max_error:.3g} at shift (dy={dy}, dx={dx}); "
                 f"{bad}/{len(self.errors)} shifts exceed atol={self.atol:g}")
+
+
+@torch.no_grad()
+def trained_like(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Give a freshly initialised model the norm statistics training leaves (in place, seeded): BatchNorm
+    running mean/var and every norm's affine away from 0/1, layer-scale ``gamma`` away from its 1e-6 init.
+    With timm's init, LayerNorm outputs make polyphase components tie and ConvNeXt blocks are nearly the
+    identity, which hides both failures and fixes of shift invariance."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
+            m.running_mean.copy_(0.2 * torch.randn(m.running_mean.shape, generator=g))
+            m.running_var.copy_(0.5 + torch.rand(m.running_var.shape, generator=g))
+        norm = isinstance(m, (torch.nn.modules.batchnorm._BatchNorm, torch.nn.LayerNorm, torch.nn.GroupNorm))
+        if (norm or type(m).__name__.startswith("LayerNorm")) and getattr(m, "weight", None) is not None:
+            m.weight.copy_(1 + 0.3 * torch.randn(m.weight.shape, generator=g))
+            if getattr(m, "bias", None) is not None:
+                m.bias.copy_(0.3 * torch.randn(m.bias.shape, generator=g))
+    for name, p in model.named_parameters():
+        if name.endswith("gamma") and p.dim() == 1:
+            p.copy_(0.5 + 0.5 * torch.rand(p.shape, generator=g))
+    return model
 
 
 def default_shifts(period: int = 16, n_random: int = 20, max_shift: int = 64, seed: int = 0) -> torch.Tensor:

@@ -396,7 +396,7 @@ def test_torch_compile_matches_eager(make_vit, anchored):
 
 
 # --- refusals --------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name, kw", [("resnet18", {}), ("convnext_atto", {})])
+@pytest.mark.parametrize("name, kw", [("efficientnet_b0", {}), ("swinv2_cr_tiny_ns_224", {})])
 def test_other_architectures_raise_type_error_listing_supported(name, kw):
     import timm
 
@@ -404,7 +404,8 @@ def test_other_architectures_raise_type_error_listing_supported(name, kw):
     with pytest.raises(TypeError) as err:
         anchorize(model)
     msg = str(err.value)
-    for family in ("VisionTransformer", "Twins", "SwinTransformer"):
+    for family in ("VisionTransformer", "Twins", "SwinTransformer", "ResNet", "ConvNeXt",
+                   "PyramidVisionTransformerV2"):
         assert family in msg
     assert type(model).__name__ in msg
 
@@ -466,3 +467,25 @@ def test_record_anchors_is_per_thread(make_twins, anchored):
         assert all(torch.equal(got[k], want[k]) for k in want)
     assert sequential[0]["patch_embeds.0.anchor"].shape == (2, 2)
     assert sequential[1]["patch_embeds.0.anchor"].shape == (3, 2)
+
+
+# --- families refused up front, with the reason ----------------------------------------------------------
+@pytest.mark.parametrize("name, module", [
+    ("vit_tiny_r_s16_p8_224", "patch_embed"),            # hybrid: CNN backbone as patch embedding
+    ("vit_small_resnet26d_224", "patch_embed"),
+    ("vit_relpos_small_patch16_224", "blocks.0.attn.rel_pos"),
+    ("vit_srelpos_small_patch16_224", "shared_rel_pos"),
+    ("vit_small_patch16_rope_224", "rope"),               # Eva-based: RoPE
+    ("vit_small_patch16_dinov3", "rope"),
+])
+def test_families_that_cannot_be_made_invariant_are_refused_before_any_forward(name, module):
+    """Hybrid ViTs were accepted and then crashed in their first forward; relative-position and RoPE ViTs
+    were refused without a reason. Each is a TypeError naming the class and the module that prevents it."""
+    import timm
+
+    kw = dict(depth=1) if "dinov3" in name or "rope" in name or "relpos" in name else {}
+    model = timm.create_model(name, pretrained=False, num_classes=3, **kw)
+    with pytest.raises(TypeError) as err:
+        anchorize(model)
+    msg = str(err.value)
+    assert type(model).__name__ in msg and f"'{module}'" in msg, msg

@@ -131,7 +131,11 @@ def test_anchoring_twice_is_refused(zoo):
 
 def test_anchoring_an_unsupported_architecture_is_a_spec_error():
     with pytest.raises(ModelSpecError, match="anchorize supports"):
-        load_model("anchored:timm:resnet10t?num_classes=2")
+        load_model("anchored:timm:mobilenetv3_small_050?num_classes=2")
+    with pytest.raises(ModelSpecError, match="cannot make VisionTransformerRelPos shift-invariant"):
+        load_model("anchored:timm:vit_relpos_small_patch16_224?num_classes=2&depth=1")
+    resnet = load_model("anchored:timm:resnet10t?num_classes=2", device="cpu")  # a supported CNN family
+    assert resnet.card["anchors"] and all(s["anchored"] for s in resnet.card["anchors"])
 
 
 def test_card_path_spec(zoo):

@@ -11,7 +11,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 from torch import nn
 
-__all__ = ["Adapter", "AnchorSite", "register", "adapter_for", "adapters"]
+__all__ = ["Adapter", "AnchorSite", "register", "refuse", "refusal_for", "adapter_for", "adapters"]
 
 
 @dataclass
@@ -40,6 +40,8 @@ class Adapter:
     anchorize: Callable[..., Tuple[nn.Module, List[AnchorSite]]]
     options: Mapping[str, Any] = field(default_factory=dict)
     modes_doc: Mapping[str, str] = field(default_factory=dict)
+    # Variants of a registered class that cannot be made invariant: model -> reason, or None if fine.
+    unsupported: Optional[Callable[[nn.Module], Optional[str]]] = None
 
     def check_options(self, options: Mapping[str, Any]) -> Dict[str, Any]:
         unknown = sorted(set(options) - set(self.options))
@@ -51,13 +53,32 @@ class Adapter:
 
 
 _REGISTRY: Dict[str, Adapter] = {}
-_FAMILIES = ("vit", "twins", "swin")  # modules of this package that register adapters
+_REFUSED: Dict[str, Callable[[nn.Module], str]] = {}
+_FAMILIES = ("vit", "twins", "swin", "resnet", "convnext", "pvt_v2")  # modules of this package that register adapters
 
 
 def register(adapter: Adapter) -> Adapter:
     for cls in adapter.classes:
         _REGISTRY[cls] = adapter
     return adapter
+
+
+def refuse(class_path: str, reason: Callable[[nn.Module], str]) -> None:
+    """Record a timm class that anchorize refuses up front, and why (a TypeError with ``reason(model)``)."""
+    _REFUSED[class_path] = reason
+
+
+def refusal_for(model: nn.Module) -> Optional[str]:
+    """Why ``model`` cannot be anchorized, when a family module says so; None otherwise."""
+    _load_all()
+    for cls in type(model).__mro__:
+        reason = _REFUSED.get(f"{cls.__module__}.{cls.__qualname__}")
+        if reason is not None:
+            return reason(model)
+    found = adapter_for(model)
+    if found is not None and found.unsupported is not None:
+        return found.unsupported(model)
+    return None
 
 
 def _load_all() -> None:

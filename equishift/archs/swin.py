@@ -177,3 +177,15 @@ ADAPTER = register(Adapter(
     name="swin", classes=("timm.models.swin_transformer.SwinTransformer",), modes=("full", "patch-only"),
     anchorize=anchorize, options={"merge": "timm", "block": "pre-norm", "shifted_windows": False},
     modes_doc={"pos-only": "Swin has no absolute position embedding to replace"}))
+
+
+def anchorize_v2(model: nn.Module, mode: str, shifted_windows: bool = False) -> Tuple[nn.Module, List[AnchorSite]]:
+    """Swin-V2: the same recipe (its blocks are post-norm, so only the pre-norm placement exists: the
+    anchor rolls the block's input) with timm's patch merging."""
+    return anchorize(model, mode, merge="timm", block="pre-norm", shifted_windows=shifted_windows)
+
+
+ADAPTER_V2 = register(Adapter(
+    name="swin_v2", classes=("timm.models.swin_transformer_v2.SwinTransformerV2",), modes=("full", "patch-only"),
+    anchorize=anchorize_v2, options={"shifted_windows": False},
+    modes_doc={"pos-only": "Swin-V2 has no absolute position embedding to replace"}))

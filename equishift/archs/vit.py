@@ -18,7 +18,7 @@ from typing import List, Tuple
 import torch
 from torch import nn
 
-from . import Adapter, AnchorSite, register
+from . import Adapter, AnchorSite, refuse, register
 
 PATCH_NORM_EPS = 1e-5  # the paper's patch-embedding LayerNorm (nn.LayerNorm's default), not timm's 1e-6
 
@@ -58,7 +58,39 @@ def anchorize(model: nn.Module, mode: str, pos_init: str = "zeros",
     return model, [AnchorSite("patch_embed", p, anchor, why)]
 
 
+def unsupported(model: nn.Module):
+    """Hybrid ViTs: the patch embedding is a CNN backbone."""
+    embed = model.patch_embed
+    if hasattr(embed, "backbone"):
+        return (f"module 'patch_embed' ({type(embed).__name__}) embeds patches with a CNN backbone "
+                f"({type(embed.backbone).__name__}: strided convolutions, pooling, zero padding). An anchor on "
+                f"the image alone would not make it invariant; anchoring every strided layer of the backbone "
+                f"is not implemented for hybrid ViTs")
+    return None
+
+
+def _relpos_reason(model: nn.Module) -> str:
+    where = next((n for n, _ in model.named_modules() if n.endswith("rel_pos")), "rel_pos")
+    return (f"its attention adds a relative position bias indexed by the offset between two tokens on the "
+            f"grid (module '{where}'); a circular shift moves tokens across the grid edge, which "
+            "changes their offsets (k becomes k - N), so the attention is not circularly equivariant, and "
+            "circular relative positions are not implemented")
+
+
+def _eva_reason(model: nn.Module) -> str:
+    if getattr(model, "rope", None) is not None:
+        return (f"module 'rope' ({type(model.rope).__name__}) rotates queries and keys by angles proportional "
+                f"to grid coordinates; across the grid edge a circular shift changes an offset k into k - N, "
+                f"and the rotation by N steps is not the identity, so the attention is not circularly "
+                f"equivariant (Eva-based models: RoPE ViTs, DINOv3, Perception Encoder)")
+    return ("Eva-based models (RoPE ViTs, DINOv3, Perception Encoder) are not supported: anchoring them is "
+            "not implemented")
+
+
+refuse("timm.models.vision_transformer_relpos.VisionTransformerRelPos", _relpos_reason)
+refuse("timm.models.eva.Eva", _eva_reason)
+
 ADAPTER = register(Adapter(
     name="vit", classes=("timm.models.vision_transformer.VisionTransformer",),
     modes=("full", "pos-only", "patch-only"), anchorize=anchorize,
-    options={"pos_init": "zeros", "patch_norm": False}))
+    options={"pos_init": "zeros", "patch_norm": False}, unsupported=unsupported))

@@ -1,0 +1,66 @@
+"""PVT-v2 (timm ``PyramidVisionTransformerV2``): overlapping patch embeddings (strided convs with zero
+padding), spatial-reduction attention (keys and values from a conv of kernel = stride = sr) and a
+depth-wise 3x3 conv in every MLP.
+
+full        an anchor before every overlapping patch embedding (s = its stride: 4, then 2) and before
+            every block whose attention sub-samples (s = sr); every padded conv (embeddings, MLP
+            depth-wise convs) pads circularly. The head averages the tokens: exactly invariant.
+patch-only  anchors only.
+pos-only    circular padding only (the depth-wise convs are PVT-v2's position encoding).
+
+The linear-attention variants (``*_li``) pool keys and values to a fixed 7x7 grid (adaptive pooling
+with cells at fixed positions) and are refused.
+"""
+from __future__ import annotations
+
+from typing import List, Tuple
+
+from torch import nn
+
+from . import Adapter, AnchorSite, register
+from ._cnn import MODES_DOC, AnchoredModule, make_circular, modes, stride_of
+
+
+def anchorize(model: nn.Module, mode: str) -> Tuple[nn.Module, List[AnchorSite]]:
+    from ..anchoring import AnchoredBlock
+
+    anchored, circular = modes(mode)
+    if circular:
+        make_circular(model)
+    sites: List[AnchorSite] = []
+
+    def embed(parent: nn.Module, attr: str, name: str) -> None:
+        module = getattr(parent, attr)
+        s = stride_of(module.proj)
+        why = "overlapping patch embedding: a strided conv, s = its stride"
+        sites.append(AnchorSite(name, s, anchored, why if anchored else "no anchors in this mode"))
+        if anchored:
+            setattr(parent, attr, AnchoredModule(module, s, why=why))
+
+    embed(model, "patch_embed", "patch_embed")
+    for i, stage in enumerate(model.stages):
+        if stage.downsample is not None:
+            embed(stage, "downsample", f"stages.{i}.downsample")
+        for j, block in enumerate(stage.blocks):
+            sr = block.attn.sr
+            if sr is None or stride_of(sr) <= 1:
+                continue
+            s, name = stride_of(sr), f"stages.{i}.blocks.{j}"
+            why = f"spatial-reduction attention: keys and values from a conv of stride {s}"
+            sites.append(AnchorSite(name, s, anchored, why if anchored else "no anchors in this mode"))
+            if anchored:
+                stage.blocks[j] = AnchoredBlock(block, s, why=why)
+    return model, sites
+
+
+def unsupported(model: nn.Module):
+    for name, m in model.named_modules():
+        if name.endswith(".attn") and getattr(m, "pool", None) is not None:
+            return (f"module '{name}' pools keys and values to a fixed {m.pool.output_size} grid (linear "
+                    f"attention): its cells sit at fixed positions, anchoring it is not implemented")
+    return None
+
+
+ADAPTER = register(Adapter(
+    name="pvt_v2", classes=("timm.models.pvt_v2.PyramidVisionTransformerV2",),
+    modes=("full", "pos-only", "patch-only"), anchorize=anchorize, modes_doc=MODES_DOC, unsupported=unsupported))
