@@ -44,6 +44,13 @@ def _models(only):
                                                mlp_ratios=(2, 2), depths=(2, 2), sr_ratios=(2, 1),
                                                num_classes=10), 32),
         "vit_small_patch16_224 @224": (lambda: timm.create_model("vit_small_patch16_224", pretrained=False), 224),
+        # one model per further family (issue: every family at 224 px)
+        "twins_svt_small @224": (lambda: timm.create_model("twins_svt_small", pretrained=False), 224),
+        "swin_tiny_patch4_window7_224 @224": (lambda: timm.create_model("swin_tiny_patch4_window7_224",
+                                                                        pretrained=False), 224),
+        "pvt_v2_b0 @224": (lambda: timm.create_model("pvt_v2_b0", pretrained=False), 224),
+        "resnet18 @224": (lambda: timm.create_model("resnet18", pretrained=False), 224),
+        "convnext_atto @224": (lambda: timm.create_model("convnext_atto", pretrained=False), 224),
     }
     return {k: v for k, v in cases.items() if not only or any(o.lower() in k.lower() for o in only)}
 

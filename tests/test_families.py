@@ -3,6 +3,8 @@ exactly invariant to circular shifts in ``full`` mode (float32 <= 1e-4 relative 
 1e-9), not in the partial modes, random weights with trained-like BatchNorm/LayerNorm statistics."""
 from __future__ import annotations
 
+import re
+
 import pytest
 import timm
 import torch
@@ -75,3 +77,18 @@ def test_unsupported_variants_are_refused_with_the_module():
     for name in ("swinv2_cr_tiny_ns_224",):
         with pytest.raises(TypeError, match="anchorize supports"):
             anchorize(timm.create_model(name, pretrained=False, num_classes=3))
+
+
+def test_compat_table_script_measures_a_family(capsys):
+    """scripts/compat_table.py (the generator of docs/compatibility.md) on one model per status."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "compat_table.py"
+    spec = importlib.util.spec_from_file_location("compat_table", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--families", "pvt_v2", "--match", "b0$|b2_li$", "--no-write"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"\| `pvt_v2_b0` \| 3\.7 \| 224 \| [\d.e-]+ \| [\d.e-]+ \| [\d.]+ \| exact \|", out), out
+    assert "| `pvt_v2_b2_li` |" in out and "refused: module 'stages.0.blocks.0.attn'" in out
