@@ -126,7 +126,11 @@ def main(argv=None) -> int:
     p.add_argument("--match", default=None, help="only names matching this regular expression")
     p.add_argument("--no-write", action="store_true", help="print only; do not rewrite the docs")
     args = p.parse_args(argv)
-    torch.set_grad_enabled(False)
+    with torch.no_grad():  # not set_grad_enabled(False): main() may run inside another program (the tests)
+        return _run(args, timm)
+
+
+def _run(args, timm) -> int:
     sections = []
     summary = []
     for fam in args.families:

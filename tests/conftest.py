@@ -185,3 +185,14 @@ def anchored():
         return _randomize_pos_convs(anchorize(model, mode), seed).eval()
 
     return build
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_grad_mode():
+    """A test (or code it calls) that switches autograd off globally breaks every later test in the
+    process with a confusing 'does not require grad': restore the mode and fail the leaking test."""
+    before = torch.is_grad_enabled()
+    yield
+    after = torch.is_grad_enabled()
+    torch.set_grad_enabled(before)
+    assert after == before, "this test left torch.set_grad_enabled changed"
