@@ -146,7 +146,9 @@ class AnchoredPatchEmbed(nn.Module):
             return _to_tokens(self.pos_conv(_to_grid(tokens, size))), size
         if out.dim() == 4:  # NHWC (timm dynamic_img_size)
             return self.pos_conv(out.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
-        return _to_tokens(self.pos_conv(_to_grid(out, (h // self.stride, w // self.stride))))
+        grid = (self.embed.dynamic_feat_size((h, w)) if hasattr(self.embed, "dynamic_feat_size")
+                else (h // self.stride, w // self.stride))  # a hybrid's grid is its backbone's
+        return _to_tokens(self.pos_conv(_to_grid(out, tuple(grid))))
 
 
 class AnchoredBlock(nn.Module):

@@ -471,16 +471,16 @@ def test_record_anchors_is_per_thread(make_twins, anchored):
 
 # --- families refused up front, with the reason ----------------------------------------------------------
 @pytest.mark.parametrize("name, module", [
-    ("vit_tiny_r_s16_p8_224", "patch_embed"),            # hybrid: CNN backbone as patch embedding
-    ("vit_small_resnet26d_224", "patch_embed"),
+    ("vit_tiny_r_s16_p8_224", "patch_embed"),            # hybrid with a ResNetV2 backbone (ResNet-D ones work)
+    ("vit_small_r26_s32_224", "patch_embed"),
     ("vit_relpos_small_patch16_224", "blocks.0.attn.rel_pos"),
     ("vit_srelpos_small_patch16_224", "shared_rel_pos"),
     ("vit_small_patch16_rope_224", "rope"),               # Eva-based: RoPE
     ("vit_small_patch16_dinov3", "rope"),
 ])
 def test_families_that_cannot_be_made_invariant_are_refused_before_any_forward(name, module):
-    """Hybrid ViTs were accepted and then crashed in their first forward; relative-position and RoPE ViTs
-    were refused without a reason. Each is a TypeError naming the class and the module that prevents it."""
+    """Hybrid ViTs with a ResNetV2 backbone were accepted and then crashed in their first forward;
+    relative-position and RoPE ViTs were refused without a reason. Each is a TypeError naming the class and the module that prevents it."""
     import timm
 
     kw = dict(depth=1) if "dinov3" in name or "rope" in name or "relpos" in name else {}

@@ -21,6 +21,8 @@ FAMILIES = {
     "convnext_atto": (64, {}),
     "pvt_v2_b0": (64, {}),
     "swinv2_tiny_window8_256": (128, dict(img_size=128, embed_dim=16, num_heads=(1, 1, 2, 2))),
+    # hybrid ViT: APS in its ResNet-D backbone, then the ViT part (circular position conv on its 2x2 grid)
+    "vit_small_resnet26d_224": (64, dict(img_size=64, depth=1, embed_dim=64, num_heads=2)),
 }
 SHIFTS = torch.tensor([[3, 5], [17, 30], [0, 41], [63, 1]])
 

@@ -40,7 +40,9 @@ def anchorize(model: nn.Module, mode: str) -> Tuple[nn.Module, List[AnchorSite]]
         if anchored:
             model.maxpool = AnchoredModule(model.maxpool, s, why=sites[-1].why)
     for li in range(1, 5):
-        layer = getattr(model, f"layer{li}")
+        layer = getattr(model, f"layer{li}", None)  # a feature backbone may stop early (stride 16)
+        if layer is None:
+            continue
         for bi, block in enumerate(layer):
             s = _block_stride(block)
             if s > 1:

@@ -52,20 +52,49 @@ def anchorize(model: nn.Module, mode: str, pos_init: str = "zeros",
             del model.pos_embed
             model.register_buffer("pos_embed", zeros, persistent=False)
     p = _square(model.patch_embed.patch_size)
+    if hasattr(model.patch_embed, "backbone"):  # a hybrid: APS in its ResNet backbone instead
+        return model, _anchorize_hybrid(model, mode, pos_conv, p)
     why = (f"the image: any shift, anchored with s = patch size {p}" if anchor else f"{mode}: no anchor")
     model.patch_embed = AnchoredPatchEmbed(model.patch_embed, anchor=anchor, pos_conv=pos_conv,
                                            why=why if anchor else "")
     return model, [AnchorSite("patch_embed", p, anchor, why)]
 
 
-def unsupported(model: nn.Module):
-    """Hybrid ViTs: the patch embedding is a CNN backbone."""
+def _anchorize_hybrid(model: nn.Module, mode: str, pos_conv, p: int) -> List[AnchorSite]:
+    """Hybrid ViT: the ResNet backbone as in ``archs.resnet`` (anchors before every strided layer,
+    circular padding), the projection anchored when it is itself strided, then the ViT part."""
+    from ..anchoring import AnchoredPatchEmbed
+    from . import resnet
+    from ._cnn import AnchoredModule
+
     embed = model.patch_embed
-    if hasattr(embed, "backbone"):
+    _, sites = resnet.anchorize(embed.backbone, mode)
+    sites = [AnchorSite(f"patch_embed.backbone.{s.module}", s.stride, s.anchored, s.why) for s in sites]
+    if p > 1:
+        why = f"projection of the backbone's features: a conv of stride {p}"
+        anchored = mode in ("full", "patch-only")
+        sites.append(AnchorSite("patch_embed.proj", p, anchored, why))
+        if anchored:
+            embed.proj = AnchoredModule(embed.proj, p, why=why)
+    model.patch_embed = AnchoredPatchEmbed(embed, anchor=False, pos_conv=pos_conv)
+    return sites
+
+
+def _resnet_backbone(embed: nn.Module) -> bool:
+    """A hybrid embedding whose backbone is (a feature wrapper around) a timm ResNet: APS applies."""
+    backbone = getattr(embed, "backbone", None)
+    names = {n for n, _ in backbone.named_children()} if backbone is not None else set()
+    return {"conv1", "maxpool", "layer1"} <= names and \
+        not any(n.endswith(".aa") and not isinstance(m, nn.Identity) for n, m in backbone.named_modules())
+
+
+def unsupported(model: nn.Module):
+    """Hybrid ViTs whose CNN backbone is not a timm ResNet (ResNetV2 stems with 'same' padding, ...)."""
+    embed = model.patch_embed
+    if hasattr(embed, "backbone") and not _resnet_backbone(embed):
         return (f"module 'patch_embed' ({type(embed).__name__}) embeds patches with a CNN backbone "
-                f"({type(embed.backbone).__name__}: strided convolutions, pooling, zero padding). An anchor on "
-                f"the image alone would not make it invariant; anchoring every strided layer of the backbone "
-                f"is not implemented for hybrid ViTs")
+                f"({type(embed.backbone).__name__}) that is not a timm ResNet: anchoring its strided layers "
+                f"is not implemented (hybrids with a ResNet/ResNet-D backbone are supported)")
     return None
 
 
