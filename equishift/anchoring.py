@@ -20,7 +20,7 @@ from torch import nn
 from .polyphase import PolyphaseAnchor, constant_cache
 
 __all__ = ["MODES", "anchorize", "anchoring_mode", "anchor_options", "anchor_sites", "ConvPosEmbed",
-           "AnchoredPatchEmbed", "AnchoredBlock", "AnchoredMapBlock", "CircularConv2d"]
+           "AnchoredPatchEmbed", "AnchorWrapper", "AnchoredBlock", "AnchoredMapBlock", "CircularConv2d"]
 
 MODES = ("full", "pos-only", "patch-only")
 
@@ -151,47 +151,41 @@ class AnchoredPatchEmbed(nn.Module):
         return _to_tokens(self.pos_conv(_to_grid(out, tuple(grid))))
 
 
-class AnchoredBlock(nn.Module):
-    """A Twins block taking (tokens, size), preceded by a polyphase anchor on its token grid."""
+class AnchorWrapper(nn.Module):
+    """A module preceded by a polyphase anchor of period ``stride``, with the reason it is there. The
+    wrapped module sits under ``_inner`` ("block"; "module" for CNN layers), so its state-dict keys are
+    ``<name>.<_inner>.*``; attributes timm code reads on it are looked up on it. Subclasses say where the
+    anchor acts (``forward``)."""
 
-    def __init__(self, block: nn.Module, stride: int, why: str = ""):
+    _inner = "block"
+
+    def __init__(self, inner: nn.Module, stride: int, why: str = ""):
         super().__init__()
         self.anchor = PolyphaseAnchor(stride)
-        self.block = block
+        setattr(self, self._inner, inner)
         self.why = why
-
-    def extra_repr(self) -> str:
-        return f"stride={self.anchor.stride}" + (f", why={self.why!r}" if self.why else "")
 
     def __getattr__(self, name: str):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            return getattr(super().__getattr__("block"), name)
+            return getattr(super().__getattr__(type(self)._inner), name)
+
+    def extra_repr(self) -> str:
+        return f"stride={self.anchor.stride}" + (f", why={self.why!r}" if self.why else "")
+
+
+class AnchoredBlock(AnchorWrapper):
+    """A Twins block taking (tokens, size), preceded by a polyphase anchor on its token grid."""
 
     def forward(self, x: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
         x = _to_tokens(self.anchor(_to_grid(x, size)))
         return self.block(x, size)
 
 
-class AnchoredMapBlock(nn.Module):
+class AnchoredMapBlock(AnchorWrapper):
     """A module taking a channels-last map (B, H, W, C) (a Swin block or patch merging), preceded by a
     polyphase anchor on that map."""
-
-    def __init__(self, block: nn.Module, stride: int, why: str = ""):
-        super().__init__()
-        self.anchor = PolyphaseAnchor(stride)
-        self.block = block
-        self.why = why
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(super().__getattr__("block"), name)
-
-    def extra_repr(self) -> str:
-        return f"stride={self.anchor.stride}" + (f", why={self.why!r}" if self.why else "")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.block(self.anchor(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))

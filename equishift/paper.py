@@ -23,7 +23,6 @@ What each architecture is (docs/paper.md):
 from __future__ import annotations
 
 import collections
-import hashlib
 import json
 import re
 from dataclasses import dataclass, field
@@ -34,6 +33,7 @@ import torch
 from torch import nn
 
 from .errors import CheckpointError, ModelSpecError
+from .zoo import _sha256 as _file_sha256
 
 __all__ = ["ARCHS", "PaperCheckpoint", "read_paper_checkpoint", "paper_model", "load_paper", "import_paper",
            "key_map"]
@@ -115,14 +115,6 @@ class PaperCheckpoint:
     sha256: str = ""
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def read_paper_checkpoint(path: Union[str, Path], *, max_bytes: Optional[int] = None) -> PaperCheckpoint:
     """Weights, config, epoch and best accuracy of a paper checkpoint (or of a bare state dict / safetensors
     file: then the config is empty). Raises CheckpointError for anything else, naming a refused global."""
@@ -155,19 +147,16 @@ def read_paper_checkpoint(path: Union[str, Path], *, max_bytes: Optional[int] = 
     return PaperCheckpoint(state=state, config=config,
                            epoch=int(epoch) if isinstance(epoch, (int, float)) else None,
                            max_accuracy=float(acc) if isinstance(acc, (int, float)) else None,
-                           file=name, sha256=_sha256(path))
+                           file=name, sha256=_file_sha256(path))
 
 
 # --- key mapping -----------------------------------------------------------------------------------
 def _unwrapped(model: nn.Module) -> Dict[str, str]:
     """Our state-dict key -> the key without equishift's wrapper modules (the plain timm name)."""
-    from .anchoring import AnchoredBlock, AnchoredMapBlock, AnchoredPatchEmbed
-    from .archs.swin import PaperSwinBlock, SwinAnchoredBlock
+    from .anchoring import AnchoredPatchEmbed, AnchorWrapper
 
-    wrappers = {name: "embed" if isinstance(m, AnchoredPatchEmbed) else "block"
-                for name, m in model.named_modules()
-                if isinstance(m, (AnchoredPatchEmbed, AnchoredBlock, AnchoredMapBlock, PaperSwinBlock,
-                                  SwinAnchoredBlock))}
+    wrappers = {name: "embed" if isinstance(m, AnchoredPatchEmbed) else m._inner
+                for name, m in model.named_modules() if isinstance(m, (AnchoredPatchEmbed, AnchorWrapper))}
     out = {}
     for key in model.state_dict():
         plain = key
@@ -427,7 +416,7 @@ def import_paper(path: Union[str, Path], arch: str, timm_name: str, out_dir: Uni
     out.mkdir(parents=True, exist_ok=True)
     weights, card_path = out / f"{name}.safetensors", out / f"{name}.json"
     save_weights(model, weights)
-    card = dict(card, name=name, timm_class=type(model).__name__, weights_sha256=_sha256(weights))
+    card = dict(card, name=name, timm_class=type(model).__name__, weights_sha256=_file_sha256(weights))
     card.pop("spec", None)
     tmp = card_path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(card, indent=2, ensure_ascii=False) + "\n")

@@ -10,28 +10,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..anchoring import AnchorWrapper
 from . import AnchorSite
 
 
-class AnchoredModule(nn.Module):
+class AnchoredModule(AnchorWrapper):
     """``module`` preceded by a polyphase anchor of period ``stride`` on its (B, C, H, W) input."""
 
-    def __init__(self, module: nn.Module, stride: int, why: str = ""):
-        super().__init__()
-        from ..polyphase import PolyphaseAnchor
-
-        self.anchor = PolyphaseAnchor(stride)
-        self.module = module
-        self.why = why
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(super().__getattr__("module"), name)
-
-    def extra_repr(self) -> str:
-        return f"stride={self.anchor.stride}" + (f", why={self.why!r}" if self.why else "")
+    _inner = "module"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.module(self.anchor(x))

@@ -25,32 +25,16 @@ from typing import List, Tuple
 import torch
 from torch import nn
 
+from ..anchoring import AnchoredMapBlock, AnchorWrapper
 from . import Adapter, AnchorSite, register
 
 MERGES = ("timm", "paper")
 BLOCKS = ("pre-norm", "paper")
 
 
-class PaperSwinBlock(nn.Module):
+class PaperSwinBlock(AnchorWrapper):
     """A timm Swin block run as the paper's PolySwin block: norm1, then the anchor, and the normalised,
     rolled map is both the attention input and the residual (same weights, same keys under ``block``)."""
-
-    def __init__(self, block: nn.Module, stride: int, why: str = ""):
-        super().__init__()
-        from ..polyphase import PolyphaseAnchor
-
-        self.anchor = PolyphaseAnchor(stride)
-        self.block = block
-        self.why = why
-
-    def __getattr__(self, name: str):  # timm code reading the block's attributes keeps working
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(super().__getattr__("block"), name)
-
-    def extra_repr(self) -> str:
-        return f"stride={self.anchor.stride}" + (f", why={self.why!r}" if self.why else "")
 
     def set_input_size(self, *args, **kwargs) -> None:
         _resize(self, *args, **kwargs)
@@ -89,31 +73,12 @@ def _resize(wrapper: nn.Module, *args, **kwargs) -> None:
     wrapper.anchor.stride = _window(block)
 
 
-class SwinAnchoredBlock(nn.Module):
-    """A timm Swin block preceded by an anchor of period = its window size (on the (B, H, W, C) map)."""
-
-    def __init__(self, block: nn.Module, stride: int, why: str = ""):
-        super().__init__()
-        from ..polyphase import PolyphaseAnchor
-
-        self.anchor = PolyphaseAnchor(stride)
-        self.block = block
-        self.why = why
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(super().__getattr__("block"), name)
-
-    def extra_repr(self) -> str:
-        return f"stride={self.anchor.stride}" + (f", why={self.why!r}" if self.why else "")
+class SwinAnchoredBlock(AnchoredMapBlock):
+    """A timm Swin block preceded by an anchor of period = its window size (on the (B, H, W, C) map),
+    following timm's ``set_input_size``."""
 
     def set_input_size(self, *args, **kwargs) -> None:
         _resize(self, *args, **kwargs)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.block(self.anchor(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
 
 
 def _window(block: nn.Module) -> int:
