@@ -45,7 +45,8 @@ def render(sides, mode, shift, index) -> None:
     if method == "gradcam":
         layers = ["patch"] + list(sides[0].result.layers)
         layer = c2.selectbox("layer", layers, index=0, key="attr_layer",
-                             help="patch: the first patch conv; a block: its patch tokens as a (C, h, w) map.")
+                             help="patch: the first conv (a ViT's patch conv, a CNN's stem); a layer: its output as a "
+                                  "(C, h, w) map (patch tokens reshaped, channels-last maps permuted).")
         layer = None if layer == "patch" else layer
     maps, scores = {}, {}
     with st.spinner(f"{METHODS[method]} at shift ({fmt(shift[0])}, {fmt(shift[1])}) …"):

@@ -276,7 +276,9 @@ def _attention(v: View) -> None:
     base, anch = _pair(sides)
     layers = list(base.attention)
     if not layers:
-        st.info("No attention maps were recorded (only timm ViT/DeiT and Twins models expose them).")
+        why = base.meta.get("not_recorded", {}).get("attention")
+        st.info(f"No attention maps for the baseline: {why}." if why else
+                "No attention maps were recorded: run the sweep with attention in its records.")
         return
     c1, c2, c3 = st.columns([3, 1, 1])
     chosen = c1.multiselect("layers", layers, default=layers if len(layers) <= 6 else layers[-3:],
@@ -339,7 +341,9 @@ def _margin_table(role: str, rows) -> None:
 def _layer_error(v: View) -> None:
     base, anch = _pair(v.sides)
     if not base.layer_error:
-        st.info("No per-layer features were recorded (only timm ViT/DeiT and Twins models expose them).")
+        why = base.meta.get("not_recorded", {}).get("features")
+        st.info(f"No per-layer errors for the baseline: {why}." if why else
+                "No per-layer features were recorded: run the sweep with features in its records.")
         return
     log = st.toggle("log scale", value=True, key="err_log", help="log10 of the error, so float noise "
                                                                   "(~1e-7) and real errors are both visible")

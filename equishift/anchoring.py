@@ -1,194 +1,27 @@
 """``anchorize``: turn a timm model into an adaptively anchored, shift-invariant one, and the layers it uses.
 
 Each family's recipe (where anchors go in each mode, and its options) lives in its own module of
-``equishift.archs`` (vit, twins, swin); docs/anchoring.md has the overview. The layers here are shared:
-``CircularConv2d``, ``ConvPosEmbed`` (a circular depth-wise conv position encoding with a residual),
-``AnchoredPatchEmbed``, ``AnchoredBlock`` (token blocks taking (x, size)) and ``AnchoredMapBlock``
-(channels-last map blocks).
+``equishift.archs`` (one module per family); docs/anchoring.md has the overview. The layers they are
+built from live in ``equishift.layers`` (re-exported here).
 
 The input model is never mutated: anchorize works on a deep copy. Every surviving weight is reused.
 """
 from __future__ import annotations
 
 import copy
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional
 
-import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .polyphase import PolyphaseAnchor, constant_cache
+from .layers import (AnchoredBlock, AnchoredMapBlock, AnchoredModule, AnchoredPatchEmbed, AnchorWrapper,
+                     CircularConv2d, CircularMaxPool2d, ConvPosEmbed)
+from .polyphase import PolyphaseAnchor
 
 __all__ = ["MODES", "anchorize", "anchoring_mode", "anchor_options", "anchor_sites", "ConvPosEmbed",
-           "AnchoredPatchEmbed", "AnchorWrapper", "AnchoredBlock", "AnchoredMapBlock", "CircularConv2d"]
+           "AnchoredPatchEmbed", "AnchorWrapper", "AnchoredBlock", "AnchoredMapBlock", "AnchoredModule",
+           "CircularConv2d", "CircularMaxPool2d"]
 
 MODES = ("full", "pos-only", "patch-only")
-
-
-@constant_cache(maxsize=64)
-def _pad_index(h: int, w: int, pad: Tuple[int, int, int, int], device: torch.device) -> torch.Tensor:
-    """Flat source pixel of every pixel of the circularly padded (h + top + bottom, w + left + right)
-    map (a constant, cached per size)."""
-    left, right, top, bottom = pad
-    rows = torch.arange(-top, h + bottom, device=device) % h
-    cols = torch.arange(-left, w + right, device=device) % w
-    return (rows[:, None] * w + cols[None, :]).reshape(-1)
-
-
-def _circular_pad(x: torch.Tensor, pad: Tuple[int, int, int, int]) -> torch.Tensor:
-    """``F.pad(x, pad, mode="circular")`` for (B, C, H, W), keeping a channels-last layout.
-
-    Token grids arrive as channels-last views of (B, N, C) tokens; PyTorch's circular pad returns NCHW,
-    which costs a transposing copy and sends the following depth-wise conv down a much slower path. Here
-    the padded grid is one index_select of whole token vectors (2.5x faster than two concatenations)."""
-    if x.dim() != 4 or x.shape[1] == 1 or x.is_contiguous() or not x.is_contiguous(memory_format=torch.channels_last):
-        return F.pad(x, pad, mode="circular")
-    left, right, top, bottom = pad
-    b, c, h, w = x.shape
-    tokens = x.permute(0, 2, 3, 1).reshape(b, h * w, c)  # a view: x is channels-last
-    out = tokens.index_select(1, _pad_index(h, w, tuple(pad), x.device))
-    return out.reshape(b, h + top + bottom, w + left + right, c).permute(0, 3, 1, 2)
-
-
-class CircularConv2d(nn.Conv2d):
-    """``nn.Conv2d(..., padding_mode="circular")`` whose padding keeps channels-last inputs channels-last.
-
-    Same parameters, state_dict and results as the plain circular Conv2d; only faster on token grids."""
-
-    def __init__(self, *args, **kwargs):
-        kwargs["padding_mode"] = "circular"
-        super().__init__(*args, **kwargs)
-
-    @classmethod
-    def from_conv(cls, conv: nn.Conv2d) -> "CircularConv2d":
-        """A circular copy of ``conv`` (same weights, device and dtype)."""
-        new = cls(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
-                  dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None,
-                  device=conv.weight.device, dtype=conv.weight.dtype)
-        new.load_state_dict(conv.state_dict())
-        return new
-
-    def _conv_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-        x = _circular_pad(x, self._reversed_padding_repeated_twice)
-        return F.conv2d(x, weight, bias, self.stride, 0, self.dilation, self.groups)
-
-
-class ConvPosEmbed(nn.Module):
-    """Position encoding from a depth-wise 3x3 conv with circular padding plus a residual.
-
-    Circular padding keeps it equivariant to circular token shifts; a zero-initialised conv makes it the
-    identity, so anchorizing a pretrained model starts close to the original."""
-
-    def __init__(self, dim: int, init: str = "zeros"):
-        super().__init__()
-        self.proj = CircularConv2d(dim, dim, 3, padding=1, groups=dim)
-        if init == "zeros":
-            nn.init.zeros_(self.proj.weight)
-            nn.init.zeros_(self.proj.bias)
-        elif init != "default":
-            raise ValueError(f"init must be 'zeros' or 'default', got {init!r}")
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, C, h, w)
-        return x + self.proj(x)
-
-
-def _to_grid(x: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
-    b, n, c = x.shape
-    return x.transpose(1, 2).reshape(b, c, *size)
-
-
-def _to_tokens(x: torch.Tensor) -> torch.Tensor:
-    return x.flatten(2).transpose(1, 2)
-
-
-def _square(patch_size) -> int:
-    p = patch_size if isinstance(patch_size, int) else tuple(patch_size)
-    if isinstance(p, tuple):
-        if p[0] != p[1]:
-            raise TypeError(f"anchoring needs square patches, got patch size {p}")
-        p = p[0]
-    return int(p)
-
-
-class AnchoredPatchEmbed(nn.Module):
-    """A timm patch embedding preceded by a polyphase anchor and/or followed by a conv position encoding.
-
-    Works for ViT's ``PatchEmbed`` (returns tokens, (B, N, D) or NHWC) and Twins' (returns (tokens, size)).
-    Unknown attributes are looked up on the wrapped embedding, so timm code reading ``grid_size`` or
-    ``patch_size`` keeps working."""
-
-    def __init__(self, embed: nn.Module, anchor: bool, pos_conv: Optional[ConvPosEmbed] = None, why: str = ""):
-        super().__init__()
-        self.stride = _square(embed.patch_size)
-        self.anchor = PolyphaseAnchor(self.stride) if anchor else None
-        self.embed = embed
-        self.pos_conv = pos_conv
-        self.why = why
-
-    def extra_repr(self) -> str:
-        return f"stride={self.stride}, anchored={self.anchor is not None}" + (f", why={self.why!r}" if self.why else "")
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(super().__getattr__("embed"), name)
-
-    def forward(self, x: torch.Tensor):
-        h, w = x.shape[-2:]
-        if self.anchor is not None:
-            x = self.anchor(x)
-        out = self.embed(x)
-        if self.pos_conv is None:
-            return out
-        if isinstance(out, tuple):  # Twins-style (tokens, size)
-            tokens, size = out
-            return _to_tokens(self.pos_conv(_to_grid(tokens, size))), size
-        if out.dim() == 4:  # NHWC (timm dynamic_img_size)
-            return self.pos_conv(out.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
-        grid = (self.embed.dynamic_feat_size((h, w)) if hasattr(self.embed, "dynamic_feat_size")
-                else (h // self.stride, w // self.stride))  # a hybrid's grid is its backbone's
-        return _to_tokens(self.pos_conv(_to_grid(out, tuple(grid))))
-
-
-class AnchorWrapper(nn.Module):
-    """A module preceded by a polyphase anchor of period ``stride``, with the reason it is there. The
-    wrapped module sits under ``_inner`` ("block"; "module" for CNN layers), so its state-dict keys are
-    ``<name>.<_inner>.*``; attributes timm code reads on it are looked up on it. Subclasses say where the
-    anchor acts (``forward``)."""
-
-    _inner = "block"
-
-    def __init__(self, inner: nn.Module, stride: int, why: str = ""):
-        super().__init__()
-        self.anchor = PolyphaseAnchor(stride)
-        setattr(self, self._inner, inner)
-        self.why = why
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(super().__getattr__(type(self)._inner), name)
-
-    def extra_repr(self) -> str:
-        return f"stride={self.anchor.stride}" + (f", why={self.why!r}" if self.why else "")
-
-
-class AnchoredBlock(AnchorWrapper):
-    """A Twins block taking (tokens, size), preceded by a polyphase anchor on its token grid."""
-
-    def forward(self, x: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
-        x = _to_tokens(self.anchor(_to_grid(x, size)))
-        return self.block(x, size)
-
-
-class AnchoredMapBlock(AnchorWrapper):
-    """A module taking a channels-last map (B, H, W, C) (a Swin block or patch merging), preceded by a
-    polyphase anchor on that map."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.block(self.anchor(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
 
 
 def _adapter(model: nn.Module):

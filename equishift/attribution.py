@@ -8,9 +8,10 @@ Each map is [H, W] in the frame of the input the model saw (the shifted image):
 - ``saliency``: |∂f_target/∂x| summed over channels (captum Saliency).
 - ``integrated_gradients``: attributions summed over channels (captum IntegratedGradients, baseline =
   zeros in model-input space, i.e. the mean colour for normalised inputs).
-- ``gradcam``: captum LayerGradCam (ReLU'd) on the first patch conv by default, or on a token layer
-  (``layer='blocks.3'``): the block's patch tokens are reshaped (B, N, C) → (B, C, h, w) first, because
-  GradCAM on token-shaped outputs averages over the wrong axis. The h×w cell map is upsampled to
+- ``gradcam``: captum LayerGradCam (ReLU'd) on the first conv by default (a ViT's patch conv, a CNN's
+  stem), or on any layer its family's adapter lists (``layer='blocks.3'``, ``'layers.1.blocks.0'``,
+  ``'layer3'``): the output is seen as a (B, C, h, w) map first (patch tokens reshaped, channels-last
+  maps permuted), because GradCAM on token-shaped outputs averages over the wrong axis. The h×w cell map is upsampled to
   H×W by nearest neighbour (each cell covers exactly its patch) and, for anchored models, rolled by the
   anchors selected upstream so it lies in the input frame (the network works in the anchored frame).
 
@@ -31,7 +32,7 @@ from .metrics import attention_equivariance
 from .polyphase import PolyphaseAnchor, record_anchors
 from .shifts import MODES
 from .shifts import shift as shift_image
-from .sweep import _blocks, architecture, working_copy
+from .sweep import architecture, working_copy
 
 __all__ = ["Attribution", "saliency", "integrated_gradients", "gradcam", "compare", "METHODS"]
 
@@ -120,48 +121,46 @@ def integrated_gradients(model, image: torch.Tensor, target: Optional[int] = Non
     return Attribution(a[0].sum(0).detach().float().cpu(), "integrated gradients", t, tuple(shift), mode)
 
 
-class _TokenTap(nn.Module):
-    """Wraps a transformer block so its patch tokens pass through ``tap`` (an identity) as a (B, C, h, w)
-    grid: a conv-shaped layer for LayerGradCam."""
+class _MapTap(nn.Module):
+    """Wraps a layer so its output passes through ``tap`` (an identity) as a (B, C, h, w) map: a
+    conv-shaped layer for LayerGradCam, whatever the layer's own layout (tokens, channels-last)."""
 
-    def __init__(self, block: nn.Module, prefix: int, grid: Callable[[tuple], Tuple[int, int]]):
+    def __init__(self, layer, hw: Tuple[int, int]):
         super().__init__()
-        self.block, self.prefix, self.grid = block, prefix, grid
+        self.layer, self.hw = layer, hw
+        self.block = layer.module
         self.tap = nn.Identity()
+
+    def __getattr__(self, name: str):  # timm code reads attributes of the block it calls
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(super().__getattr__("block"), name)
 
     def forward(self, *args, **kwargs):
         out = self.block(*args, **kwargs)
-        h, w = self.grid(args)
-        head, tokens = out[:, :self.prefix], out[:, self.prefix:]
-        g = self.tap(tokens.transpose(1, 2).unflatten(2, (h, w)))
-        return torch.cat((head, g.flatten(2).transpose(1, 2)), dim=1)
+        size = self.layer.size(args, out, self.hw)
+        return self.layer.from_map(self.tap(self.layer.as_map(out, size)), out)
 
 
-def _first_patch_conv(model: nn.Module, arch: str) -> nn.Module:
-    embed = model.patch_embed if arch == "vit" else model.patch_embeds[0]
-    proj = getattr(embed, "proj", None)  # an AnchoredPatchEmbed forwards this to the wrapped embedding
-    if not isinstance(proj, nn.Conv2d):
-        raise EquishiftError("this model has no patch convolution for GradCAM")
-    return proj
+def _first_conv(model: nn.Module) -> nn.Module:
+    conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    if conv is None:
+        raise EquishiftError("this model has no convolution for GradCAM")
+    return conv
 
 
-def _tap_layer(work: nn.Module, arch: str, layer: Optional[str], hw: Tuple[int, int]) -> Tuple[nn.Module, str]:
-    """The module LayerGradCam hooks: the first patch conv, or a tap inserted after block ``layer``."""
+def _tap_layer(work: nn.Module, layer: Optional[str], hw: Tuple[int, int]) -> Tuple[nn.Module, str]:
+    """The module LayerGradCam hooks: the first conv, or a tap inserted after layer ``layer``."""
+    from .archs import layers_of
+
     if layer in (None, "patch"):
-        return _first_patch_conv(work, arch), "patch"
-    names = [n for n, _ in _blocks(work, arch)]
-    if layer not in names:
-        raise EquishiftError(f"unknown layer {layer!r} for GradCAM; choose 'patch' or one of {', '.join(names)}")
-    parts = layer.split(".")
-    parent = work.blocks if arch == "vit" else work.blocks[int(parts[1])]
-    idx = int(parts[-1])
-    if arch == "vit":
-        p = work.patch_embed.patch_size
-        p = p if isinstance(p, int) else p[0]
-        tap = _TokenTap(parent[idx], int(work.num_prefix_tokens), lambda args: (hw[0] // p, hw[1] // p))
-    else:
-        tap = _TokenTap(parent[idx], 0, lambda args: tuple(args[1]))
-    parent[idx] = tap
+        return _first_conv(work), "patch"
+    specs = {spec.name: spec for spec in layers_of(work)}
+    if layer not in specs:
+        raise EquishiftError(f"unknown layer {layer!r} for GradCAM; choose 'patch' or one of {', '.join(specs)}")
+    tap = _MapTap(specs[layer], hw)
+    work.set_submodule(layer, tap)
     return tap.tap, layer
 
 
@@ -200,17 +199,18 @@ def _frame_roll(work: nn.Module, target_module: nn.Module, x: torch.Tensor) -> T
 def gradcam(model, image: torch.Tensor, target: Optional[int] = None, shift: Tuple[float, float] = (0, 0),
             mode: str = "circular", layer: Optional[str] = None,
             size: Optional[Tuple[int, int]] = None) -> Attribution:
-    """GradCAM (ReLU'd) on the first patch conv (``layer=None`` or ``'patch'``) or on a block's patch
-    tokens (``layer='blocks.3'``, Twins ``'blocks.1.0'``), nearest-upsampled to [H, W] in the input
-    frame (module doc)."""
+    """GradCAM (ReLU'd) on the first conv (``layer=None`` or ``'patch'``) or on the output map of a layer
+    its family lists (``equishift.archs.layers_of``: ViT ``'blocks.3'``, Twins ``'blocks.1.0'``, Swin
+    ``'layers.2.blocks.1'``, ResNet ``'layer3'``), nearest-upsampled to [H, W] in the input frame
+    (module doc)."""
     from captum.attr import LayerAttribution, LayerGradCam
 
     work, x, ref = _prepare(model, image, shift, mode, size)
-    arch = architecture(work)
-    if arch == "other":
-        raise EquishiftError("GradCAM here supports timm ViT/DeiT and Twins models")
     t = _target(work, ref, target)
-    module, name = _tap_layer(work, arch, layer, tuple(x.shape[-2:]))
+    if layer not in (None, "patch") and architecture(work) == "other":
+        raise EquishiftError(f"GradCAM on a layer needs a model family equishift knows; "
+                             f"{type(work).__name__} supports layer='patch' (its first conv)")
+    module, name = _tap_layer(work, layer, tuple(x.shape[-2:]))
     with torch.enable_grad():
         cam = LayerGradCam(work, module).attribute(_grad_input(x), target=t, relu_attributions=True)
     cam = LayerAttribution.interpolate(cam.detach(), tuple(x.shape[-2:]), interpolate_mode="nearest")[0, 0]

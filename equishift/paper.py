@@ -153,7 +153,7 @@ def read_paper_checkpoint(path: Union[str, Path], *, max_bytes: Optional[int] = 
 # --- key mapping -----------------------------------------------------------------------------------
 def _unwrapped(model: nn.Module) -> Dict[str, str]:
     """Our state-dict key -> the key without equishift's wrapper modules (the plain timm name)."""
-    from .anchoring import AnchoredPatchEmbed, AnchorWrapper
+    from .layers import AnchoredPatchEmbed, AnchorWrapper
 
     wrappers = {name: "embed" if isinstance(m, AnchoredPatchEmbed) else m._inner
                 for name, m in model.named_modules() if isinstance(m, (AnchoredPatchEmbed, AnchorWrapper))}

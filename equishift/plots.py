@@ -13,7 +13,7 @@ Conventions
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import plotly.graph_objects as go
@@ -258,8 +258,14 @@ def attention_grid(baseline: SweepResult, anchored: Optional[SweepResult] = None
     fig.update_annotations(font_size=10)
     fig.update_layout(coloraxis=dict(colorscale=SEQ, cmin=0, cmax=top, colorbar=dict(title="attention")))
     kinds = sorted(set(baseline.meta.get("attention_kind", {}).values()))
+    arch = baseline.meta.get("architecture")
     what = {"cls": "CLS→patch", "received": "mean received per patch",
-            "lsa": "LSA: received, windows assembled", "gsa": "GSA: row of the query token"}
+            "window": "windows: received per window, put back in place", "query": "row of the query token",
+            "lsa": "LSA: received, windows assembled", "gsa": "GSA: row of the query token"}  # last two: older sweeps
+    what.update({"twins": {"window": what["lsa"], "query": what["gsa"]},
+                 "swin": {"window": "W-MSA: received per window, put back in place"},
+                 "swin_v2": {"window": "W-MSA: received per window, put back in place"},
+                 "pvt_v2": {"query": "spatial-reduction attention: row of the query token"}}.get(arch, {}))
     desc = ", ".join(what.get(k, k) for k in kinds)
     frame = "aligned to the unshifted frame" if align else "as seen (shifted frame)"
     fig.update_layout(title=_title(f"Attention maps at {_shift_text(baseline, current)}, {frame}", baseline,

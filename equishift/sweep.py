@@ -250,12 +250,12 @@ def describe_shifts(shifts: torch.Tensor) -> str:
 
 # --- model introspection -------------------------------------------------------------------------
 def architecture(model: nn.Module) -> str:
-    """'vit' (timm VisionTransformer, anchored or not), 'twins' (timm Twins) or 'other': the token layouts
-    the recorders know (the family comes from equishift.archs)."""
+    """The family name of ``model``'s adapter in ``equishift.archs`` ('vit', 'twins', 'swin', 'pvt_v2',
+    'resnet', ...), anchored or not; 'other' for a model no adapter knows (logits and anchors only)."""
     from .archs import adapter_for
 
     found = adapter_for(model)
-    return found.name if found is not None and found.name in ("vit", "twins") else "other"
+    return found.name if found is not None and found.layers is not None else "other"
 
 
 def working_copy(model: nn.Module) -> nn.Module:
@@ -277,24 +277,6 @@ def unfuse_attention(model: nn.Module) -> nn.Module:
     return model
 
 
-def _blocks(model: nn.Module, arch: str) -> List[Tuple[str, nn.Module]]:
-    if arch == "vit":
-        return [(f"blocks.{i}", b) for i, b in enumerate(model.blocks)]
-    if arch == "twins":
-        return [(f"blocks.{k}.{j}", b) for k, stage in enumerate(model.blocks) for j, b in enumerate(stage)]
-    return []
-
-
-def _patch_size(model: nn.Module) -> int:
-    p = model.patch_embed.patch_size
-    p = p if isinstance(p, int) else tuple(p)
-    if isinstance(p, tuple):
-        if p[0] != p[1]:
-            raise EquishiftError(f"sweep needs square patches, got {p}")
-        p = p[0]
-    return int(p)
-
-
 # --- one forward pass worth of hook state ---------------------------------------------------------
 class _Pass:
     """What the hooks of one forward pass write (one chunk, or the reference run)."""
@@ -313,17 +295,20 @@ class _Pass:
         self.logits: Optional[torch.Tensor] = None
         self.attention: Dict[str, torch.Tensor] = {}
         self.query: Dict[str, Tuple[int, int]] = {}
-        self.head_sums: List[Tuple[torch.Tensor, int]] = []  # ViT: per-layer (head sum, heads) for the rollout
+        self.head_sums: List[Tuple[torch.Tensor, int]] = []  # cls/received layers: (head sum, heads) for the rollout
         self.raw_attention_bytes = 0    # per sample, as captured (before reduction), all layers
         self.max_map_bytes = 0          # per sample, the largest single layer
 
 
 class _Probe:
-    """Hooks on a working copy that track the content offset through the anchors, reduce block outputs
-    to equivariance errors, and reduce attention maps to compact per-layer maps."""
+    """Hooks on a working copy that track the content offset through the anchors, reduce layer outputs
+    to equivariance errors, and reduce attention maps to compact per-layer maps. What the layers are, and
+    how their outputs and maps are laid out, comes from the model's adapter (``equishift.archs``)."""
 
     def __init__(self, model: nn.Module, record: Sequence[str], image_hw: Tuple[int, int],
                  query: Optional[Tuple[int, int]]):
+        from .archs import layers_of
+
         self.model = model
         self.arch = architecture(model)
         self.record = set(record)
@@ -331,16 +316,15 @@ class _Probe:
         self.query_px = query if query is not None else (image_hw[0] // 2, image_hw[1] // 2)
         self.state: Optional[_Pass] = None
         self.ref: Optional[_Pass] = None
-        self.blocks = _blocks(model, self.arch)
-        self.layers = [n for n, _ in self.blocks]
-        self.prefix = int(getattr(model, "num_prefix_tokens", 0)) if self.arch == "vit" else 0
-        self.patch = _patch_size(model) if self.arch == "vit" else None
-        self.has_cls = self.arch == "vit" and getattr(model, "cls_token", None) is not None
+        self.specs = {layer.name: layer for layer in layers_of(model)}
+        self.layers = list(self.specs)
+        attn = [layer for layer in self.specs.values() if layer.attention is not None]
+        self.prefix = max((layer.prefix for layer in self.specs.values()), default=0)
+        self.has_cls = any(layer.kind == "cls" for layer in attn)
+        self.rollout = bool(attn) and all(layer.kind in ("cls", "received") for layer in attn)
         self.anchor_names = [n for n, m in model.named_modules() if isinstance(m, PolyphaseAnchor)]
         self.anchor_stride = {n: m.stride for n, m in model.named_modules() if isinstance(m, PolyphaseAnchor)}
-        self.kind: Dict[str, str] = {}
-        self.sr: Dict[str, int] = {}
-        self.ws: Dict[str, int] = {}
+        self.kind: Dict[str, str] = {layer.name: layer.kind for layer in attn}
         self.layer_stride: Dict[str, float] = {}
         self._handles = []
         self.extract = None
@@ -354,23 +338,14 @@ class _Probe:
         for n, mod in m.named_modules():
             if isinstance(mod, PolyphaseAnchor):
                 self._handles.append(mod.register_forward_hook(self._anchor_hook(n)))
-        if self.arch == "other":
-            return
-        attn_names = []
-        for layer, blk in self.blocks:
-            self._handles.append(blk.register_forward_pre_hook(self._block_pre_hook(layer)))
-            self._handles.append(blk.register_forward_hook(self._block_hook(layer)))
-            attn = blk.attn
-            if self.arch == "vit":
-                self.kind[layer] = "cls" if self.has_cls else "received"
-            elif hasattr(attn, "ws"):
-                self.kind[layer] = "lsa"
-                self.ws[layer] = int(attn.ws)
-            else:
-                self.kind[layer] = "gsa"
-                self.sr[layer] = int(attn.sr_ratio) if getattr(attn, "sr", None) is not None else 1
-            attn_names.append(names[id(attn.attn_drop)])
-        if "attention" in self.record:
+        attn_names, attn_layers = [], []
+        for layer in self.specs.values():
+            self._handles.append(layer.module.register_forward_pre_hook(self._block_pre_hook(layer.name)))
+            self._handles.append(layer.module.register_forward_hook(self._block_hook(layer.name)))
+            if layer.attention is not None:
+                attn_names.append(names[id(layer.attention)])
+                attn_layers.append(layer.name)
+        if "attention" in self.record and attn_names:
             from timm.utils import AttentionExtract
 
             # Fused attention (SDPA) never materialises the maps; this is the working copy, so the flag
@@ -382,7 +357,7 @@ class _Probe:
             # them all until the pass ends cost ~15% of the forward time on a CPU.
             self.extract = AttentionExtract(m, names=attn_names, method="hook")
             mods = dict(m.named_modules())
-            for name, layer in zip(attn_names, self.layers):
+            for name, layer in zip(attn_names, attn_layers):
                 self._handles.append(mods[name].register_forward_hook(self._attention_hook(layer)))
 
     def _on_output(self, mod, args, out):
@@ -399,28 +374,28 @@ class _Probe:
             st.tie_tol[name] = st.rec.tie_tol[name]
         return hook
 
-    def _grid(self, layer: str, args) -> Tuple[int, int]:
-        if self.arch == "twins":
-            return tuple(args[1])
-        return self.hw[0] // self.patch, self.hw[1] // self.patch
-
     def _block_pre_hook(self, layer: str):
+        spec = self.specs[layer]
+
         def hook(mod, args):
-            h, w = self._grid(layer, args)
+            h, w = spec.size(args, None, self.hw)
             self.state.sizes[layer] = (h, w)
             self.layer_stride[layer] = self.hw[0] / h
         return hook
 
     def _block_hook(self, layer: str):
+        spec = self.specs[layer]
+
         def hook(mod, args, out):
             st = self.state
-            h, w = st.sizes[layer]
-            tokens = out if self.arch == "twins" else out[:, self.prefix:]
+            if spec.layout != "tokens":  # a map layer's own output grid (a strided stage shrinks it)
+                h, w = spec.size(args, out, self.hw)
+                st.sizes[layer] = (h, w)
+                self.layer_stride[layer] = self.hw[0] / h
             st.layer_offset[layer] = st.offset.clone()
             if "features" not in self.record:
                 return
-            # A view [B, C, h, w] of the tokens: no copy until the error is computed.
-            feat = tokens.transpose(1, 2).unflatten(2, (h, w))
+            feat = spec.as_map(out, st.sizes[layer])  # a view: no copy until the error is computed
             if st.is_ref:
                 st.features[layer] = feat.float().clone()
             else:
@@ -438,37 +413,44 @@ class _Probe:
         def hook(mod, args, out):
             st = self.state
             a = self.extract.hooks.get_output(out.device).popitem()[1]  # this layer's map, now released
-            per = a.numel() * a.element_size() // a.shape[0]
+            b = st.offset.shape[0]
+            per = a.numel() * a.element_size() // b
             st.raw_attention_bytes += per
             st.max_map_bytes = max(st.max_map_bytes, per)
-            st.attention[layer] = self._reduce(st, layer, a).to(torch.float16).cpu()
+            st.attention[layer] = self._reduce(st, layer, a, b).to(torch.float16).cpu()
         return hook
 
-    def _reduce(self, st: _Pass, layer: str, a: torch.Tensor) -> torch.Tensor:
+    def _reduce(self, st: _Pass, layer: str, a: torch.Tensor, b: int) -> torch.Tensor:
         h, w = st.sizes[layer]
-        kind = self.kind[layer]
-        b = a.shape[0]
+        spec = self.specs[layer]
+        kind = spec.kind
         if kind in ("cls", "received"):
-            p = self.prefix
+            p = spec.prefix
             heads = a.shape[1]
             rows = a[:, :, 0, p:] if kind == "cls" else a[:, :, p:, p:].mean(2)
             # Rollout needs the head mean of every layer; kept (B, T, T) until the pass ends, as a float32
             # sum of head slices (3x faster than a.mean(1), a reduction over a short strided dim) and the
             # head count, which _rollout divides by. torch.add makes a new tensor: the map itself is still
             # needed by the attention's own ``attn @ v``.
-            total = a[:, 0].float() if heads == 1 else torch.add(a[:, 0].float(), a[:, 1])
-            for k in range(2, heads):
-                total.add_(a[:, k])
-            st.head_sums.append((total, heads))
+            if self.rollout:
+                total = a[:, 0].float() if heads == 1 else torch.add(a[:, 0].float(), a[:, 1])
+                for k in range(2, heads):
+                    total.add_(a[:, k])
+                st.head_sums.append((total, heads))
             return rows.reshape(b, heads, h, w)
-        if kind == "lsa":
-            ws = self.ws[layer]
-            heads = a.shape[2]
+        if kind == "window":
+            # Twins LSA maps are (B, windows, heads, N, N); Swin's (B * windows, heads, N, N).
+            ws = spec.window
             hp, wp = -(-h // ws), -(-w // ws)
+            a = a.reshape(b, hp * wp, -1, ws * ws, ws * ws)
+            heads = a.shape[2]
             recv = a.mean(-2).reshape(b, hp, wp, heads, ws, ws)
-            return recv.permute(0, 3, 1, 4, 2, 5).reshape(b, heads, hp * ws, wp * ws)[:, :, :h, :w]
-        # gsa: one query row over the (sub-sampled) key grid
-        sr = self.sr[layer]
+            grid = recv.permute(0, 3, 1, 4, 2, 5).reshape(b, heads, hp * ws, wp * ws)[:, :, :h, :w]
+            if any(spec.shift):  # SW-MSA partitions a map rolled by -shift: put the windows back
+                grid = torch.roll(grid, shifts=spec.shift, dims=(-2, -1))
+            return grid
+        # query: one query row over the (sub-sampled) key grid
+        sr = spec.sr
         q = self._query_token(st, layer)
         rows = a[torch.arange(b, device=a.device), :, q.to(a.device)]
         return rows.reshape(b, a.shape[1], h // sr, w // sr)
@@ -480,7 +462,7 @@ class _Probe:
             try:
                 self.model(x)
                 if st.head_sums:
-                    h, w = st.sizes[self.layers[-1]]
+                    h, w = st.sizes[[n for n in self.layers if n in self.kind][-1]]
                     st.attention["rollout"] = self._rollout(st.head_sums).reshape(-1, 1, h, w).to(torch.float16).cpu()
                     st.head_sums = []
             finally:
@@ -525,17 +507,17 @@ class _Probe:
 
     def meta(self) -> Dict[str, Any]:
         att_stride = {}
-        for layer in self.layers:
+        for layer in self.kind:
             g = self.layer_stride.get(layer)
             if g is not None:
-                att_stride[layer] = g * self.sr.get(layer, 1)
-        if self.layers and self.arch == "vit":
+                att_stride[layer] = g * self.specs[layer].sr
+        if self.rollout:
             att_stride["rollout"] = self.layer_stride.get(self.layers[-1])
         return {
             "architecture": self.arch, "layers": self.layers, "attention_kind": self.kind,
             "layer_stride": self.layer_stride, "attention_stride": att_stride,
             "anchor_names": self.anchor_names, "anchor_stride": self.anchor_stride,
-            "query": list(self.query_px) if self.arch == "twins" else None,
+            "query": list(self.query_px) if "query" in self.kind.values() else None,
             "prefix_tokens": self.prefix, "cls_token": self.has_cls,
         }
 
@@ -692,7 +674,9 @@ def _assemble(s, parts: List[_Pass], ref: _Pass, probe: _Probe, record, mode, hw
     res.offset = {n: cat(lambda p: p.layer_offset[n] - ref.layer_offset[n][0]).float() for n in ref.layer_offset}
     meta = probe.meta()
     if probe.arch == "vit":
-        meta["patch_size"] = _patch_size(model)
+        from .zoo import model_stride
+
+        meta["patch_size"] = model_stride(model)
     meta.update({
         "mode": mode, "image_size": list(hw), "input_size": list(in_hw), "record": list(record),
         "num_shifts": int(s.shape[0]), "model": type(model).__name__, "anchoring": anchoring_mode(model),
@@ -701,12 +685,26 @@ def _assemble(s, parts: List[_Pass], ref: _Pass, probe: _Probe, record, mode, hw
     })
     if ref.tie_tol:
         meta["anchor_tie_tol"] = dict(ref.tie_tol)
-    if probe.arch == "other":
-        skipped = [r for r in ("attention", "features") if r in record]
-        if skipped:
-            meta["not_recorded"] = {r: "only timm ViT/DeiT and Twins models expose these" for r in skipped}
+    why = _not_recorded(probe, model)
+    skipped = {r: why[r] for r in ("attention", "features") if r in record and r in why}
+    if skipped:
+        meta["not_recorded"] = skipped
     res.meta = meta
     return res
+
+
+def _not_recorded(probe: _Probe, model: nn.Module) -> Dict[str, str]:
+    """Why a record type has nothing to show for this model (what the dashboard says instead of a plot)."""
+    if probe.arch == "other":
+        from .archs import adapters
+
+        known = ", ".join(sorted(a.name for a in adapters() if a.layers is not None))
+        text = (f"equishift does not know the layers of {type(model).__name__} (families it knows: {known}); "
+                "logits and anchors are recorded")
+        return {"attention": text, "features": text}
+    if not probe.kind:
+        return {"attention": f"{type(model).__name__} ({probe.arch}) has no attention layers: it is a CNN"}
+    return {}
 
 
 # ``equishift.sweep`` names both this module and the function. Python binds a package attribute to the

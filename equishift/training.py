@@ -133,43 +133,16 @@ def build_model(arch: str, arch_config: Optional[Dict[str, Any]] = None, anchori
     return model, timm_class, kwargs
 
 
-def _vit_config(m: nn.Module) -> Dict[str, Any]:
-    """Constructor kwargs of a timm VisionTransformer, read back from its modules."""
-    b = m.blocks[0]
-    pe = m.patch_embed
-    cfg = dict(img_size=list(pe.img_size), patch_size=list(pe.patch_size), in_chans=pe.proj.in_channels,
-               num_classes=m.num_classes, global_pool=m.global_pool, embed_dim=m.embed_dim, depth=len(m.blocks),
-               num_heads=b.attn.num_heads, mlp_ratio=b.mlp.fc1.out_features / m.embed_dim,
-               qkv_bias=b.attn.qkv.bias is not None, qk_norm=not isinstance(b.attn.q_norm, nn.Identity),
-               class_token=m.cls_token is not None, reg_tokens=m.num_reg_tokens, no_embed_class=m.no_embed_class,
-               pos_embed="none" if m.pos_embed is None else "learn",
-               pre_norm=not isinstance(m.norm_pre, nn.Identity), fc_norm=not isinstance(m.fc_norm, nn.Identity),
-               dynamic_img_size=m.dynamic_img_size, patch_bias=pe.proj.bias is not None)
-    if not isinstance(b.ls1, nn.Identity):
-        cfg["init_values"] = 1e-5  # only the presence of LayerScale matters: the weights are loaded next
-    return cfg
-
-
-def _twins_config(m: nn.Module) -> Dict[str, Any]:
-    """Constructor kwargs of a timm Twins, read back from its modules."""
-    stages = [list(stage) for stage in m.blocks]
-    wss = [int(st[0].attn.ws) if hasattr(st[0].attn, "ws") else 1 for st in stages]
-    srs = [next((int(b.attn.sr_ratio) for b in st if hasattr(b.attn, "sr_ratio")), 1) for st in stages]
-    pe = m.patch_embeds[0]
-    return dict(img_size=list(pe.img_size), patch_size=int(pe.patch_size[0]), in_chans=m.in_chans,
-                num_classes=m.num_classes, global_pool=m.global_pool, embed_dims=list(m.embed_dims),
-                num_heads=[st[0].attn.num_heads for st in stages],
-                mlp_ratios=[st[0].mlp.fc1.out_features / d for st, d in zip(stages, m.embed_dims)],
-                depths=list(m.depths), sr_ratios=srs, wss=None if all(w == 1 for w in wss) else wss)
-
-
 def arch_config_of(model: nn.Module) -> Tuple[str, Dict[str, Any]]:
     """(timm class name, constructor kwargs) that rebuild ``model`` (un-anchored), checked by rebuilding it,
     loading its weights and comparing outputs; ModelSpecError when the model cannot be described so."""
     import timm.models
 
+    from .archs import adapter_for
+
     name = type(model).__name__
-    read = {"VisionTransformer": _vit_config, "Twins": _twins_config}.get(name)
+    found = adapter_for(model)
+    read = found.config if found is not None and found.name in ARCHS else None  # the families training builds
     if read is None or getattr(timm.models, name, None) is not type(model):
         raise ModelSpecError(f"--init needs a timm VisionTransformer or Twins (a card must be able to rebuild it);"
                              f" got {type(model).__module__}.{name}")
@@ -180,8 +153,7 @@ def arch_config_of(model: nn.Module) -> Tuple[str, Dict[str, Any]]:
         kwargs = {k: v for k, v in read(model).items() if k in accepted}  # options this timm version has
         twin = getattr(timm.models, name)(**kwargs).eval()
         twin.load_state_dict(model.state_dict())
-        c, h, w = model.patch_embed.proj.in_channels if name == "VisionTransformer" else kwargs["in_chans"], \
-            *kwargs["img_size"]
+        c, h, w = kwargs["in_chans"], *kwargs["img_size"]
         x = torch.randn(2, c, h, w, generator=torch.Generator().manual_seed(0))
         with torch.no_grad():
             same = torch.allclose(twin(x), model.eval()(x), atol=1e-5, rtol=1e-4)
@@ -390,7 +362,7 @@ def card_for(cfg: TrainConfig, result: Dict[str, Any], sha256: str, command: str
     """The model card (keys are a contract with equishift.zoo)."""
     import timm
 
-    arch = "twins" if result["timm_class"] == "Twins" else "vit"
+    arch = next(a for a, (cls, _) in ARCHS.items() if cls == result["timm_class"])
     return {
         "name": cfg.name, "arch": arch, "timm_class": result["timm_class"], "arch_config": result["arch_config"],
         "anchoring": cfg.anchoring, **({"anchor_options": result["anchor_options"]} if cfg.anchoring != "none" else {}),

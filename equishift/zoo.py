@@ -197,7 +197,8 @@ def model_stride(model: nn.Module) -> int:
         embed = model.patch_embeds[0]
     if embed is not None:
         p = embed.patch_size
-        return int(p if isinstance(p, int) else p[0])
+        ratio = getattr(embed, "feature_ratio", 1)  # a hybrid's patches are cut from its backbone's map
+        return int(p if isinstance(p, int) else p[0]) * int(ratio if isinstance(ratio, int) else ratio[0])
     info = getattr(model, "feature_info", None)
     if info:
         return int(info[-1]["reduction"])
@@ -402,8 +403,6 @@ def _sha256(path: Path) -> str:
 
 
 def _load_zoo(name: str, root: Path):
-    import timm.models
-
     from .anchoring import anchor_sites, anchorize
     from .checkpoint import apply_weights, load_weights
 
@@ -618,7 +617,9 @@ def _timm_card(model: nn.Module, s: Spec, untrained: bool) -> Dict[str, Any]:
     if img_size is not None:
         # The pretrained config keeps the default size; ?img_size=… changes the model, not the config.
         cfg["input_size"] = (cfg["input_size"][0], *(int(v) for v in img_size))
-    arch = next((a for cls, a in TIMM_CLASSES.items() if type(model).__name__ == cls), "other")
+    from .sweep import architecture
+
+    arch = architecture(model)
     return {
         "name": s.name, "arch": arch, "timm_class": type(model).__name__, "timm_name": s.name,
         "anchoring": "none", "classes": _class_names(model), "input_size": list(cfg["input_size"]),

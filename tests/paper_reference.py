@@ -11,7 +11,6 @@ import types
 from typing import Any, Dict, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 

@@ -284,7 +284,7 @@ def test_circular_conv_equals_pytorch_circular_padding(layout, pad):
     if pad[0] == pad[1] and pad[2] == pad[3]:
         with torch.no_grad():
             torch.testing.assert_close(fast(x), ref(x), rtol=0, atol=1e-6)
-    from equishift.anchoring import _circular_pad
+    from equishift.layers.circular import _circular_pad
 
     assert torch.equal(_circular_pad(x, pad), torch.nn.functional.pad(x.contiguous(), pad, mode="circular"))
 

@@ -19,7 +19,7 @@ from equishift import anchorize, load_model
 from equishift.anchoring import anchor_options, anchor_sites
 from equishift.cli import main as cli_main
 from equishift.errors import CheckpointError, ModelSpecError
-from equishift.paper import import_paper, load_paper, paper_model, read_paper_checkpoint
+from equishift.paper import load_paper, paper_model, read_paper_checkpoint
 from equishift.polyphase import PolyphaseAnchor
 from equishift.testing import check_shift_invariant
 
@@ -253,7 +253,6 @@ def test_build_opcodes_cannot_change_allowed_classes(tmp_path):
     """A pickle that BUILDs state onto an allowed class (collections.Counter) must not reach it: torch's
     weights-only unpickler only fills tensors and plain containers."""
     import collections
-    import pickletools  # noqa: F401  (documentation: the bytes below are a hand-written pickle)
 
     before = collections.Counter.most_common
     payload = (b"\x80\x02ccollections\nCounter\n}X\x0b\x00\x00\x00most_commonc__builtin__\nset\nsb.")

@@ -321,7 +321,7 @@ def test_circular_pad_of_token_grids_equals_torch_pad(pad, c, h, w):
     """The PEGs' circular padding (one index_select on channels-last grids) is F.pad(mode="circular")."""
     import torch.nn.functional as F
 
-    from equishift.anchoring import _circular_pad
+    from equishift.layers.circular import _circular_pad
 
     if max(pad[:2]) > w or max(pad[2:]) > h:
         pytest.skip("F.pad's circular mode wraps at most once")
@@ -345,7 +345,7 @@ def test_tables_first_built_in_inference_mode_still_serve_autograd():
     with torch.inference_mode():
         for x in grids.values():
             anchor(x.clone(), 4)
-    from equishift.anchoring import _circular_pad, _pad_index
+    from equishift.layers.circular import _circular_pad, _pad_index
 
     _pad_index.cache_clear()
     with torch.inference_mode():

@@ -8,7 +8,6 @@ the shared models must come out untouched; a long session must not accumulate st
 """
 from __future__ import annotations
 
-import copy
 import sys
 import threading
 from pathlib import Path

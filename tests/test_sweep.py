@@ -72,7 +72,7 @@ def test_every_record_has_the_documented_shape(models, name):
         assert res.attention["rollout"].shape == (k, 1, 8, 8)
         assert set(res.meta["attention_kind"].values()) == {"cls"}
     else:
-        assert set(res.meta["attention_kind"].values()) == {"lsa", "gsa"}
+        assert set(res.meta["attention_kind"].values()) == {"window", "query"}
     if name.endswith("-a"):
         assert res.anchors and all(v.shape == (k, 2) and v.dtype == torch.long for v in res.anchors.values())
         assert set(res.anchors) == set(res.meta["anchor_names"])
@@ -148,7 +148,7 @@ def test_twins_maps_are_distributions_over_their_grids(models):
     res = sweep(models["twins"], image(7), grid(range(3), range(3)))
     for layer, kind in res.meta["attention_kind"].items():
         a = res.attention[layer].float()
-        if kind == "gsa":  # one query row: sums to 1 over the key grid
+        if kind == "query":  # one query row: sums to 1 over the key grid
             assert (a.sum((-2, -1)) - 1).abs().max() < 5e-3
         else:  # LSA: the mean received attention sums to 1 inside each ws×ws window
             ws = models["twins"].blocks[int(layer.split(".")[1])][int(layer.split(".")[2])].attn.ws

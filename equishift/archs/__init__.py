@@ -11,7 +11,18 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 from torch import nn
 
-__all__ = ["Adapter", "AnchorSite", "register", "refuse", "refusal_for", "adapter_for", "adapters"]
+__all__ = ["Adapter", "AnchorSite", "Layer", "register", "refuse", "refusal_for", "adapter_for", "adapters",
+           "layers_of", "config_of"]
+
+import torch
+
+LAYOUTS = ("tokens", "nhwc", "nchw")
+# How a layer's attention map is reduced to one [heads, h, w] picture (equishift.sweep):
+#   cls       ViT: the CLS token's row over the patch tokens
+#   received  ViT without CLS: the attention each patch token receives, averaged over patch queries
+#   window    local windows (Twins LSA, Swin): per window what each key receives, windows put back in place
+#   query     global or sub-sampled keys (Twins GSA, PVT-v2 spatial reduction): one query token's row
+ATTENTION_KINDS = ("cls", "received", "window", "query")
 
 
 @dataclass
@@ -25,6 +36,58 @@ class AnchorSite:
 
     def as_dict(self) -> Dict[str, Any]:
         return {"module": self.module, "stride": self.stride, "anchored": self.anchored, "why": self.why}
+
+
+@dataclass(frozen=True)
+class Layer:
+    """A layer whose output equishift looks inside (per-layer equivariance error, GradCAM taps, attention).
+
+    ``module`` is the layer of the model it was read from; ``attention`` the module whose output is the
+    layer's softmax map (timm's ``attn_drop``), or None for layers without attention (CNN stages)."""
+
+    name: str
+    module: nn.Module
+    layout: str                                   # "tokens" (B, N, C), "nhwc" (B, H, W, C), "nchw"
+    prefix: int = 0                               # tokens: leading tokens off the grid (CLS, registers)
+    grid: Optional[Callable[[tuple, Tuple[int, int]], Tuple[int, int]]] = None  # tokens: (args, image hw) -> (h, w)
+    attention: Optional[nn.Module] = None
+    kind: Optional[str] = None                    # one of ATTENTION_KINDS
+    window: int = 0                               # kind "window": window side in tokens
+    shift: Tuple[int, int] = (0, 0)               # kind "window": cyclic shift of the windows (Swin SW-MSA)
+    sr: int = 1                                   # kind "query": key sub-sampling ratio
+
+    def __post_init__(self):
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
+        if self.kind is not None and self.kind not in ATTENTION_KINDS:
+            raise ValueError(f"kind must be one of {ATTENTION_KINDS}, got {self.kind!r}")
+        if self.layout == "tokens" and self.grid is None:
+            raise ValueError("a token layer needs grid(args, image_hw)")
+
+    def size(self, args: tuple, out: Optional[torch.Tensor], image_hw: Tuple[int, int]) -> Tuple[int, int]:
+        """(h, w) of the layer's map: from its inputs (tokens) or from its output (maps)."""
+        if self.layout == "tokens":
+            return tuple(int(v) for v in self.grid(args, image_hw))
+        if out is None:  # a map layer before it ran: its input grid
+            x = args[0]
+            return (x.shape[1], x.shape[2]) if self.layout == "nhwc" else (x.shape[-2], x.shape[-1])
+        return (out.shape[1], out.shape[2]) if self.layout == "nhwc" else (out.shape[-2], out.shape[-1])
+
+    def as_map(self, out: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
+        """The output as a (B, C, h, w) view (no copy)."""
+        if self.layout == "nchw":
+            return out
+        if self.layout == "nhwc":
+            return out.permute(0, 3, 1, 2)
+        return out[:, self.prefix:].transpose(1, 2).unflatten(2, tuple(size))
+
+    def from_map(self, g: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """Put a (B, C, h, w) map back into the layout of ``out`` (prefix tokens taken from ``out``)."""
+        if self.layout == "nchw":
+            return g
+        if self.layout == "nhwc":
+            return g.permute(0, 2, 3, 1)
+        return torch.cat((out[:, :self.prefix], g.flatten(2).transpose(1, 2)), dim=1)
 
 
 @dataclass(frozen=True)
@@ -42,6 +105,10 @@ class Adapter:
     modes_doc: Mapping[str, str] = field(default_factory=dict)
     # Variants of a registered class that cannot be made invariant: model -> reason, or None if fine.
     unsupported: Optional[Callable[[nn.Module], Optional[str]]] = None
+    # The layers equishift looks inside, in forward order (sweep, attribution): model -> [Layer].
+    layers: Optional[Callable[[nn.Module], List[Layer]]] = None
+    # Constructor kwargs that rebuild an un-anchored model of this family (training cards): model -> dict.
+    config: Optional[Callable[[nn.Module], Dict[str, Any]]] = None
 
     def check_options(self, options: Mapping[str, Any]) -> Dict[str, Any]:
         unknown = sorted(set(options) - set(self.options))
@@ -100,3 +167,15 @@ def adapter_for(model: nn.Module) -> Optional[Adapter]:
         if found is not None:
             return found
     return None
+
+
+def layers_of(model: nn.Module) -> List[Layer]:
+    """The layers of ``model`` its family's adapter exposes (empty for a model no adapter knows)."""
+    found = adapter_for(model)
+    return found.layers(model) if found is not None and found.layers is not None else []
+
+
+def config_of(model: nn.Module) -> Optional[Dict[str, Any]]:
+    """Constructor kwargs that rebuild ``model``, when its family can read them back; None otherwise."""
+    found = adapter_for(model)
+    return found.config(model) if found is not None and found.config is not None else None

@@ -7,35 +7,10 @@ from __future__ import annotations
 from typing import List, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ..anchoring import AnchorWrapper
+from ..layers import AnchoredModule, CircularConv2d, CircularMaxPool2d  # noqa: F401 (re-exported)
 from . import AnchorSite
-
-
-class AnchoredModule(AnchorWrapper):
-    """``module`` preceded by a polyphase anchor of period ``stride`` on its (B, C, H, W) input."""
-
-    _inner = "module"
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.module(self.anchor(x))
-
-
-class CircularMaxPool2d(nn.Module):
-    """``nn.MaxPool2d`` whose padding wraps around instead of padding with -inf."""
-
-    def __init__(self, pool: nn.MaxPool2d):
-        super().__init__()
-        k, s, p = (pool.kernel_size, pool.stride, pool.padding)
-        self.kernel_size, self.stride = k, s
-        self.pad = (p, p, p, p) if isinstance(p, int) else (p[1], p[1], p[0], p[0])
-        if pool.dilation not in (1, (1, 1)) or pool.ceil_mode:
-            raise TypeError("circular max pooling supports dilation 1 and ceil_mode=False only")
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.max_pool2d(F.pad(x, self.pad, mode="circular"), self.kernel_size, self.stride)
 
 
 def _int(v) -> int:
@@ -64,8 +39,6 @@ def total_stride(module: nn.Module) -> int:
 def make_circular(root: nn.Module) -> int:
     """Every zero-padded conv and max pooling in ``root`` pads circularly instead (same weights); average
     pooling with padding cannot be made exact and is refused. Returns how many layers changed."""
-    from ..anchoring import CircularConv2d
-
     changed = 0
     for name, m in list(root.named_modules()):
         if not name:

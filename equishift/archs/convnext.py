@@ -12,7 +12,7 @@ from typing import List, Tuple
 
 from torch import nn
 
-from . import Adapter, AnchorSite, register
+from . import Adapter, AnchorSite, Layer, register
 from ._cnn import MODES_DOC, anchor_chain, make_circular, modes
 
 
@@ -35,6 +35,11 @@ def unsupported(model: nn.Module):
     return None
 
 
+def layers(model: nn.Module) -> List[Layer]:
+    """The stages' outputs (maps); a CNN has no attention."""
+    return [Layer(f"stages.{i}", stage, "nchw") for i, stage in enumerate(model.stages)]
+
+
 ADAPTER = register(Adapter(
     name="convnext", classes=("timm.models.convnext.ConvNeXt",), modes=("full", "pos-only", "patch-only"),
-    anchorize=anchorize, modes_doc=MODES_DOC, unsupported=unsupported))
+    anchorize=anchorize, modes_doc=MODES_DOC, unsupported=unsupported, layers=layers))

@@ -17,12 +17,12 @@ from typing import List, Tuple
 
 from torch import nn
 
-from . import Adapter, AnchorSite, register
+from . import Adapter, AnchorSite, Layer, register
 from ._cnn import MODES_DOC, AnchoredModule, make_circular, modes, stride_of
 
 
 def anchorize(model: nn.Module, mode: str) -> Tuple[nn.Module, List[AnchorSite]]:
-    from ..anchoring import AnchoredBlock
+    from ..layers import AnchoredBlock
 
     anchored, circular = modes(mode)
     if circular:
@@ -61,6 +61,19 @@ def unsupported(model: nn.Module):
     return None
 
 
+def layers(model: nn.Module) -> List[Layer]:
+    """Every block (tokens on the grid passed as ``feat_size``): one query's row over the keys, which are
+    sub-sampled by the block's sr ratio."""
+    out = []
+    for i, stage in enumerate(model.stages):
+        for j, b in enumerate(stage.blocks):
+            sr = stride_of(b.attn.sr) if getattr(b.attn, "sr", None) is not None else 1
+            out.append(Layer(f"stages.{i}.blocks.{j}", b, "tokens", grid=lambda args, hw: args[1],
+                             attention=b.attn.attn_drop, kind="query", sr=sr))
+    return out
+
+
 ADAPTER = register(Adapter(
     name="pvt_v2", classes=("timm.models.pvt_v2.PyramidVisionTransformerV2",),
-    modes=("full", "pos-only", "patch-only"), anchorize=anchorize, modes_doc=MODES_DOC, unsupported=unsupported))
+    modes=("full", "pos-only", "patch-only"), anchorize=anchorize, modes_doc=MODES_DOC, unsupported=unsupported,
+    layers=layers))

@@ -13,7 +13,7 @@ from typing import List, Tuple
 
 from torch import nn
 
-from . import Adapter, AnchorSite, register
+from . import Adapter, AnchorSite, Layer, register
 from ._cnn import MODES_DOC, AnchoredModule, anchor_chain, make_circular, modes, total_stride
 
 
@@ -60,6 +60,11 @@ def unsupported(model: nn.Module):
     return None
 
 
+def layers(model: nn.Module) -> List[Layer]:
+    """The stages' outputs (maps); a CNN has no attention."""
+    return [Layer(f"layer{i}", getattr(model, f"layer{i}"), "nchw") for i in range(1, 5) if hasattr(model, f"layer{i}")]
+
+
 ADAPTER = register(Adapter(
     name="resnet", classes=("timm.models.resnet.ResNet",), modes=("full", "pos-only", "patch-only"),
-    anchorize=anchorize, modes_doc=MODES_DOC, unsupported=unsupported))
+    anchorize=anchorize, modes_doc=MODES_DOC, unsupported=unsupported, layers=layers))

@@ -25,8 +25,8 @@ from typing import List, Tuple
 import torch
 from torch import nn
 
-from ..anchoring import AnchoredMapBlock, AnchorWrapper
-from . import Adapter, AnchorSite, register
+from ..layers import AnchoredMapBlock, AnchorWrapper
+from . import Adapter, AnchorSite, Layer, register
 
 MERGES = ("timm", "paper")
 BLOCKS = ("pre-norm", "paper")
@@ -97,7 +97,8 @@ def _unshift(block: nn.Module) -> None:
 
 def anchorize(model: nn.Module, mode: str, merge: str = "timm", block: str = "pre-norm",
               shifted_windows: bool = False) -> Tuple[nn.Module, List[AnchorSite]]:
-    from ..anchoring import AnchoredMapBlock, AnchoredPatchEmbed, _square
+    from ..layers import AnchoredMapBlock, AnchoredPatchEmbed
+    from ..layers.anchored import square as _square
 
     block_kind = block
     if merge not in MERGES:
@@ -138,10 +139,21 @@ def anchorize(model: nn.Module, mode: str, merge: str = "timm", block: str = "pr
     return model, sites
 
 
+def layers(model: nn.Module) -> List[Layer]:
+    """Every block (channels-last maps): window attention, each window's keys as received by its queries,
+    windows put back in place and the cyclic shift of SW-MSA blocks undone."""
+    out = []
+    for i, stage in enumerate(model.layers):
+        for j, b in enumerate(stage.blocks):
+            out.append(Layer(f"layers.{i}.blocks.{j}", b, "nhwc", attention=b.attn.attn_drop, kind="window",
+                             window=_window(b), shift=tuple(int(v) for v in b.shift_size)))
+    return out
+
+
 ADAPTER = register(Adapter(
     name="swin", classes=("timm.models.swin_transformer.SwinTransformer",), modes=("full", "patch-only"),
     anchorize=anchorize, options={"merge": "timm", "block": "pre-norm", "shifted_windows": False},
-    modes_doc={"pos-only": "Swin has no absolute position embedding to replace"}))
+    modes_doc={"pos-only": "Swin has no absolute position embedding to replace"}, layers=layers))
 
 
 def anchorize_v2(model: nn.Module, mode: str, shifted_windows: bool = False) -> Tuple[nn.Module, List[AnchorSite]]:
@@ -153,4 +165,4 @@ def anchorize_v2(model: nn.Module, mode: str, shifted_windows: bool = False) -> 
 ADAPTER_V2 = register(Adapter(
     name="swin_v2", classes=("timm.models.swin_transformer_v2.SwinTransformerV2",), modes=("full", "patch-only"),
     anchorize=anchorize_v2, options={"shifted_windows": False},
-    modes_doc={"pos-only": "Swin-V2 has no absolute position embedding to replace"}))
+    modes_doc={"pos-only": "Swin-V2 has no absolute position embedding to replace"}, layers=layers))

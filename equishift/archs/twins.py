@@ -16,7 +16,7 @@ from typing import List, Tuple
 
 from torch import nn
 
-from . import Adapter, AnchorSite, register
+from . import Adapter, AnchorSite, Layer, register
 
 PATCH_ANCHORS = ("auto", "first", "all")
 
@@ -32,7 +32,7 @@ def block_stride(block: nn.Module) -> int:
 
 
 def _stride_of(embed: nn.Module) -> int:
-    from ..anchoring import _square
+    from ..layers.anchored import square as _square
 
     return _square(embed.patch_size)
 
@@ -87,7 +87,7 @@ def plan(model: nn.Module, mode: str, patch_anchors: str = "auto") -> List[Ancho
 
 
 def anchorize(model: nn.Module, mode: str, patch_anchors: str = "auto") -> Tuple[nn.Module, List[AnchorSite]]:
-    from ..anchoring import AnchoredBlock, AnchoredPatchEmbed, CircularConv2d
+    from ..layers import AnchoredBlock, AnchoredPatchEmbed, CircularConv2d
 
     sites = plan(model, mode, patch_anchors)
     by_name = {s.module: s for s in sites}
@@ -108,6 +108,35 @@ def anchorize(model: nn.Module, mode: str, patch_anchors: str = "auto") -> Tuple
     return model, sites
 
 
+def layers(model: nn.Module) -> List[Layer]:
+    """Every block (tokens, grid passed as ``size``): LSA blocks show their windows, GSA blocks one query's
+    row over the sub-sampled keys."""
+    out = []
+    for k, stage in enumerate(model.blocks):
+        for j, b in enumerate(stage):
+            attn = b.attn
+            if hasattr(attn, "ws"):
+                extra = dict(kind="window", window=int(attn.ws))
+            else:
+                extra = dict(kind="query", sr=int(attn.sr_ratio) if getattr(attn, "sr", None) is not None else 1)
+            out.append(Layer(f"blocks.{k}.{j}", b, "tokens", grid=lambda args, hw: args[1],
+                             attention=attn.attn_drop, **extra))
+    return out
+
+
+def config(m: nn.Module):
+    """Constructor kwargs of a timm Twins, read back from its modules."""
+    stages = [list(stage) for stage in m.blocks]
+    wss = [int(st[0].attn.ws) if hasattr(st[0].attn, "ws") else 1 for st in stages]
+    srs = [next((int(b.attn.sr_ratio) for b in st if hasattr(b.attn, "sr_ratio")), 1) for st in stages]
+    pe = m.patch_embeds[0]
+    return dict(img_size=list(pe.img_size), patch_size=int(pe.patch_size[0]), in_chans=m.in_chans,
+                num_classes=m.num_classes, global_pool=m.global_pool, embed_dims=list(m.embed_dims),
+                num_heads=[st[0].attn.num_heads for st in stages],
+                mlp_ratios=[st[0].mlp.fc1.out_features / d for st, d in zip(stages, m.embed_dims)],
+                depths=list(m.depths), sr_ratios=srs, wss=None if all(w == 1 for w in wss) else wss)
+
+
 ADAPTER = register(Adapter(
     name="twins", classes=("timm.models.twins.Twins",), modes=("full", "pos-only", "patch-only"),
-    anchorize=anchorize, options={"patch_anchors": "auto"}))
+    anchorize=anchorize, options={"patch_anchors": "auto"}, layers=layers, config=config))

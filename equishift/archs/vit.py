@@ -18,7 +18,7 @@ from typing import List, Tuple
 import torch
 from torch import nn
 
-from . import Adapter, AnchorSite, refuse, register
+from . import Adapter, AnchorSite, Layer, refuse, register
 
 PATCH_NORM_EPS = 1e-5  # the paper's patch-embedding LayerNorm (nn.LayerNorm's default), not timm's 1e-6
 
@@ -27,7 +27,8 @@ def anchorize(model: nn.Module, mode: str, pos_init: str = "zeros",
               patch_norm: bool = False) -> Tuple[nn.Module, List[AnchorSite]]:
     from timm.models.vision_transformer import VisionTransformer
 
-    from ..anchoring import AnchoredPatchEmbed, ConvPosEmbed, _square
+    from ..layers import AnchoredPatchEmbed, ConvPosEmbed
+    from ..layers.anchored import square as _square
 
     if not isinstance(patch_norm, bool):
         raise TypeError(f"patch_norm must be True or False, got {patch_norm!r}")
@@ -63,7 +64,7 @@ def anchorize(model: nn.Module, mode: str, pos_init: str = "zeros",
 def _anchorize_hybrid(model: nn.Module, mode: str, pos_conv, p: int) -> List[AnchorSite]:
     """Hybrid ViT: the ResNet backbone as in ``archs.resnet`` (anchors before every strided layer,
     circular padding), the projection anchored when it is itself strided, then the ViT part."""
-    from ..anchoring import AnchoredPatchEmbed
+    from ..layers import AnchoredPatchEmbed
     from . import resnet
     from ._cnn import AnchoredModule
 
@@ -119,7 +120,38 @@ def _eva_reason(model: nn.Module) -> str:
 refuse("timm.models.vision_transformer_relpos.VisionTransformerRelPos", _relpos_reason)
 refuse("timm.models.eva.Eva", _eva_reason)
 
+def layers(model: nn.Module) -> List[Layer]:
+    """Every block: patch tokens after ``num_prefix_tokens`` CLS/register tokens, on the patch embedding's
+    grid (a hybrid's is its backbone's); the attention row of the CLS token, or what each patch receives."""
+    embed = model.patch_embed
+    prefix = int(getattr(model, "num_prefix_tokens", 0))
+    kind = "cls" if getattr(model, "cls_token", None) is not None else "received"
+
+    def grid(args, hw):
+        return embed.dynamic_feat_size(tuple(hw))
+
+    return [Layer(f"blocks.{i}", b, "tokens", prefix=prefix, grid=grid, attention=b.attn.attn_drop, kind=kind)
+            for i, b in enumerate(model.blocks)]
+
+
+def config(m: nn.Module):
+    """Constructor kwargs of a timm VisionTransformer, read back from its modules."""
+    b = m.blocks[0]
+    pe = m.patch_embed
+    cfg = dict(img_size=list(pe.img_size), patch_size=list(pe.patch_size), in_chans=pe.proj.in_channels,
+               num_classes=m.num_classes, global_pool=m.global_pool, embed_dim=m.embed_dim, depth=len(m.blocks),
+               num_heads=b.attn.num_heads, mlp_ratio=b.mlp.fc1.out_features / m.embed_dim,
+               qkv_bias=b.attn.qkv.bias is not None, qk_norm=not isinstance(b.attn.q_norm, nn.Identity),
+               class_token=m.cls_token is not None, reg_tokens=m.num_reg_tokens, no_embed_class=m.no_embed_class,
+               pos_embed="none" if m.pos_embed is None else "learn",
+               pre_norm=not isinstance(m.norm_pre, nn.Identity), fc_norm=not isinstance(m.fc_norm, nn.Identity),
+               dynamic_img_size=m.dynamic_img_size, patch_bias=pe.proj.bias is not None)
+    if not isinstance(b.ls1, nn.Identity):
+        cfg["init_values"] = 1e-5  # only the presence of LayerScale matters: the weights are loaded next
+    return cfg
+
+
 ADAPTER = register(Adapter(
     name="vit", classes=("timm.models.vision_transformer.VisionTransformer",),
     modes=("full", "pos-only", "patch-only"), anchorize=anchorize,
-    options={"pos_init": "zeros", "patch_norm": False}, unsupported=unsupported))
+    options={"pos_init": "zeros", "patch_norm": False}, unsupported=unsupported, layers=layers, config=config))
