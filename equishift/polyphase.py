@@ -22,9 +22,10 @@ import contextvars
 import functools
 import threading
 from contextlib import contextmanager
-from typing import Dict, Iterator, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["TIE_TOL", "polyphase_norms", "polyphase_margin", "select_anchor", "anchor", "roll_batch",
@@ -69,6 +70,9 @@ def _check(x: torch.Tensor, stride: int) -> None:
         )
 
 
+_CHAIN_MIN = 2 ** 16  # pixels (B * H * W) from which a per-channel chain beats (x * x).sum(1) on NCHW
+
+
 def _energy(x: torch.Tensor) -> torch.Tensor:
     """(B, H, W) per-pixel energy sum_c x[:, c]², in float32 (float64 for float64 input).
 
@@ -82,6 +86,14 @@ def _energy(x: torch.Tensor) -> torch.Tensor:
         e = x[:, 0] * x[:, 0]
         for c in range(1, x.shape[1]):
             e.addcmul_(x[:, c], x[:, c])
+        return e
+    b, c, h, w = x.shape
+    if x.is_contiguous() and b * h * w >= _CHAIN_MIN:
+        # A wide NCHW map (a CNN stem): the same chain. x * x would be a fresh map-sized buffer, and on a
+        # CPU the page faults of fresh memory cost more than the arithmetic (10x here at 32x64x112x112).
+        e = x[:, 0] * x[:, 0]
+        for k in range(1, c):
+            e.addcmul_(x[:, k], x[:, k])
         return e
     if x.stride(1) == 1 and x.is_contiguous(memory_format=torch.channels_last):
         # A token grid: each pixel's channels are contiguous, and the fused norm kernel reads x once
@@ -346,6 +358,38 @@ def _roll_rows(x: torch.Tensor, flat: torch.Tensor, stride: int) -> torch.Tensor
     return padded.reshape(-1).unfold(0, w, 1).index_select(0, starts.reshape(-1)).reshape(b, c, h, w)
 
 
+def _segments(n: int, before: int, after: int, offset: int) -> List[Tuple[int, int, int]]:
+    """(out start, source start, length) runs covering the n + before + after outputs whose source index
+    is (i - before + offset) mod n: at most three contiguous runs."""
+    runs, i, total = [], 0, n + before + after
+    while i < total:
+        src = (i - before + offset) % n
+        length = min(total - i, n - src)
+        runs.append((i, src, length))
+        i += length
+    return runs
+
+
+def _roll_blocks(x: torch.Tensor, flat: torch.Tensor, stride: int,
+                 pad: Tuple[int, int, int, int] = (0, 0, 0, 0)) -> torch.Tensor:
+    """``x`` rolled by minus each image's phase and then padded circularly by ``pad`` (left, right, top,
+    bottom), written in one pass as at most 9 block copies per image: for big maps, where a fresh buffer
+    per step (a layout change, a gather, a padded copy) costs more in page faults than the copying itself.
+    Keeps the memory format of ``x``. Not used under autograd."""
+    b, c, h, w = x.shape
+    left, right, top, bottom = pad
+    fmt = torch.channels_last if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last) \
+        else torch.contiguous_format
+    out = torch.empty((b, c, h + top + bottom, w + left + right), dtype=x.dtype, device=x.device,
+                      memory_format=fmt)
+    for i, f in enumerate(flat.tolist()):
+        a, col = divmod(f, stride)
+        for (ro, rs, rl) in _segments(h, top, bottom, a):
+            for (co, cs, cl) in _segments(w, left, right, col):
+                out[i, :, ro:ro + rl, co:co + cl].copy_(x[i, :, rs:rs + rl, cs:cs + cl])
+    return out
+
+
 def anchor(x: torch.Tensor, stride: int, tie_tol: Optional[float] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Roll ``x`` by minus its anchor. Returns ``(rolled_x, index)`` with index LongTensor[B, 2].
 
@@ -366,6 +410,8 @@ def _roll_to_anchor(x: torch.Tensor, flat: torch.Tensor, stride: int) -> torch.T
     # rolling by -(a, b): output pixel (i, j) reads input pixel ((i + a) % H, (j + b) % W)
     if w >= 16 and 0 < x.numel() <= _ROWS_MAX and x.is_contiguous() and not (x.requires_grad and torch.is_grad_enabled()):
         return _roll_rows(x, flat, stride)
+    if x.numel() > _ROWS_MAX and x.is_contiguous() and x.device.type == "cpu" and not (x.requires_grad and torch.is_grad_enabled()):
+        return _roll_blocks(x, flat, stride)
     if c > 4 and x.is_contiguous() and x.numel() > 0:
         # A contiguous NCHW feature map (Twins hands the next stage's patch embed one): an element-wise
         # gather over (B, C, H*W) costs ~7 copies of the map; going channels-last (one transposing copy)
@@ -428,13 +474,19 @@ class PolyphaseAnchor(nn.Module):
         self.stride = int(stride)
         self.tie_tol = None if tie_tol is None else _checked_tol(tie_tol)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, pad: Optional[Tuple[int, int, int, int]] = None) -> torch.Tensor:
+        """The anchored map; with ``pad`` (left, right, top, bottom), the anchored map circularly padded
+        (one copy instead of two, for a circular conv or pooling right after the anchor)."""
         rec = _RECORDER.get()
         recording = rec is not None and rec.wants(self)
         tol = tie_tolerance(x.dtype) if self.tie_tol is None else self.tie_tol
         flat, margin = _select(x, self.stride, tol, with_margin=recording)
         if recording:  # (row, col) and the margin only when someone records them
             rec.add(self, _tables(1, 1, self.stride, flat.device)[0].index_select(0, flat), margin, tol)
+        if pad is not None:
+            if x.device.type == "cpu" and not (x.requires_grad and torch.is_grad_enabled()):
+                return _roll_blocks(x, flat, self.stride, tuple(pad))
+            return F.pad(_roll_to_anchor(x, flat, self.stride), tuple(pad), mode="circular")
         return _roll_to_anchor(x, flat, self.stride)
 
     def extra_repr(self) -> str:

@@ -281,15 +281,18 @@ def _loop_roll(x, idx):
     return torch.stack([torch.roll(x[i], (-int(idx[i, 0]), -int(idx[i, 1])), (-2, -1)) for i in range(len(x))])
 
 
-@pytest.mark.parametrize("full_table", [True, False])
+@pytest.mark.parametrize("full_table", [True, False, "big-map"])
 @pytest.mark.parametrize("b, c, h, w, s", [(3, 3, 32, 32, 4), (2, 5, 16, 48, 8), (4, 32, 8, 8, 2),
                                            (2, 3, 24, 16, 4), (1, 1, 64, 32, 16), (3, 7, 12, 20, 4)])
 def test_every_roll_path_equals_a_loop_of_torch_roll(b, c, h, w, s, full_table, monkeypatch):
     from equishift import polyphase
 
-    if not full_table:  # force the separable tables (what maps above _FULL_TABLE_MAX use)
+    if full_table is False:  # force the separable tables (what maps above _FULL_TABLE_MAX use)
         monkeypatch.setattr(polyphase, "_FULL_TABLE_MAX", 0)
         polyphase._tables.cache_clear()
+    if full_table == "big-map":  # force what maps above _ROWS_MAX / _CHAIN_MIN use: block copies, chained energy
+        monkeypatch.setattr(polyphase, "_ROWS_MAX", 0)
+        monkeypatch.setattr(polyphase, "_CHAIN_MIN", 0)
     g = torch.Generator().manual_seed(b * 1000 + h + w + s)
     try:
         for name, x in _layouts(b, c, h, w, g).items():
@@ -533,3 +536,25 @@ def test_a_batch_mixing_tied_and_untied_images_is_decided_per_image():
     assert torch.equal(select_anchor(x, 4), brute_anchor_index(x, 4))
     for i in range(len(x)):
         assert torch.equal(select_anchor(x[i:i + 1], 4), select_anchor(x, 4)[i:i + 1])
+
+
+@pytest.mark.parametrize("pad", [(1, 1, 1, 1), (3, 3, 3, 3), (2, 0, 1, 3), (0, 0, 0, 0)])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_anchor_with_pad_is_the_roll_then_the_circular_pad(pad, layout):
+    """PolyphaseAnchor(x, pad=...) (the fused roll + circular padding a circular conv after an anchor
+    uses) equals anchoring, then F.pad(mode='circular'), exactly; it records the same choice."""
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(sum(pad))
+    x = torch.randn(3, 6, 8, 12, generator=g)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    a = PolyphaseAnchor(4)
+    with torch.inference_mode():
+        plain, idx = anchor(x, 4)
+        fused = a(x, pad=pad)
+    assert torch.equal(fused, F.pad(plain, pad, mode="circular"))
+    assert fused.is_contiguous(memory_format=torch.channels_last) == (layout == "channels_last")
+    with torch.enable_grad():  # under autograd the same values, through the differentiable path
+        xg = x.clone().requires_grad_(True)
+        assert torch.equal(a(xg, pad=pad).detach(), fused)

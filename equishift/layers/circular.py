@@ -2,7 +2,7 @@
 with zeros (or -inf), so that they commute with circular shifts."""
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -10,7 +10,7 @@ from torch import nn
 
 from ..polyphase import constant_cache
 
-__all__ = ["CircularConv2d", "CircularMaxPool2d", "circular_pad"]
+__all__ = ["CircularConv2d", "CircularMaxPool2d", "circular_pad", "circular_conv2d"]
 
 
 @constant_cache(maxsize=64)
@@ -38,6 +38,47 @@ def _circular_pad(x: torch.Tensor, pad: Tuple[int, int, int, int]) -> torch.Tens
     return out.reshape(b, h + top + bottom, w + left + right, c).permute(0, 3, 1, 2)
 
 
+_BORDER_FIX_MIN = 2 ** 22  # input elements from which the zero-padded conv + border strips pays off
+_BORDER_FIX_SIDE = 24       # ... and the smallest map side (the strips' share of the work grows as 1/side)
+
+
+def _wrapped(x: torch.Tensor, dim: int, start: int, stop: int) -> torch.Tensor:
+    """x's indices start..stop-1 along ``dim``, taken modulo its size (a copy of a thin strip)."""
+    n = x.shape[dim]
+    if 0 <= start and stop <= n:
+        return x.narrow(dim, start, stop - start)
+    idx = torch.arange(start, stop, device=x.device) % n
+    return x.index_select(dim, idx)
+
+
+def _border_rows(n: int, k: int, s: int, p: int, d: int, out: int) -> List[Tuple[int, int]]:
+    """Output ranges [r0, r1) along one axis whose receptive field crosses the map's edge."""
+    first = min(out, -(-p // s))                                  # r * s - p < 0
+    last = max(first, min(out, (n - 1 + p - (k - 1) * d) // s + 1))  # r * s - p + (k-1) d > n - 1
+    return [(a, b) for a, b in ((0, first), (last, out)) if b > a]
+
+
+def circular_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride, padding,
+                    dilation, groups: int) -> torch.Tensor:
+    """A conv with circular padding, computed as the zero-padded conv (padding inside the kernel: no
+    padded copy of the input) whose border rows and columns are then recomputed from thin wrapped strips.
+    Same values as padding first, up to float rounding (the border is computed by another conv call)."""
+    (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
+    kh, kw = weight.shape[-2:]
+    h, w = x.shape[-2:]
+    out = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+    ho, wo = out.shape[-2:]
+    for r0, r1 in _border_rows(h, kh, sh, ph, dh, ho):
+        strip = _wrapped(x, 2, r0 * sh - ph, (r1 - 1) * sh - ph + (kh - 1) * dh + 1)
+        strip = F.pad(strip, (pw, pw, 0, 0), mode="circular")
+        out[:, :, r0:r1, :] = F.conv2d(strip, weight, bias, stride, 0, dilation, groups)
+    for c0, c1 in _border_rows(w, kw, sw, pw, dw, wo):
+        strip = _wrapped(x, 3, c0 * sw - pw, (c1 - 1) * sw - pw + (kw - 1) * dw + 1)
+        strip = F.pad(strip, (0, 0, ph, ph), mode="circular")
+        out[:, :, :, c0:c1] = F.conv2d(strip, weight, bias, stride, 0, dilation, groups)
+    return out
+
+
 class CircularConv2d(nn.Conv2d):
     """``nn.Conv2d(..., padding_mode="circular")`` whose padding keeps channels-last inputs channels-last.
 
@@ -56,9 +97,24 @@ class CircularConv2d(nn.Conv2d):
         new.load_state_dict(conv.state_dict())
         return new
 
+    @property
+    def pad(self) -> Tuple[int, int, int, int]:
+        """(left, right, top, bottom): the circular padding the conv applies."""
+        return tuple(self._reversed_padding_repeated_twice)
+
     def _conv_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        left, right, top, bottom = self._reversed_padding_repeated_twice
+        if left == right and top == bottom and x.numel() >= _BORDER_FIX_MIN and \
+                min(x.shape[-2:]) >= _BORDER_FIX_SIDE and x.device.type == "cpu" and not torch.is_grad_enabled():
+            # A big map: a padded copy would be a fresh map-sized buffer, and on a CPU its page faults, and
+            # the conv on the odd padded size, cost more than recomputing the border.
+            return circular_conv2d(x, weight, bias, self.stride, (top, left), self.dilation, self.groups)
         x = _circular_pad(x, self._reversed_padding_repeated_twice)
         return F.conv2d(x, weight, bias, self.stride, 0, self.dilation, self.groups)
+
+    def forward_padded(self, x: torch.Tensor) -> torch.Tensor:
+        """The conv of an input already padded circularly by ``pad`` (an anchor padded it)."""
+        return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
 
 
 class CircularMaxPool2d(nn.Module):
@@ -73,7 +129,11 @@ class CircularMaxPool2d(nn.Module):
             raise TypeError("circular max pooling supports dilation 1 and ceil_mode=False only")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.max_pool2d(F.pad(x, self.pad, mode="circular"), self.kernel_size, self.stride)
+        return self.forward_padded(F.pad(x, self.pad, mode="circular"))
+
+    def forward_padded(self, x: torch.Tensor) -> torch.Tensor:
+        """The pooling of an input already padded circularly by ``pad`` (an anchor padded it)."""
+        return F.max_pool2d(x, self.kernel_size, self.stride)
 
 
 circular_pad = _circular_pad
