@@ -196,6 +196,9 @@ _FULL_TABLE_MAX = 2 ** 18  # entries (2 MB of int64): above this, rows and colum
 # _roll_rows copies the map once more (the padded rows): worth it while that copy stays in the cache;
 # for big maps (a batch of 224-px images) the extra pass over memory costs more than the gather saves.
 _ROWS_MAX = 2 ** 20
+# Above this (elements of a contiguous NCHW map, on a CPU, no autograd) the roll is block copies that keep
+# the layout (_roll_blocks): a layout change plus a gather would be two fresh map-sized buffers.
+_BLOCKS_MIN = _ROWS_MAX
 
 
 @constant_cache(maxsize=64)
@@ -375,11 +378,13 @@ def _roll_blocks(x: torch.Tensor, flat: torch.Tensor, stride: int,
     """``x`` rolled by minus each image's phase and then padded circularly by ``pad`` (left, right, top,
     bottom), written in one pass as at most 9 block copies per image: for big maps, where a fresh buffer
     per step (a layout change, a gather, a padded copy) costs more in page faults than the copying itself.
-    Keeps the memory format of ``x``. Not used under autograd."""
+    Maps of more than 4 channels come back channels-last. Not used under autograd."""
     b, c, h, w = x.shape
     left, right, top, bottom = pad
-    fmt = torch.channels_last if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last) \
-        else torch.contiguous_format
+    # Channels-last for feature maps (as the gather path): the layout the conv after the anchor is fastest
+    # on (measured: ResNet-18 at 224 px, anchored ÷ baseline 1.06 this way, 1.23 keeping NCHW).
+    last = c > 4 or x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    fmt = torch.channels_last if last else torch.contiguous_format
     out = torch.empty((b, c, h + top + bottom, w + left + right), dtype=x.dtype, device=x.device,
                       memory_format=fmt)
     for i, f in enumerate(flat.tolist()):
@@ -410,7 +415,7 @@ def _roll_to_anchor(x: torch.Tensor, flat: torch.Tensor, stride: int) -> torch.T
     # rolling by -(a, b): output pixel (i, j) reads input pixel ((i + a) % H, (j + b) % W)
     if w >= 16 and 0 < x.numel() <= _ROWS_MAX and x.is_contiguous() and not (x.requires_grad and torch.is_grad_enabled()):
         return _roll_rows(x, flat, stride)
-    if x.numel() > _ROWS_MAX and x.is_contiguous() and x.device.type == "cpu" and not (x.requires_grad and torch.is_grad_enabled()):
+    if x.numel() > _BLOCKS_MIN and x.is_contiguous() and x.device.type == "cpu" and not (x.requires_grad and torch.is_grad_enabled()):
         return _roll_blocks(x, flat, stride)
     if c > 4 and x.is_contiguous() and x.numel() > 0:
         # A contiguous NCHW feature map (Twins hands the next stage's patch embed one): an element-wise

@@ -561,3 +561,31 @@ def test_paper_checkpoint_source_shows_its_variant(app, tmp_path):
         x = lm.preprocess(load_image(default_sample().read_bytes()))
         p = reference(x).softmax(-1)[0]
     assert_top5_shows(top5_tables(at)[1], p, p, lm.classes)
+
+
+@pytest.mark.parametrize("name, has_attention", [
+    ("resnet18", False),
+    ("swin_tiny_patch4_window7_224?img_size=64&window_size=4&embed_dim=24&depths=(2,2)&num_heads=(1,2)", True),
+])
+def test_other_families_anchorized_in_the_app(app, name, has_attention):
+    """A CNN and a Swin from timm, anchorized on the anchored side: every tab renders; the attention tab
+    shows Swin's windows, and for the CNN says why there is nothing to show; the layer × shift error
+    covers the CNN's stages; the model card lists the anchors that were inserted."""
+    at = open_app()
+    at.sidebar.selectbox(key="baseline_source").set_value("timm name").run()
+    at.sidebar.text_input(key="baseline_timm").set_value(name).run()
+    at.sidebar.selectbox(key="anchored_source").set_value("Anchorize the baseline").run()
+    assert not at.exception, at.exception
+    assert errors(at) == [], errors(at)
+    for tab in ("Attention", "Layer × shift error", "Polyphase indices"):
+        at.session_state["panel"] = tab
+        at.number_input(key="shift_dx").set_value(1).run()
+        assert not at.exception, (tab, at.exception)
+        assert errors(at) == [], (tab, errors(at))
+        info = " ".join(i.value for i in at.info)
+        if tab == "Attention" and not has_attention:
+            assert "has no attention layers: it is a CNN" in info and len(charts(at)) == 0, info
+        else:
+            assert len(charts(at)) >= 1, (tab, info)
+    cards = " ".join(m.value for m in at.markdown)
+    assert ("layer2.0" if not has_attention else "layers.0.blocks.0") in cards  # the anchors inserted

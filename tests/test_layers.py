@@ -40,7 +40,7 @@ def big_map_paths(monkeypatch):
     monkeypatch.setattr(circular, "_BORDER_FIX_MIN", 0)
     monkeypatch.setattr(circular, "_BORDER_FIX_SIDE", 0)
     monkeypatch.setattr(anchored_layers, "_FUSE_MIN", 0)
-    monkeypatch.setattr(polyphase, "_ROWS_MAX", 0)
+    monkeypatch.setattr(polyphase, "_BLOCKS_MIN", 0)
     monkeypatch.setattr(polyphase, "_CHAIN_MIN", 0)
 
 
