@@ -565,7 +565,7 @@ def test_paper_checkpoint_source_shows_its_variant(app, tmp_path):
 
 @pytest.mark.parametrize("name, has_attention", [
     ("resnet18", False),
-    ("swin_tiny_patch4_window7_224?img_size=64&window_size=4&embed_dim=24&depths=(2,2)&num_heads=(1,2)", True),
+    ("swin_tiny_patch4_window7_224?img_size=64&window_size=4&embed_dim=24", True),
 ])
 def test_other_families_anchorized_in_the_app(app, name, has_attention):
     """A CNN and a Swin from timm, anchorized on the anchored side: every tab renders; the attention tab
@@ -583,9 +583,10 @@ def test_other_families_anchorized_in_the_app(app, name, has_attention):
         assert not at.exception, (tab, at.exception)
         assert errors(at) == [], (tab, errors(at))
         info = " ".join(i.value for i in at.info)
+        figures = [c for c in charts(at) if not str(getattr(c, "key", "")).startswith("img_")]  # not the images
         if tab == "Attention" and not has_attention:
-            assert "has no attention layers: it is a CNN" in info and len(charts(at)) == 0, info
+            assert "has no attention layers: it is a CNN" in info and figures == [], info
         else:
-            assert len(charts(at)) >= 1, (tab, info)
+            assert len(figures) >= 1, (tab, info)
     cards = " ".join(m.value for m in at.markdown)
     assert ("layer2.0" if not has_attention else "layers.0.blocks.0") in cards  # the anchors inserted

@@ -77,3 +77,23 @@ def test_near_ties_bench_runs_and_the_default_rule_holds_on_this_cpus_kernels(tm
         row = rows[f"{kind} | float32 | tolerant"]
         assert row["pairs"] == 2 * 256 and row["moved"] == 0 and row["max"] <= 1e-4, (kind, row)
         assert row["decisions"] > 0
+
+
+def test_big_maps_bench_runs_and_restores_the_thresholds(capsys):
+    """bench/big_maps.py on a tiny batch: a row per model, and every threshold it switches is back after."""
+    from equishift import polyphase
+    from equishift.layers import anchored, circular
+
+    path = _BENCH.parent / "big_maps.py"
+    spec = importlib.util.spec_from_file_location("big_maps", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    before = (polyphase._BLOCKS_MIN, polyphase._CHAIN_MIN, circular._BORDER_FIX_MIN, anchored._FUSE_MIN)
+    threads = torch.get_num_threads()
+    try:
+        assert bench.main(["--models", "resnet18", "--batch", "1", "--reps", "1", "--threads", "1"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("resnet18"))
+    assert all(float(v) > 0 for v in row.split()[1:])
+    assert (polyphase._BLOCKS_MIN, polyphase._CHAIN_MIN, circular._BORDER_FIX_MIN, anchored._FUSE_MIN) == before
