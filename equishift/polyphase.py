@@ -70,7 +70,10 @@ def _check(x: torch.Tensor, stride: int) -> None:
         )
 
 
-_CHAIN_MIN = 2 ** 16  # pixels (B * H * W) from which a per-channel chain beats (x * x).sum(1) on NCHW
+# Pixels per image (H * W) from which a per-channel chain beats (x * x).sum(1) on NCHW maps. Per image, not
+# per batch: the sweep's reference (one image) and its chunks must take the same path, or their energies
+# differ in the last bit.
+_CHAIN_MIN = 2 ** 11
 
 
 def _energy(x: torch.Tensor) -> torch.Tensor:
@@ -88,7 +91,7 @@ def _energy(x: torch.Tensor) -> torch.Tensor:
             e.addcmul_(x[:, c], x[:, c])
         return e
     b, c, h, w = x.shape
-    if x.is_contiguous() and b * h * w >= _CHAIN_MIN:
+    if x.is_contiguous() and h * w >= _CHAIN_MIN and c > 4:
         # A wide NCHW map (a CNN stem): the same chain. x * x would be a fresh map-sized buffer, and on a
         # CPU the page faults of fresh memory cost more than the arithmetic (10x here at 32x64x112x112).
         e = x[:, 0] * x[:, 0]
@@ -196,9 +199,9 @@ _FULL_TABLE_MAX = 2 ** 18  # entries (2 MB of int64): above this, rows and colum
 # _roll_rows copies the map once more (the padded rows): worth it while that copy stays in the cache;
 # for big maps (a batch of 224-px images) the extra pass over memory costs more than the gather saves.
 _ROWS_MAX = 2 ** 20
-# Above this (elements of a contiguous NCHW map, on a CPU, no autograd) the roll is block copies that keep
-# the layout (_roll_blocks): a layout change plus a gather would be two fresh map-sized buffers.
-_BLOCKS_MIN = _ROWS_MAX
+# Above this (elements per image of a contiguous NCHW map, on a CPU, no autograd) the roll is block copies
+# (_roll_blocks): a layout change plus a gather would be two fresh map-sized buffers.
+_BLOCKS_MIN = 2 ** 15
 
 
 @constant_cache(maxsize=64)
@@ -413,10 +416,10 @@ def _roll_to_anchor(x: torch.Tensor, flat: torch.Tensor, stride: int) -> torch.T
         return x
     b, c, h, w = x.shape
     # rolling by -(a, b): output pixel (i, j) reads input pixel ((i + a) % H, (j + b) % W)
+    if c * h * w > _BLOCKS_MIN and x.is_contiguous() and x.device.type == "cpu" and not (x.requires_grad and torch.is_grad_enabled()):
+        return _roll_blocks(x, flat, stride)  # decided per image: one image and a batch get the same layout
     if w >= 16 and 0 < x.numel() <= _ROWS_MAX and x.is_contiguous() and not (x.requires_grad and torch.is_grad_enabled()):
         return _roll_rows(x, flat, stride)
-    if x.numel() > _BLOCKS_MIN and x.is_contiguous() and x.device.type == "cpu" and not (x.requires_grad and torch.is_grad_enabled()):
-        return _roll_blocks(x, flat, stride)
     if c > 4 and x.is_contiguous() and x.numel() > 0:
         # A contiguous NCHW feature map (Twins hands the next stage's patch embed one): an element-wise
         # gather over (B, C, H*W) costs ~7 copies of the map; going channels-last (one transposing copy)
@@ -481,7 +484,8 @@ class PolyphaseAnchor(nn.Module):
 
     def forward(self, x: torch.Tensor, pad: Optional[Tuple[int, int, int, int]] = None) -> torch.Tensor:
         """The anchored map; with ``pad`` (left, right, top, bottom), the anchored map circularly padded
-        (one copy instead of two, for a circular conv or pooling right after the anchor)."""
+        (one copy instead of two, for a circular conv or pooling right after the anchor; forward hooks on
+        the anchor then see the padded map)."""
         rec = _RECORDER.get()
         recording = rec is not None and rec.wants(self)
         tol = tie_tolerance(x.dtype) if self.tie_tol is None else self.tie_tol

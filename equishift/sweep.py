@@ -12,21 +12,24 @@ What is recorded (``record`` picks a subset; K = number of shifts)
 - ``margins`` {module name: float32 [K]}: each choice's relative top-2 margin (S1 - S2) / S1 of the
   polyphase squared norms; below ``meta["anchor_tie_tol"][name]`` it was a near-tie, decided by the
   second key (docs/anchoring.md, "Near-ties"). ``ref_margins``: the same for the unshifted image.
-- ``attention`` {layer: float16 [K, heads, h, w]} on the layer's own map grid:
-    * ViT with a CLS token: the CLS → patch-token row of every head (``kind='cls'``);
-      ViT without CLS: the mean attention each patch token *receives*, averaged over patch queries
-      (``kind='received'``); plus ``attention['rollout']`` [K, 1, h, w]: attention rollout (Abnar &
-      Zuidema 2020) of the head-mean maps with the residual as 0.5·A + 0.5·I, rows renormalised,
-      read out as the CLS row (or the mean patch row) over patch tokens.
-    * Twins LSA blocks: per window the attention each key receives, averaged over the window's
-      queries, the windows put back in place on the full token grid (``kind='lsa'``).
-    * Twins GSA blocks: the attention row of ONE query token over the sub-sampled key grid
-      (``kind='gsa'``). The query follows the content: ``query`` is a pixel of the unshifted image
-      (default its centre); for each shift the query is that pixel's token moved by the layer's token
-      shift (below).
-- ``layer_error`` {layer: float32 [K]}: the feature equivariance error of each block output
-  (metrics.md): ``||F(T x) − roll(F(x), t)|| / ||F(x)||`` over the patch tokens (CLS/prefix tokens
-  excluded), where ``t`` is the layer's *token shift* for that input.
+- ``attention`` {layer: float16 [K, heads, h, w]} on the layer's own map grid; the layers, and the kind of
+  map each gives, come from the model's family (``equishift.archs.layers_of``):
+    * ``kind='cls'`` (ViT with a CLS token): the CLS → patch-token row of every head;
+      ``'received'`` (ViT without CLS): the mean attention each patch token *receives*, averaged over
+      patch queries; plus ``attention['rollout']`` [K, 1, h, w]: attention rollout (Abnar & Zuidema
+      2020) of the head-mean maps with the residual as 0.5·A + 0.5·I, rows renormalised, read out as the
+      CLS row (or the mean patch row) over patch tokens.
+    * ``'window'`` (Twins LSA, Swin / Swin-V2 W-MSA and SW-MSA): per window the attention each key
+      receives, averaged over the window's queries, the windows put back in place on the full token grid
+      (shifted windows rolled back by the block's cyclic shift).
+    * ``'query'`` (Twins GSA, PVT-v2 spatial-reduction attention): the attention row of ONE query token
+      over the (sub-sampled) key grid. The query follows the content: ``query`` is a pixel of the
+      unshifted image (default its centre); for each shift the query is that pixel's token moved by the
+      layer's token shift (below).
+    CNN families have layers but no attention (``meta["not_recorded"]`` says so).
+- ``layer_error`` {layer: float32 [K]}: the feature equivariance error of each layer's output
+  (metrics.md): ``||F(T x) − roll(F(x), t)|| / ||F(x)||`` over its map (a block's patch tokens, CLS/prefix
+  tokens excluded; a CNN stage's feature map), where ``t`` is the layer's *token shift* for that input.
 - ``offset`` {layer: float32 [K, 2]}: where the content of the unshifted image sits at that layer, in
   input pixels, relative to the unshifted run. It starts at the shift (dy, dx) and every anchor
   upstream subtracts its selected phase times its map stride (the anchored frame is never undone).
@@ -440,12 +443,12 @@ class _Probe:
             return rows.reshape(b, heads, h, w)
         if kind == "window":
             # Twins LSA maps are (B, windows, heads, N, N); Swin's (B * windows, heads, N, N).
-            ws = spec.window
-            hp, wp = -(-h // ws), -(-w // ws)
-            a = a.reshape(b, hp * wp, -1, ws * ws, ws * ws)
+            wh, ww = spec.window
+            hp, wp = -(-h // wh), -(-w // ww)
+            a = a.reshape(b, hp * wp, -1, wh * ww, wh * ww)
             heads = a.shape[2]
-            recv = a.mean(-2).reshape(b, hp, wp, heads, ws, ws)
-            grid = recv.permute(0, 3, 1, 4, 2, 5).reshape(b, heads, hp * ws, wp * ws)[:, :, :h, :w]
+            recv = a.mean(-2).reshape(b, hp, wp, heads, wh, ww)
+            grid = recv.permute(0, 3, 1, 4, 2, 5).reshape(b, heads, hp * wh, wp * ww)[:, :, :h, :w]
             if any(spec.shift):  # SW-MSA partitions a map rolled by -shift: put the windows back
                 grid = torch.roll(grid, shifts=spec.shift, dims=(-2, -1))
             return grid

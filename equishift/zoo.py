@@ -191,13 +191,18 @@ def _timm_canvas(image, card: Dict[str, Any], margin: int) -> torch.Tensor:
 
 
 def model_stride(model: nn.Module) -> int:
-    """Patch size of a ViT / Twins (first patch embedding); total reduction for other timm models."""
+    """The stride of the first patch embedding (ViT, Twins, Swin, PVT-v2; a hybrid's includes its backbone's
+    reduction); the total reduction for other timm models (a CNN: its last stage's)."""
     embed = getattr(model, "patch_embed", None)
     if embed is None and hasattr(model, "patch_embeds"):
         embed = model.patch_embeds[0]
     if embed is not None:
-        p = embed.patch_size
-        ratio = getattr(embed, "feature_ratio", 1)  # a hybrid's patches are cut from its backbone's map
+        # The patch conv's stride (PVT-v2's overlapping embedding has patch_size 7 but stride 4), else the
+        # patch size; a hybrid's patches are cut from its backbone's map (feature_ratio).
+        proj = getattr(embed, "proj", None)
+        conv = next((m for m in proj.modules() if isinstance(m, nn.Conv2d)), None) if isinstance(proj, nn.Module) else None
+        p = conv.stride if conv is not None else embed.patch_size
+        ratio = getattr(embed, "feature_ratio", 1)
         return int(p if isinstance(p, int) else p[0]) * int(ratio if isinstance(ratio, int) else ratio[0])
     info = getattr(model, "feature_info", None)
     if info:

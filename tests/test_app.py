@@ -478,9 +478,13 @@ def _page_with_float_noise(path: str) -> None:
     panels.summary([side], "circular")
     panels._top5(side, 1)
     k = len(res)
+    real = panels._attention_scores  # the module is shared by every later test in this process: put it back
     panels._attention_scores = lambda s, layer: (torch.tensor([-0.0, -1e-12] * k)[:k],   # noqa: E731
                                                  torch.tensor([-1e-12, -0.0] * k)[:k])
-    panels._attention(panels.View([side], "circular", None, tuple(res.shifts[1].tolist()), {"anchored": 1}))
+    try:
+        panels._attention(panels.View([side], "circular", None, tuple(res.shifts[1].tolist()), {"anchored": 1}))
+    finally:
+        panels._attention_scores = real
 
 
 def test_no_signed_zero_in_the_dashboard(tmp_path):

@@ -165,13 +165,13 @@ def test_swin_window_maps_undo_the_cyclic_shift_of_shifted_windows():
     res = sweep(model, torch.randn(3, 64, 64, generator=torch.Generator().manual_seed(4)), [(0, 0)])
     for layer, spec in specs.items():
         a = res.ref_attention[layer].float()                                    # [heads, h, w]
-        ws = spec.window
+        wh, ww = spec.window
         back = torch.roll(a, shifts=tuple(-v for v in spec.shift), dims=(-2, -1))  # the attention's own frame
         heads, h, w = back.shape
-        win = back.reshape(heads, h // ws, ws, w // ws, ws).sum((2, 4))
+        win = back.reshape(heads, h // wh, wh, w // ww, ww).sum((2, 4))
         assert (win - 1).abs().max() < 5e-3, layer
         if layer in shifted:  # without the roll the windows would not line up
-            plain = a.reshape(heads, h // ws, ws, w // ws, ws).sum((2, 4))
+            plain = a.reshape(heads, h // wh, wh, w // ww, ww).sum((2, 4))
             assert (plain - 1).abs().max() > 0.02, layer
 
 
@@ -216,3 +216,23 @@ def test_only_the_adapters_know_timm_classes():
                     offenders.append(f"{path.relative_to(root)}:{node.lineno} imports a timm model class")
     assert classes >= {"VisionTransformer", "Twins", "SwinTransformer", "ResNet", "ConvNeXt"}
     assert not offenders, offenders
+
+
+def test_sweeps_of_layouts_the_adapters_do_not_anchor():
+    """Layer specs must not refuse what anchorize refuses: a Swin whose window timm shrank to a non-square
+    one on a small stage, and a linear PVT-v2 (keys pooled to a fixed grid), sweep with every record."""
+    from timm.models.swin_transformer import SwinTransformer
+
+    from equishift.archs import layers_of
+    from equishift.sweep import sweep
+
+    torch.manual_seed(0)
+    swin = SwinTransformer(img_size=(16, 64), patch_size=4, window_size=8, embed_dim=16, depths=(2,),
+                           num_heads=(2,), num_classes=3).eval()
+    res = sweep(swin, torch.randn(3, 16, 64), [(0, 0), (1, 5)])
+    a = res.ref_attention["layers.0.blocks.0"].float()  # a (4, 8) window on a 4 x 16 grid: rows sum to 1
+    assert a.shape[-2:] == (4, 16) and (a.reshape(2, 1, 4, 2, 8).sum((2, 4)) - 1).abs().max() < 5e-3
+    li = timm.create_model("pvt_v2_b0", pretrained=False, num_classes=3, linear=True).eval()
+    res = sweep(li, torch.randn(3, 64, 64), [(0, 0), (4, 8)])
+    assert set(res.layer_error) == {layer.name for layer in layers_of(li)}
+    assert set(res.attention) == set(res.meta["attention_kind"])  # only the blocks with a key grid

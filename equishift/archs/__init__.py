@@ -52,7 +52,7 @@ class Layer:
     grid: Optional[Callable[[tuple, Tuple[int, int]], Tuple[int, int]]] = None  # tokens: (args, image hw) -> (h, w)
     attention: Optional[nn.Module] = None
     kind: Optional[str] = None                    # one of ATTENTION_KINDS
-    window: int = 0                               # kind "window": window side in tokens
+    window: Tuple[int, int] = (0, 0)              # kind "window": window (rows, cols) in tokens
     shift: Tuple[int, int] = (0, 0)               # kind "window": cyclic shift of the windows (Swin SW-MSA)
     sr: int = 1                                   # kind "query": key sub-sampling ratio
 

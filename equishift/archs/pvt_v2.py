@@ -63,10 +63,14 @@ def unsupported(model: nn.Module):
 
 def layers(model: nn.Module) -> List[Layer]:
     """Every block (tokens on the grid passed as ``feat_size``): one query's row over the keys, which are
-    sub-sampled by the block's sr ratio."""
+    sub-sampled by the block's sr ratio (the linear variants' pooled keys have no grid of their own: no
+    attention map is recorded for them, only the layer error)."""
     out = []
     for i, stage in enumerate(model.stages):
         for j, b in enumerate(stage.blocks):
+            if getattr(b.attn, "pool", None) is not None:  # linear (*_li): keys pooled to a fixed grid
+                out.append(Layer(f"stages.{i}.blocks.{j}", b, "tokens", grid=lambda args, hw: args[1]))
+                continue
             sr = stride_of(b.attn.sr) if getattr(b.attn, "sr", None) is not None else 1
             out.append(Layer(f"stages.{i}.blocks.{j}", b, "tokens", grid=lambda args, hw: args[1],
                              attention=b.attn.attn_drop, kind="query", sr=sr))

@@ -145,8 +145,9 @@ def layers(model: nn.Module) -> List[Layer]:
     out = []
     for i, stage in enumerate(model.layers):
         for j, b in enumerate(stage.blocks):
+            # (timm shrinks a window to a small stage's grid, so it may be non-square here)
             out.append(Layer(f"layers.{i}.blocks.{j}", b, "nhwc", attention=b.attn.attn_drop, kind="window",
-                             window=_window(b), shift=tuple(int(v) for v in b.shift_size)))
+                             window=tuple(int(v) for v in b.window_size), shift=tuple(int(v) for v in b.shift_size)))
     return out
 
 

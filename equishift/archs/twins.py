@@ -116,7 +116,7 @@ def layers(model: nn.Module) -> List[Layer]:
         for j, b in enumerate(stage):
             attn = b.attn
             if hasattr(attn, "ws"):
-                extra = dict(kind="window", window=int(attn.ws))
+                extra = dict(kind="window", window=(int(attn.ws), int(attn.ws)))
             else:
                 extra = dict(kind="query", sr=int(attn.sr_ratio) if getattr(attn, "sr", None) is not None else 1)
             out.append(Layer(f"blocks.{k}.{j}", b, "tokens", grid=lambda args, hw: args[1],

@@ -10,7 +10,7 @@ from torch import nn
 from ..polyphase import PolyphaseAnchor
 from .pos_embed import ConvPosEmbed
 
-_FUSE_MIN = 2 ** 20  # elements: below this the roll and the padding are cheap apart
+_FUSE_MIN = 2 ** 15  # elements per image: below this the roll and the padding are cheap apart
 
 __all__ = ["AnchoredPatchEmbed", "AnchorWrapper", "AnchoredBlock", "AnchoredMapBlock", "AnchoredModule",
            "to_grid", "to_tokens", "square"]
@@ -122,8 +122,8 @@ class AnchoredModule(AnchorWrapper):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pad = getattr(self.module, "pad", None)
-        if pad is not None and hasattr(self.module, "forward_padded") and any(pad) and \
-                x.numel() >= _FUSE_MIN and not self.module._forward_hooks and not self.module._forward_pre_hooks:
+        if pad is not None and hasattr(self.module, "forward_padded") and any(pad) and x.dim() == 4 and \
+                x[0].numel() >= _FUSE_MIN and not self.module._forward_hooks and not self.module._forward_pre_hooks:
             # A circular conv/pooling right after the anchor: roll and pad in one copy of a big map.
             # (Hooks on the inner module, e.g. a GradCAM tap, get the plain call below.)
             return self.module.forward_padded(self.anchor(x, pad=pad))

@@ -38,8 +38,11 @@ def _circular_pad(x: torch.Tensor, pad: Tuple[int, int, int, int]) -> torch.Tens
     return out.reshape(b, h + top + bottom, w + left + right, c).permute(0, 3, 1, 2)
 
 
-_BORDER_FIX_MIN = 2 ** 22  # input elements from which the zero-padded conv + border strips pays off
-_BORDER_FIX_SIDE = 24       # ... and the smallest map side (the strips' share of the work grows as 1/side)
+# Elements per image (not per batch: a sweep's one-image reference and its chunks must take the same path,
+# the border is rounded differently) from which the zero-padded conv + border strips pays off, and the
+# smallest map side (the strips' share of the work grows as 1/side).
+_BORDER_FIX_MIN = 2 ** 17
+_BORDER_FIX_SIDE = 24
 
 
 def _wrapped(x: torch.Tensor, dim: int, start: int, stop: int) -> torch.Tensor:
@@ -108,7 +111,7 @@ class CircularConv2d(nn.Conv2d):
 
     def _conv_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
         left, right, top, bottom = self._reversed_padding_repeated_twice
-        if left == right and top == bottom and x.numel() >= _BORDER_FIX_MIN and \
+        if x.dim() == 4 and left == right and top == bottom and x[0].numel() >= _BORDER_FIX_MIN and \
                 min(x.shape[-2:]) >= _BORDER_FIX_SIDE and x.device.type == "cpu" and not torch.is_grad_enabled():
             # A big map: a padded copy would be a fresh map-sized buffer, and on a CPU its page faults, and
             # the conv on the odd padded size, cost more than recomputing the border.
