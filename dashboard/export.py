@@ -63,7 +63,10 @@ def _slug(name: str) -> str:
 
 def show(fig: go.Figure, name: str, key: Optional[str] = None, **chart_kwargs):
     """``st.plotly_chart`` plus an "Export" popover with PNG / SVG / HTML downloads of this figure."""
-    event = st.plotly_chart(fig, key=key, width="stretch", **chart_kwargs)
+    # theme=None: the figure's own colours. Streamlit's theme swaps in its own colour scales, under which
+    # zero stops being the scale's first colour (an exact 0 drew pink) and the page stops matching the
+    # exported PNG/SVG and the report, which draw the figure as built.
+    event = st.plotly_chart(fig, key=key, width="stretch", theme=None, **chart_kwargs)
     problem = static_export_problem()
     with st.popover("Export figure", icon=":material/download:"):
         for fmt in ("png", "svg", "html"):

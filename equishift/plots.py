@@ -340,7 +340,8 @@ def layer_error_map(baseline: SweepResult, anchored: Optional[SweepResult] = Non
                     current: Optional[int] = None, zmax: Optional[float] = None, log: bool = False) -> go.Figure:
     """Feature equivariance error ||F(Tx) − R_t F(x)|| / ||F(x)|| per layer (rows) and shift (columns,
     along ``path``, default every shift in sweep order), one panel per model, one colour scale.
-    ``log=True`` shows log10(error) (floored at 1e-8) so float-noise levels stay visible."""
+    ``log=True`` shows log10(error) (floored at 1e-8) so float-noise levels stay visible; exact zeros are
+    left blank (NaN) and said to be exactly 0, not drawn as the floor."""
     pairs = _pair(baseline, anchored)
     for name, res in pairs:
         if not res.layer_error:
@@ -354,9 +355,13 @@ def layer_error_map(baseline: SweepResult, anchored: Optional[SweepResult] = Non
         m = torch.stack([res.layer_error[layer][idx] for layer in layers]).double()
         mats.append((name, res, idx, layers, m))
     top = zmax if zmax is not None else _finite_max([m for *_, m in mats])
+    zeros = any(bool((m == 0).any()) for *_, m in mats)
     for r, (name, res, idx, layers, m) in enumerate(mats, start=1):
-        z = torch.log10(m.clamp_min(1e-8)) if log else m
-        text = [[_shift_text(res, int(k)) for k in idx] for _ in layers]
+        # log: an exact 0 has no logarithm and must not pass for the floor (1e-8): it is left undrawn (the
+        # background shows through) and named in the title and the hover text.
+        z = torch.where(m > 0, torch.log10(m.clamp_min(1e-8)), torch.nan) if log else m
+        text = [[_shift_text(res, int(k)) + (" · exactly 0" if log and float(m[i, j]) == 0 else "")
+                 for j, k in enumerate(idx)] for i in range(len(layers))]
         fig.add_trace(go.Heatmap(z=clean(z.numpy()), y=layers, x=list(range(len(idx))), text=text,
                                  coloraxis="coloraxis",
                                  hovertemplate="%{y} at %{text}<br>error %{z:.3g}<extra>" + name + "</extra>"),
@@ -373,7 +378,8 @@ def layer_error_map(baseline: SweepResult, anchored: Optional[SweepResult] = Non
     else:
         fig.update_layout(coloraxis=dict(colorscale="Magma", cmin=0, cmax=top, colorbar=dict(title="rel. error")))
     fig.update_layout(title=_title("Feature equivariance error per layer (re-aligned by token shift / anchors)",
-                                   baseline), height=260 + 140 * len(pairs), margin=dict(t=90))
+                                   baseline, "blank cells: exactly 0" if log and zeros else ""),
+                      height=260 + 140 * len(pairs), margin=dict(t=90))
     return fig
 
 

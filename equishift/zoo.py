@@ -221,6 +221,7 @@ class Spec:
     pretrained: bool = False
     path: Optional[str] = None
     kwargs: Tuple[Tuple[str, Any], ...] = ()
+    seed: int = 0  # random-weight timm models: the weights are drawn from this seed (``?seed=N``)
 
 
 def _literal(text: str) -> Any:
@@ -236,7 +237,8 @@ def _literal(text: str) -> Any:
 
 
 def parse_spec(spec: str) -> Spec:
-    """``[anchored[MODE]:](zoo:NAME | timm:NAME[?pretrained|?k=v&k=v][@PATH])`` -> Spec."""
+    """``[anchored[MODE]:](zoo:NAME | timm:NAME[?pretrained|?seed=N|?k=v&k=v][@PATH])`` -> Spec. Random
+    timm weights (no ``?pretrained``, no ``@PATH``) are drawn from ``seed`` (default 0)."""
     if not isinstance(spec, str) or not spec.strip():
         raise ModelSpecError(f"a model spec must be a non-empty string, got {spec!r}; {_spec_help()}")
     rest = spec.strip()
@@ -272,7 +274,13 @@ def parse_spec(spec: str) -> Spec:
         raise ModelSpecError(f"{spec!r}: choose either '?pretrained' or '@PATH', not both")
     if not name:
         raise ModelSpecError(f"{spec!r}: missing the timm model name; {_spec_help()}")
-    return Spec("timm", name, anchoring, pretrained, path or None, tuple(kwargs))
+    seeds = [v for k, v in kwargs if k == "seed"]
+    kwargs = [(k, v) for k, v in kwargs if k != "seed"]
+    if len(seeds) > 1 or seeds and (not isinstance(seeds[0], int) or isinstance(seeds[0], bool) or seeds[0] < 0):
+        raise ModelSpecError(f"{spec!r}: seed must be one non-negative integer, got {', '.join(map(str, seeds))}")
+    if seeds and (pretrained or path):
+        raise ModelSpecError(f"{spec!r}: ?seed= chooses random weights; it cannot go with '?pretrained' or '@PATH'")
+    return Spec("timm", name, anchoring, pretrained, path or None, tuple(kwargs), seeds[0] if seeds else 0)
 
 
 def _query(spec: str, query: str) -> Tuple[bool, List[Tuple[str, Any]]]:
@@ -312,7 +320,7 @@ def _parse_paper(spec: str, body: str, anchoring: str) -> Spec:
 
 def _spec_help() -> str:
     zoo = list_models()
-    return ("use zoo:NAME, timm:NAME, timm:NAME?pretrained, timm:NAME@PATH, paper:ARCH:TIMM_NAME@PATH, "
+    return ("use zoo:NAME, timm:NAME[?seed=N], timm:NAME?pretrained, timm:NAME@PATH, paper:ARCH:TIMM_NAME@PATH, "
             "optionally prefixed by "
             "anchored: or anchored[full|pos-only|patch-only]:; shipped models: " + (", ".join(zoo) or "none"))
 
@@ -597,7 +605,12 @@ def _load_timm(s: Spec):
                                       f"before loading") from None
             raise
     else:
-        model = _create_timm(s)
+        # Random weights drawn from the spec's seed, on a forked generator: the same spec gives the same
+        # network in every process (so an anchorized copy has the baseline's weights), and the caller's
+        # random state is left as it was.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(s.seed)
+            model = _create_timm(s)
     if getattr(model, "num_classes", 1) == 0:
         raise ModelSpecError(f"timm:{s.name} has no classifier head; add ?num_classes=N")
     return model, _timm_card(model, s, untrained)
@@ -632,7 +645,7 @@ def _timm_card(model: nn.Module, s: Spec, untrained: bool) -> Dict[str, Any]:
         "crop_pct": cfg["crop_pct"], "crop_mode": cfg.get("crop_mode", "center"), "preprocess": "timm",
         "dataset": "imagenet-1k" if s.pretrained and model.num_classes == 1000 else None,
         "untrained": untrained, "weights": "pretrained" if s.pretrained else (s.path or "random"),
-        "metrics": {}, "source": "timm",
+        **({"seed": s.seed} if untrained else {}), "metrics": {}, "source": "timm",
     }
 
 

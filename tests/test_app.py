@@ -594,3 +594,19 @@ def test_other_families_anchorized_in_the_app(app, name, has_attention):
             assert len(figures) >= 1, (tab, info)
     cards = " ".join(m.value for m in at.markdown)
     assert ("layer2.0" if not has_attention else "layers.0.blocks.0") in cards  # the anchors inserted
+
+
+def test_figures_keep_their_own_colours(app):
+    """Every figure on the page is drawn with its own colour scales (theme=None), as the exported files and
+    the report draw it: Streamlit's theme would replace them, and zero would stop being the scale's first
+    colour (an exact 0 showed pink, an exported PNG the same value black)."""
+    at = open_app()
+    seen = 0
+    for tab in ("Orbit heatmaps", "Attention", "Layer × shift error", "Polyphase indices"):
+        at.session_state["panel"] = tab
+        at.number_input(key="shift_dx").set_value(1).run()
+        assert not at.exception, at.exception
+        for chart in charts(at):
+            assert chart.proto.theme == "", (tab, chart.proto.theme)
+            seen += 1
+    assert seen >= 8

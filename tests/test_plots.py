@@ -144,7 +144,29 @@ def test_layer_error_map_uses_one_colour_scale(pair):
     assert fig.layout.coloraxis.cmax == pytest.approx(top)
     np.testing.assert_allclose(np.asarray(fig.data[0].z, dtype=float)[1], base.layer_error["blocks.1"].numpy(), rtol=1e-6)
     log = plots.layer_error_map(base, anch, log=True)
-    assert log.layout.coloraxis.cmin == -8 and np.asarray(log.data[1].z).max() < -4  # anchored: float noise
+    z = np.asarray(log.data[1].z, dtype=float)
+    assert log.layout.coloraxis.cmin == -8 and (z[np.isfinite(z)] < -4).all()  # anchored: float noise (or 0)
+
+
+def test_layer_error_map_shows_exact_zeros_as_zero(pair):
+    """Linear: an exact 0 is the first colour of the scale (cmin 0). Log: it is not the 1e-8 floor — it is
+    left blank (NaN), and the title says what blank means; tiny non-zero errors keep their colour."""
+    import dataclasses
+
+    base, _, _ = pair
+    error = {k: v.clone() for k, v in base.layer_error.items()}
+    first = next(iter(error))
+    error[first][:3] = 0.0
+    error[first][3] = 1e-9
+    res = dataclasses.replace(base, layer_error=error)
+    lin = plots.layer_error_map(res)
+    assert lin.layout.coloraxis.cmin == 0 and np.asarray(lin.data[0].z, dtype=float)[0, :3].tolist() == [0, 0, 0]
+    log = plots.layer_error_map(res, log=True)
+    z = np.asarray(log.data[0].z, dtype=float)
+    m = torch.stack(list(error.values())).numpy()
+    assert (np.isnan(z) == (m == 0)).all() and z[0, 3] == -8  # blank exactly where 0; 1e-9 at the floor
+    assert "blank cells: exactly 0" in log.layout.title.text
+    assert "exactly 0" in log.data[0].text[0][0] and "exactly 0" not in log.data[0].text[0][3]
 
 
 def test_attribution_overlay_and_shifted_image(pair):

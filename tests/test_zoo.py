@@ -189,6 +189,29 @@ def test_timm_random_init_card_and_preprocess():
     assert torch.allclose(x[0].cpu(), create_transform(**cfg)(img), atol=1e-6)
 
 
+def test_random_weights_come_from_the_specs_seed():
+    """A random-weight spec is one network: the same in every load (and process), the anchored side has
+    exactly the baseline's weights, ?seed=N picks another draw, the card records it, and loading leaves
+    the caller's random state alone."""
+    torch.manual_seed(123)
+    before = torch.random.get_rng_state()
+    a, b = load_model(f"timm:{SMALL_TIMM}"), load_model(f"timm:{SMALL_TIMM}&seed=0")
+    assert torch.equal(torch.random.get_rng_state(), before)
+    sa, sb = a.model.state_dict(), b.model.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert a.card["seed"] == 0
+    other = load_model(f"timm:{SMALL_TIMM}&seed=1")
+    assert other.card["seed"] == 1 and not torch.equal(other.model.state_dict()["head.weight"], sa["head.weight"])
+    anchored = load_model(f"anchored[full]:timm:{SMALL_TIMM}").model.state_dict()
+    shared = [k for k in sa if k in anchored and k != "pos_embed"]
+    assert "head.weight" in shared and "blocks.0.attn.qkv.weight" in shared
+    assert all(torch.equal(anchored[k], sa[k]) for k in shared)
+    assert torch.equal(anchored["patch_embed.embed.proj.weight"], sa["patch_embed.proj.weight"])
+    for bad in ("seed=-1", "seed=1.5", "seed=x", "seed=1&seed=2", "pretrained&seed=1"):
+        with pytest.raises(ModelSpecError, match="seed"):
+            parse_spec(f"timm:{SMALL_TIMM}&{bad}")
+
+
 def test_fmnist_preprocess_matches_the_training_data(zoo, fmnist):
     from equishift.data import load_fashion_mnist
 
