@@ -331,7 +331,8 @@ def polyphase_panel(result: SweepResult, current: int = 0, path=None) -> go.Figu
     smax = max(int(strides.get(n, 1)) for n in names)
     fig.update_layout(coloraxis=dict(colorscale="Turbo", cmin=0, cmax=smax * smax - 1, colorbar=dict(title="a·s+b")))
     fig.update_layout(title=_title(f"Polyphase anchor selected per module at {_shift_text(result, current)}, and "
-                                   "against the shift", result), height=620, margin=dict(t=100))
+                                   "against the shift", result), height=640, margin=dict(t=130),
+                      title_y=0.98, title_yanchor="top")  # two-line panel titles sit under the figure title
     return fig
 
 
@@ -370,7 +371,13 @@ def layer_error_map(baseline: SweepResult, anchored: Optional[SweepResult] = Non
             where = (idx == int(current)).nonzero()
             if where.numel():
                 fig.add_vline(x=int(where[0, 0]), line=dict(color="white", dash="dot"), row=r, col=1)
-        fig.update_yaxes(autorange="reversed", row=r, col=1)
+        # categories and range given, so a panel whose every cell is blank (all exactly 0) keeps its axes
+        fig.update_yaxes(autorange="reversed", type="category", categoryorder="array", categoryarray=layers,
+                         automargin=True, row=r, col=1)
+        fig.update_xaxes(range=[-0.5, len(idx) - 0.5], row=r, col=1)
+        if log and bool((m == 0).all()):
+            fig.add_annotation(text="every layer exactly 0 at every shift", showarrow=False, x=(len(idx) - 1) / 2,
+                               y=layers[len(layers) // 2], row=r, col=1, font=dict(size=13, color="#444"))
     fig.update_xaxes(title_text="shift index (hover: shift)", row=len(pairs), col=1)
     if log:
         fig.update_layout(coloraxis=dict(colorscale="Magma", cmin=-8, cmax=float(np.log10(max(top, 1e-8))),
@@ -460,5 +467,6 @@ def shifted_image(image, shift: Tuple[float, float] = (0, 0), mode: str = "circu
     # on its own line: the figure is often drawn half-page wide, where one line would be cut off
     anc_txt = (f"<br>blue: anchored grid, phase ({anchor[0]}, {anchor[1]})" if anchor is not None and patch else "")
     fig.update_layout(title=title or f"Input at {mode} shift (dy={fmt(shift[0])}, dx={fmt(shift[1])})<br><sup>{grid_txt}{anc_txt}</sup>",
-                      height=420, margin=dict(t=85 if anc_txt else 70))
+                      height=420, margin=dict(t=85 if anc_txt else 70, l=10, r=10, b=30),
+                      title_font_size=13)  # drawn in half a column: plotly's 17 px title would be cut
     return fig

@@ -167,6 +167,10 @@ def test_layer_error_map_shows_exact_zeros_as_zero(pair):
     assert (np.isnan(z) == (m == 0)).all() and z[0, 3] == -8  # blank exactly where 0; 1e-9 at the floor
     assert "blank cells: exactly 0" in log.layout.title.text
     assert "exactly 0" in log.data[0].text[0][0] and "exactly 0" not in log.data[0].text[0][3]
+    none = dataclasses.replace(base, layer_error={k: torch.zeros_like(v) for k, v in error.items()})
+    blank = plots.layer_error_map(none, log=True)  # every cell blank: the axes and a sentence remain
+    assert list(blank.layout.yaxis.categoryarray) == list(error) and blank.layout.xaxis.range == (-0.5, len(base) - 0.5)
+    assert any("every layer exactly 0" in a.text for a in blank.layout.annotations)
 
 
 def test_attribution_overlay_and_shifted_image(pair):
