@@ -146,12 +146,9 @@ class _MapTap(nn.Module):
 def _first_conv(model: nn.Module) -> nn.Module:
     """The patch embedding's conv (a hybrid ViT's projection of its backbone's map), else the first conv
     (a CNN's stem)."""
-    embed = getattr(model, "patch_embed", None)
-    if embed is None and isinstance(getattr(model, "patch_embeds", None), nn.ModuleList):
-        embed = model.patch_embeds[0]
-    proj = getattr(embed, "proj", None) if embed is not None else None
-    scope = proj if isinstance(proj, nn.Module) else model
-    conv = next((m for m in scope.modules() if isinstance(m, nn.Conv2d)), None)
+    from .archs import patch_conv
+
+    conv = patch_conv(model) or next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
     if conv is None:
         raise EquishiftError("this model has no convolution for GradCAM")
     return conv

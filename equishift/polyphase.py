@@ -364,15 +364,15 @@ def _roll_rows(x: torch.Tensor, flat: torch.Tensor, stride: int) -> torch.Tensor
     return padded.reshape(-1).unfold(0, w, 1).index_select(0, starts.reshape(-1)).reshape(b, c, h, w)
 
 
-def _segments(n: int, before: int, after: int, offset: int) -> List[Tuple[int, int, int]]:
-    """(out start, source start, length) runs covering the n + before + after outputs whose source index
-    is (i - before + offset) mod n: at most three contiguous runs."""
-    runs, i, total = [], 0, n + before + after
-    while i < total:
-        src = (i - before + offset) % n
-        length = min(total - i, n - src)
-        runs.append((i, src, length))
-        i += length
+def wrapped_runs(start: int, length: int, n: int) -> List[Tuple[int, int, int]]:
+    """The indices start, ..., start + length - 1 taken modulo n, as contiguous runs (out offset, source
+    start, run length): a circular roll or circular padding along one axis as a few slice copies."""
+    runs, i = [], 0
+    while i < length:
+        src = (start + i) % n
+        step = min(length - i, n - src)
+        runs.append((i, src, step))
+        i += step
     return runs
 
 
@@ -392,8 +392,8 @@ def _roll_blocks(x: torch.Tensor, flat: torch.Tensor, stride: int,
                       memory_format=fmt)
     for i, f in enumerate(flat.tolist()):
         a, col = divmod(f, stride)
-        for (ro, rs, rl) in _segments(h, top, bottom, a):
-            for (co, cs, cl) in _segments(w, left, right, col):
+        for (ro, rs, rl) in wrapped_runs(a - top, h + top + bottom, h):
+            for (co, cs, cl) in wrapped_runs(col - left, w + left + right, w):
                 out[i, :, ro:ro + rl, co:co + cl].copy_(x[i, :, rs:rs + rl, cs:cs + cl])
     return out
 

@@ -193,14 +193,13 @@ def _timm_canvas(image, card: Dict[str, Any], margin: int) -> torch.Tensor:
 def model_stride(model: nn.Module) -> int:
     """The stride of the first patch embedding (ViT, Twins, Swin, PVT-v2; a hybrid's includes its backbone's
     reduction); the total reduction for other timm models (a CNN: its last stage's)."""
-    embed = getattr(model, "patch_embed", None)
-    if embed is None and hasattr(model, "patch_embeds"):
-        embed = model.patch_embeds[0]
+    from .archs import patch_conv, patch_embedding
+
+    embed = patch_embedding(model)
     if embed is not None:
         # The patch conv's stride (PVT-v2's overlapping embedding has patch_size 7 but stride 4), else the
         # patch size; a hybrid's patches are cut from its backbone's map (feature_ratio).
-        proj = getattr(embed, "proj", None)
-        conv = next((m for m in proj.modules() if isinstance(m, nn.Conv2d)), None) if isinstance(proj, nn.Module) else None
+        conv = patch_conv(model)
         p = conv.stride if conv is not None else embed.patch_size
         ratio = getattr(embed, "feature_ratio", 1)
         return int(p if isinstance(p, int) else p[0]) * int(ratio if isinstance(ratio, int) else ratio[0])
@@ -630,8 +629,9 @@ def _timm_card(model: nn.Module, s: Spec, untrained: bool) -> Dict[str, Any]:
     from timm.data import resolve_data_config
 
     cfg = resolve_data_config({}, model=model)
-    embed = getattr(model, "patch_embed", None) or (model.patch_embeds[0] if hasattr(model, "patch_embeds") else None)
-    img_size = getattr(embed, "img_size", None)
+    from .archs import patch_embedding
+
+    img_size = getattr(patch_embedding(model), "img_size", None)
     if img_size is not None:
         # The pretrained config keeps the default size; ?img_size=… changes the model, not the config.
         cfg["input_size"] = (cfg["input_size"][0], *(int(v) for v in img_size))

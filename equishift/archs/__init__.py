@@ -12,7 +12,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 from torch import nn
 
 __all__ = ["Adapter", "AnchorSite", "Layer", "register", "refuse", "refusal_for", "adapter_for", "adapters",
-           "layers_of", "config_of"]
+           "layers_of", "config_of", "patch_embedding", "patch_conv"]
 
 import torch
 
@@ -179,3 +179,19 @@ def config_of(model: nn.Module) -> Optional[Dict[str, Any]]:
     """Constructor kwargs that rebuild ``model``, when its family can read them back; None otherwise."""
     found = adapter_for(model)
     return found.config(model) if found is not None and found.config is not None else None
+
+
+def patch_embedding(model: nn.Module) -> Optional[nn.Module]:
+    """The model's first patch embedding (``patch_embed``, or Twins' ``patch_embeds[0]``), if it has one."""
+    embed = getattr(model, "patch_embed", None)
+    if embed is None and isinstance(getattr(model, "patch_embeds", None), nn.ModuleList):
+        embed = model.patch_embeds[0]
+    return embed if isinstance(embed, nn.Module) else None
+
+
+def patch_conv(model: nn.Module) -> Optional[nn.Conv2d]:
+    """The conv of the first patch embedding (inside any anchored wrapper; a hybrid's projection), if any."""
+    proj = getattr(patch_embedding(model), "proj", None)
+    if not isinstance(proj, nn.Module):
+        return None
+    return next((m for m in proj.modules() if isinstance(m, nn.Conv2d)), None)

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..polyphase import constant_cache
+from ..polyphase import constant_cache, wrapped_runs
 
 __all__ = ["CircularConv2d", "CircularMaxPool2d", "circular_pad", "circular_conv2d"]
 
@@ -48,13 +48,7 @@ _BORDER_FIX_SIDE = 24
 def _wrapped(x: torch.Tensor, dim: int, start: int, stop: int) -> torch.Tensor:
     """x's indices start..stop-1 along ``dim``, taken modulo its size: a thin strip, as at most a few
     contiguous slices (an index_select along H or W of a channels-last map is many times slower)."""
-    n = x.shape[dim]
-    pieces, i = [], start
-    while i < stop:
-        j = i % n
-        length = min(stop - i, n - j)
-        pieces.append(x.narrow(dim, j, length))
-        i += length
+    pieces = [x.narrow(dim, src, n) for _, src, n in wrapped_runs(start, stop - start, x.shape[dim])]
     return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim)
 
 
