@@ -2,8 +2,8 @@
 equishift.metrics and the sweep results, figures from equishift.plots builders (each builder takes both
 results and puts them on one scale).
 
-What always shows (cheap, follows the shift at once): the summary row, and per model the shifted input
-with its patch grid and the top-5 at this shift. The deeper panels sit in tabs that run lazily — only the
+What always shows: the summary row (per sweep, not per shift); the live view (dashboard.live) draws each
+model's shifted input and top-5 in the browser. The deeper panels sit in tabs that run lazily — only the
 open tab is computed — so moving the shift re-draws one figure, not eight.
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ from equishift.formatting import fmt
 from dashboard import compute
 from dashboard.export import show
 
-__all__ = ["preprocessing", "heatmap_keys", "summary", "top5_markdown", "render", "TABS"]
+__all__ = ["preprocessing", "heatmap_keys", "summary", "probs_of", "first_anchors", "render", "TABS"]
 
 TABS = ("Logit curves", "Orbit heatmaps", "Attention", "Polyphase indices", "Layer × shift error",
         "Attribution", "Export")
@@ -129,7 +129,7 @@ def summary(sides, mode: str) -> None:
                             f"in percentage points; lowest at (dy, dx) = ({fmt(dy)}, {fmt(dx)}).")
 
 
-def _probs(side) -> Dict[str, Any]:
+def probs_of(side) -> Dict[str, Any]:
     """Per-sweep numpy copies of the probabilities and predictions, cached: the rerun path then runs no
     torch op (on a CPU shared with other work, each small multi-threaded op can wait tens of ms)."""
     def make():
@@ -140,45 +140,13 @@ def _probs(side) -> Dict[str, Any]:
     return compute.cached(("probs", side.key), make)
 
 
-def top5_markdown(p, ref_probs, ref_pred: int, classes) -> str:
-    """The top-5 table (markdown) of probabilities ``p`` [classes] with their change from ``ref_probs``
-    in percentage points; ★ marks ``ref_pred``. A change that rounds to zero reads 0.0, never ±0.0."""
-    rows = ["| top-5 at this shift | p | Δ |", "|---|---:|---:|"]
-    for i in np.argsort(-p, kind="stable")[:5]:
-        mark = " ★" if i == ref_pred else ""
-        rows.append(f"| {classes[i]}{mark} | {fmt(100 * p[i], '.1f')}% | {fmt(100 * (p[i] - ref_probs[i]), '+.1f')} |")
-    return "\n".join(rows)
-
-
-def _top5(side, index: int) -> None:
-    n = _probs(side)
-    st.markdown(top5_markdown(n["probs"][index], n["ref_probs"], n["ref_pred"], n["classes"]))
-    st.caption("★ the unshifted top-1 · Δ: change from the unshifted image, in percentage points")
-
-
-def _first_anchor(res, index: int):
-    """(a, b) the image-level anchor selected at this shift (the one before the first patch embedding)."""
+def first_anchors(res):
+    """[K, 2] the image-level anchor (a, b) selected at each shift (the anchor before the first patch
+    embedding), or None for a model without anchors."""
     names = res.meta.get("anchor_names") or list(res.anchors)
     if not names or names[0] not in res.anchors:
         return None
-    return tuple(int(v) for v in res.anchors[names[0]][index])
-
-
-def _column(side, mode: str, shift, index: int) -> None:
-    r, n = side.result, _probs(side)
-    pred = int(n["pred"][index])
-    flipped = pred != n["ref_pred"]
-    st.markdown(f"### {side.role}\nPrediction at this shift: **{n['classes'][pred]}** "
-                f"({fmt(100 * float(n['probs'][index, pred]), '.1f')}%)" + (" — **flipped**" if flipped else ""))
-    image = side.loaded.denormalize((side.canvas if mode == "crop" else side.x)[0]).cpu()
-    size = tuple(side.x.shape[-2:]) if mode == "crop" else None
-    fig = plots.shifted_image(image, shift, mode, patch=side.loaded.stride, anchor=_first_anchor(r, index),
-                              size=size)
-    left, right = st.columns([1, 1])
-    with left:
-        show(fig, f"shifted-input-{side.role}", key=f"img_{side.role}", height=360)
-    with right:
-        _top5(side, index)
+    return res.anchors[names[0]].numpy()
 
 
 @dataclass
@@ -200,14 +168,10 @@ class View:
 
 
 def render(sides, mode: str, grid, shift, image_bytes: bytes = b"") -> None:
-    """Everything below the shift controls."""
-    summary(sides, mode)
+    """The tabs below the live view (only the open one is computed)."""
     view = View(sides, mode, grid, tuple(shift), {s.role: s.result.index_of(*shift) for s in sides},
                 image_bytes)
-    for col, side in zip(st.columns(len(sides)), sides):
-        with col:
-            _guarded(_column, f"the {side.role} column", side, mode, shift, view.index[side.role])
-    tabs = st.tabs(TABS, key="panel", on_change="rerun")
+    tabs = st.tabs(TABS, key="panel", on_change="rerun", bind="query-params")
     panels = (_curves, _heatmaps, _attention, _polyphase, _layer_error, _attribution, _export_tab)
     for name, tab, panel in zip(TABS, tabs, panels):
         # .open is None when tab state is not tracked (AppTest before any switch): render the first only

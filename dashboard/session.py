@@ -21,8 +21,7 @@ from equishift.images import load_image
 from equishift.shifts import shift_batch
 from equishift.sweep import MAX_SHIFTS, SweepResult, sweep
 
-from dashboard import compute, sources, state
-from dashboard.shift_pad import shift_pad
+from dashboard import compute, live, sources, state
 
 __all__ = ["Side", "main"]
 
@@ -145,6 +144,7 @@ def _grid_picker(ref: Side, mode: str, sha256: str) -> state.GridSpec:
     stride = ref.loaded.stride
     options = state.grid_options(min(h, w), stride, mode, crop_margin(stride))
     options = [g for g in options if len(g) <= MAX_SHIFTS] or options[:1]  # big inputs: no full orbit
+    offered = list(options)
     try:
         asked = state.grid_from_param(st.query_params.get("grid"), options, mode)
     except EquishiftError as e:
@@ -163,6 +163,7 @@ def _grid_picker(ref: Side, mode: str, sha256: str) -> state.GridSpec:
     choice = st.sidebar.selectbox("Shift grid", range(len(options)), index=default, format_func=labels.__getitem__,
                                   key=f"grid_{mode}_{h}_{stride}",
                                   help="The shifts swept once (then cached); the controls move within it.")
+    state.link_grid(options[choice], offered)
     cached = ("sweep", ref.spec, sha256, mode, options[choice].key) in compute.store()
     if est[choice] > COARSE_AFTER_S and not cached:
         st.sidebar.warning(f"This grid takes about {fmt(est[choice], '.0f')} s on {compute.device_label()}; "
@@ -221,32 +222,74 @@ def shifted_display(side: Side, mode: str, shift) -> np.ndarray:
     return img.permute(1, 2, 0).numpy()
 
 
-def _shift_controls(ref: Side, mode: str, grid: state.GridSpec, heatmap_keys) -> tuple:
-    """The pad, the precise inputs and the reset; returns the current shift (on the grid)."""
+def live_table(sides: List[Side]) -> dict:
+    """The live view's per-sweep table (every swept shift's top-5 and anchored phase, per model); cached
+    per pair of sweeps, so a shift change sends and computes nothing new."""
+    def make():
+        from dashboard.panels import first_anchors, probs_of
+
+        out = {"key": tuple(s.key for s in sides), "sides": {}}
+        for side in sides:
+            n = probs_of(side)
+            out["classes"] = n["classes"]
+            out["sides"][side.role] = live.side_table(n["probs"], n["ref_probs"], n["ref_pred"],
+                                                      first_anchors(side.result))
+        return out
+    return compute.cached(("live-table",) + tuple(s.key for s in sides), make)
+
+
+def _shift_controls(sides: List[Side], mode: str, grid: state.GridSpec, heatmap_keys) -> tuple:
+    """The live view (both models, dragged or moved by keys), the precise inputs and the reset; returns
+    the current shift (on the grid)."""
+    ref = sides[0]
     jump = state.consume_selection(heatmap_keys)
     if jump is not None:
         state.set_shift(*state.clamp_to_grid(jump, grid))
     # snap to the grid, and give the inputs values of the grid's type (int, or float for sub-pixel grids)
     shift = state.clamp_to_grid(state.current_shift(), grid)
+    asked = state.linked_shift_moved(shift)
+    if asked is not None:
+        st.warning(f"The link asks for shift ({_fmt(asked[0])}, {_fmt(asked[1])}), which is not on the grid "
+                   f"{grid.label}; showing the nearest swept shift ({_fmt(shift[0])}, {_fmt(shift[1])}). "
+                   f"Pick a grid that holds it in the sidebar.")
     state.set_shift(*shift)
     if grid.integer:
         lo, hi, step = int(grid.lo), int(grid.hi), int(grid.step)
     else:
         lo, hi, step = float(grid.lo), float(grid.hi), float(grid.step)
-    pad_col, ctl_col = st.columns([3, 2], vertical_alignment="top")
-    with pad_col:
-        shift_pad(shifted_display(ref, mode, shift), shift, ref.loaded.stride,
-                  ((lo, hi), (lo, hi)), wrap=mode in ("circular", "bilinear", "fourier"),
-                  quantum=step, key=state.PAD_KEY, on_change=state.on_pad_change, ack=state.pad_ack())
-    with ctl_col:
-        st.markdown(f"**Shift** (dy, dx) = `{_fmt(shift[0])}, {_fmt(shift[1])}` px · mode **{mode}**")
-        st.number_input("dy (rows, + = down)", min_value=lo, max_value=hi, step=step, key=state.DY,
-                        on_change=state.on_inputs_change)
-        st.number_input("dx (columns, + = right)", min_value=lo, max_value=hi, step=step, key=state.DX,
-                        on_change=state.on_inputs_change)
-        st.button("Reset to (0, 0)", on_click=state.reset_shift, key="reset_shift")
-        st.caption(f"Grid: {grid.label}. Drag the image, type a shift, or click a cell of an orbit heatmap.")
+    # the precise controls in one row above the view (their values follow on release), then both models
+    c1, c2, c3, c4 = st.columns([2, 2, 1, 4], vertical_alignment="bottom")
+    c1.number_input("dy (rows, + = down)", min_value=lo, max_value=hi, step=step, key=state.DY,
+                    on_change=state.on_inputs_change)
+    c2.number_input("dx (columns, + = right)", min_value=lo, max_value=hi, step=step, key=state.DX,
+                    on_change=state.on_inputs_change)
+    c3.button("Reset", on_click=state.reset_shift, key="reset_shift", help="Back to shift (0, 0)")
+    c4.caption(f"Mode **{mode}** · grid: {grid.label}. Drag an image, use the arrow keys on it, type a shift, "
+               f"or click a cell of an orbit heatmap.")
+    views = [{"role": s.role, "image": compute.cached(("display", s.key, mode, shift),
+                                                      lambda s=s: shifted_display(s, mode, shift)),
+              "stride": s.loaded.stride} for s in sides]
+    live.live_view(views, live_table(sides), shift, grid=(grid.lo, grid.step, len(grid.values())),
+                   shift_range=((lo, hi), (lo, hi)), stride=ref.loaded.stride,
+                   wrap=mode in ("circular", "bilinear", "fourier"), quantum=step, key=state.PAD_KEY,
+                   on_change=state.on_pad_change, ack=state.pad_ack())
     return shift
+
+
+@st.fragment
+def shift_view(sides: List[Side], mode: str, grid: state.GridSpec, image_bytes: bytes) -> None:
+    """Everything that depends on the shift. A fragment: moving the shift (release of a drag, a key, a
+    number input, a heatmap click) or switching a tab reruns only this, not the models, image or sweeps."""
+    from dashboard import panels
+
+    t0, c0 = time.perf_counter(), time.thread_time()
+    shift = _shift_controls(sides, mode, grid, panels.heatmap_keys())
+    panels.render(sides, mode, grid, shift, image_bytes)
+    state.link_shift(shift)
+    # what this rerun cost the server: wall time, and CPU time of this script thread (the same on an idle
+    # core; wall time also counts waiting for a CPU shared with other work). bench/interaction.py reads them.
+    st.session_state["_render_s"] = time.perf_counter() - t0
+    st.session_state["_render_cpu_s"] = time.thread_time() - c0
 
 
 def _fmt(v) -> str:
@@ -257,7 +300,6 @@ def _fmt(v) -> str:
 def main() -> None:
     from dashboard import panels  # imported here so a plotting problem cannot break the sidebar
 
-    t0, c0 = time.perf_counter(), time.thread_time()
     baseline, anchored = sources.model_picker()
     mode = sources.mode_picker()
     choice = sources.image_picker()
@@ -296,9 +338,5 @@ def main() -> None:
     ok = [s for s in ok if s.result is not None]
     if not ok:
         return
-    shift = _shift_controls(ref, mode, grid, panels.heatmap_keys())
-    panels.render(ok, mode, grid, shift, choice.data)
-    # what this rerun cost the server: wall time, and CPU time of this script thread (the same on an idle
-    # core; wall time also counts waiting for a CPU shared with other work). bench/interaction.py reads them.
-    st.session_state["_render_s"] = time.perf_counter() - t0
-    st.session_state["_render_cpu_s"] = time.thread_time() - c0
+    _guarded_call(panels.summary, ok, mode)
+    shift_view(ok, mode, grid, choice.data)

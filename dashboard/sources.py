@@ -32,6 +32,8 @@ SHIFT_MODES = {"circular": "circular", "zero-pad": "zero", "reflect": "reflect",
 UPLOAD_TYPES = ["png", "jpg", "jpeg", "webp", "bmp", "tif", "tiff", "gif"]
 ANCHOR_MODES = ("full", "pos-only", "patch-only")
 _SOURCES = ("Zoo", "timm name", "Local checkpoint", "Upload safetensors", "Paper checkpoint")
+# Widgets whose value lives in the page URL too (?baseline_zoo=…&shift_mode=…): a view can be shared.
+LINK = "query-params"
 _UPLOAD_DIR = Path(tempfile.gettempdir()) / "equishift-uploads"
 
 
@@ -129,18 +131,18 @@ def _source_spec(side: str, source: str, default_zoo: str) -> Optional[str]:
             st.sidebar.warning("No shipped models found in assets/models.")
             return None
         index = zoo.index(default_zoo) if default_zoo in zoo else 0
-        return st.sidebar.selectbox("Zoo model", zoo, index=index, key=f"{side}_zoo")
+        return st.sidebar.selectbox("Zoo model", zoo, index=index, key=f"{side}_zoo", bind=LINK)
     if source == "Paper checkpoint":
         return _paper_spec(side)
-    name = st.sidebar.text_input("timm model name", value="vit_tiny_patch16_224", key=f"{side}_timm",
+    name = st.sidebar.text_input("timm model name", value="vit_tiny_patch16_224", key=f"{side}_timm", bind=LINK,
                                  help="Any name from timm.list_models(), e.g. vit_small_patch16_224, "
                                       "deit_tiny_patch16_224, twins_svt_small.")
     if not name.strip():
         return None
     pretrained = source == "timm name" and st.sidebar.checkbox(
-        "pretrained weights (Hugging Face cache; no download offline)", key=f"{side}_pretrained")
+        "pretrained weights (Hugging Face cache; no download offline)", key=f"{side}_pretrained", bind=LINK)
     options = "" if pretrained else st.sidebar.text_input(
-        "constructor options", value="", key=f"{side}_options", placeholder="img_size=32&patch_size=4&num_classes=10",
+        "constructor options", value="", key=f"{side}_options", bind=LINK, placeholder="img_size=32&patch_size=4&num_classes=10",
         help="timm.create_model keyword arguments, key=value joined by &.")
     if source == "timm name":
         return _timm_spec(name, options, pretrained=pretrained)
@@ -193,13 +195,13 @@ def model_picker() -> Tuple[Optional[str], Optional[str]]:
     """The two model specs (baseline, anchored); None for a side the user is still filling in."""
     st.sidebar.header("Models")
     st.sidebar.subheader("Baseline")
-    b_source = st.sidebar.selectbox("source", _SOURCES, key="baseline_source")
+    b_source = st.sidebar.selectbox("source", _SOURCES, key="baseline_source", bind=LINK)
     baseline = _source_spec("baseline", b_source, DEFAULT_BASELINE)
     st.sidebar.subheader("Anchored")
     a_source = st.sidebar.selectbox("source", ("Zoo", "Anchorize the baseline") + _SOURCES[1:],
-                                    key="anchored_source")
+                                    key="anchored_source", bind=LINK)
     if a_source == "Anchorize the baseline":
-        mode = st.sidebar.selectbox("anchoring", ANCHOR_MODES, key="anchored_mode",
+        mode = st.sidebar.selectbox("anchoring", ANCHOR_MODES, key="anchored_mode", bind=LINK,
                                     help="full: the paper's model; pos-only: only the circular conv "
                                          "position encoding; patch-only: only the anchor before the patch "
                                          "embedding. New position convs start as the identity (untrained).")
@@ -208,7 +210,7 @@ def model_picker() -> Tuple[Optional[str], Optional[str]]:
         anchored = _source_spec("anchored", a_source, DEFAULT_ANCHORED)
         if anchored and a_source not in ("Zoo", "Paper checkpoint"):
             wrap = st.sidebar.selectbox("anchorize it", ANCHOR_MODES + ("no (weights already anchored)",),
-                                        key="anchored_wrap")
+                                        key="anchored_wrap", bind=LINK)
             if wrap in ANCHOR_MODES:
                 anchored = f"anchored[{wrap}]:{anchored}"
     for label, spec in (("baseline", baseline), ("anchored", anchored)):
@@ -219,7 +221,7 @@ def model_picker() -> Tuple[Optional[str], Optional[str]]:
 
 def mode_picker() -> str:
     """The equishift.shifts mode the user picked."""
-    label = st.sidebar.selectbox("Shift mode", list(SHIFT_MODES), key="shift_mode",
+    label = st.sidebar.selectbox("Shift mode", list(SHIFT_MODES), key="shift_mode", bind=LINK,
                                  help="circular: torch.roll; zero-pad / reflect: content moves, the new "
                                       "border is black / mirrored; crop: the window moves over a larger "
                                       "canvas of the image (the realistic shift); fractional: sub-pixel.")
@@ -243,7 +245,7 @@ def image_picker() -> Optional[ImageChoice]:
     if not files:
         return None
     default = default_sample()
-    path = st.sidebar.selectbox("sample", files, index=files.index(default), key="image_sample",
+    path = st.sidebar.selectbox("sample", files, index=files.index(default), key="image_sample", bind=LINK,
                                 format_func=lambda p: p.name) if source == "Sample" else default
     data = path.read_bytes()
     return ImageChoice(data, path.name, hashlib.sha256(data).hexdigest(), uploaded=False)

@@ -18,12 +18,14 @@ from equishift.errors import LimitError
 from equishift.sweep import MAX_SHIFTS
 
 __all__ = ["GridSpec", "grid_options", "grid_from_param", "current_shift", "set_shift", "clamp_to_grid",
-           "on_pad_change", "on_inputs_change", "reset_shift", "consume_selection", "PAD_KEY"]
+           "on_pad_change", "on_inputs_change", "reset_shift", "consume_selection", "PAD_KEY",
+           "grid_param", "link_grid", "link_shift"]
 
 SHIFT = "shift"
-PAD_KEY = "shift_pad"
+PAD_KEY = "live_view"
 DY, DX = "shift_dy", "shift_dx"
 _SEEN = "_seen_selection"
+LINKED = "_linked_shift"  # the shift a link asked for, until the first run has placed it on the grid
 
 
 @dataclass(frozen=True)
@@ -103,6 +105,9 @@ def grid_from_param(value: Optional[str], options: Sequence[GridSpec], mode: str
         return options[0]
     if value == "full":
         return options[-1]
+    if value.startswith("step") and value[4:].isdigit() and len(value) <= 12:
+        step = int(value[4:])
+        return next((g for g in options[1:-1] if g.step == step), None)
     if value.startswith("r") and value[1:].isdigit() and len(value) <= 12:
         r = int(value[1:])
         step = 0.5 if mode in ("bilinear", "fourier") else 1
@@ -112,6 +117,46 @@ def grid_from_param(value: Optional[str], options: Sequence[GridSpec], mode: str
                              f"(r{_max_radius(step)} at most in this mode)")
         return GridSpec(-r, r, step, f"±{r} px ({n * n} shifts, from the link)")
     return None
+
+
+def grid_param(grid: GridSpec, options: Sequence[GridSpec]) -> str:
+    """The ``?grid=`` value that reopens ``grid`` among ``options`` (the grids offered, without one a link
+    added): ``period`` (the first), ``full`` (the last), ``step<k>`` (a whole-image grid with step k), or
+    ``r<R>`` for a ±R grid that came from a link."""
+    keys = [g.key for g in options]
+    if grid.key not in keys:
+        return f"r{_txt(grid.hi)}"
+    i = keys.index(grid.key)
+    if i == 0:
+        return "period"
+    if i == len(keys) - 1:
+        return "full"
+    return f"step{_txt(grid.step)}"
+
+
+def link_grid(grid: GridSpec, options: Sequence[GridSpec]) -> None:
+    """Keep the chosen grid in the page's URL (a link reopens it)."""
+    _set_param("grid", grid_param(grid, options))
+
+
+def link_shift(shift: Sequence[float]) -> None:
+    """Keep the current shift in the page's URL as ``?shift=dy,dx`` (dropped at (0, 0))."""
+    value = None if all(float(v) == 0 for v in shift) else ",".join(_txt(v) for v in shift)
+    _set_param("shift", value)
+
+
+def _txt(v: float) -> str:
+    v = float(v)
+    return str(int(v)) if v.is_integer() else repr(v)
+
+
+def _set_param(name: str, value: Optional[str]) -> None:
+    # only on change: each write is a message to the browser
+    if st.query_params.get(name) != value:
+        if value is None:
+            del st.query_params[name]
+        else:
+            st.query_params[name] = value
 
 
 def _max_radius(step: float) -> int:
@@ -130,6 +175,8 @@ def current_shift() -> Tuple[float, float]:
     """The canonical shift; on a session's first run, ``?shift=dy,dx`` from the link (else (0, 0))."""
     if SHIFT not in st.session_state:
         st.session_state[SHIFT] = _shift_param(st.query_params.get("shift"))
+        if st.query_params.get("shift"):
+            st.session_state[LINKED] = st.session_state[SHIFT]
     return tuple(st.session_state[SHIFT])
 
 
@@ -139,6 +186,15 @@ def _shift_param(value: Optional[str]) -> Tuple[float, float]:
     except ValueError:
         return (0, 0)
     return (int(dy), int(dx)) if dy.is_integer() and dx.is_integer() else (dy, dx)
+
+
+def linked_shift_moved(shift: Sequence[float]) -> Optional[Tuple[float, float]]:
+    """The shift the page's link asked for when it is not ``shift`` (the grid point it was snapped to),
+    once per session; else None."""
+    asked = st.session_state.pop(LINKED, None)
+    if asked is None or tuple(float(v) for v in asked) == tuple(float(v) for v in shift):
+        return None
+    return tuple(asked)
 
 
 def set_shift(dy: float, dx: float) -> None:

@@ -10,6 +10,7 @@ and the tests do not depend on how far the training of the shipped models has go
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import socket
@@ -101,9 +102,33 @@ def model_warnings(at) -> List[str]:
     return [w.value for w in at.warning if w.value.startswith(("The baseline model", "The anchored model"))]
 
 
+def live_data(at) -> dict:
+    """The data the live view (dashboard.live) received in the last run: the images at the current
+    shift, the grid and the per-sweep table it draws every shift from."""
+    def find(node):
+        for child in getattr(node, "children", {}).values():
+            if type(child).__name__ == "UnknownElement" and child.type == "bidi_component" \
+                    and child.proto.component_name == "equishift_live_view":
+                return child
+            hit = find(child)
+            if hit is not None:
+                return hit
+        return None
+    el = find(at._tree[0])
+    assert el is not None, "no live view on the page"
+    return json.loads(el.proto.json)
+
+
 def top5_tables(at) -> List[str]:
-    """The top-5 table of each model column that rendered (one per column)."""
-    return [m.value for m in at.markdown if m.value.startswith(("| top-5", "| class |"))]
+    """The top-5 table each model's column shows at the current shift, as markdown (dashboard.live draws
+    them in the browser from the table it received; this reads the same rows)."""
+    from dashboard import live
+
+    data = live_data(at)
+    g = data["grid"]
+    iy, ix = (round((v - g["lo"]) / g["step"]) for v in data["shift"])
+    k = iy * g["n"] + ix
+    return [live.top5_markdown(live.top5_at(data["table"], s["role"], k)) for s in data["sides"]]
 
 
 def image_captions(at) -> List[str]:
