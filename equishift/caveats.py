@@ -150,6 +150,7 @@ def _pixels(loaded, x: torch.Tensor) -> np.ndarray:
     return img.numpy()
 
 
+_DATASETS = {"fashion-mnist": "Fashion-MNIST", "imagenet-1k": "ImageNet-1k"}  # card id -> name in messages
 _WHAT = {"border_mean": ("its border averages {v}", "training images: {lo}–{hi}"),
          "dark_fraction": ("{v} of its pixels are dark background", "training images: {lo}–{hi}"),
          "mean": ("its mean brightness is {v}", "training images: {lo}–{hi}")}
@@ -179,7 +180,7 @@ def for_input(loaded, x: Optional[torch.Tensor] = None, image=None) -> List[Cave
             raise ValueError("for_input needs the model input x or the image")
         x = loaded.preprocess(image)
     card = loaded.card
-    data = card.get("dataset") or "its training data"
+    data = _DATASETS.get(card.get("dataset"), card.get("dataset")) or "its training data"
     out: List[Caveat] = []
     colour = image is not None and grey_input(card) and _colour_fraction(image) > COLOURED_FRACTION
     if colour:
