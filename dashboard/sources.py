@@ -1,10 +1,12 @@
 """Sidebar choices turned into what the library takes: model specs, a shift mode, image bytes.
 
-Nothing here loads a model or decodes an image; it only builds spec strings (equishift.zoo's grammar) and
-hands back raw bytes, so every failure happens later in one place and is shown as an ``st.error``.
+Nothing here loads a model or decodes an image (except, when "Invert the image" is on, to make the
+negative); it only builds spec strings (equishift.zoo's grammar) and hands back raw bytes, so every failure
+happens later in one place and is shown as an ``st.error``.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import re
@@ -18,10 +20,11 @@ from typing import List, Optional, Tuple
 import streamlit as st
 
 from equishift.errors import EquishiftError
+from equishift.images import inverted_png
 from equishift.zoo import list_models
 
 __all__ = ["DEFAULT_BASELINE", "DEFAULT_ANCHORED", "SHIFT_MODES", "UPLOAD_TYPES", "ImageChoice",
-           "sample_images", "default_sample", "model_picker", "mode_picker", "image_picker"]
+           "sample_images", "default_sample", "model_picker", "mode_picker", "image_picker", "invert_key", "toggle_invert"]
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_BASELINE = "zoo:fmnist-vit-baseline"
@@ -39,12 +42,18 @@ _UPLOAD_DIR = Path(tempfile.gettempdir()) / "equishift-uploads"
 
 @dataclass(frozen=True)
 class ImageChoice:
-    """The image to analyse: its bytes, a label, its sha256 (the cache key) and whether it is an upload."""
+    """The image to analyse: its bytes, a label, its sha256 (the cache key) and whether it is an upload.
+
+    ``inverted``: ``data`` is the negative of the chosen file (lossless PNG), so ``sha256`` differs from the
+    file's and every cache keyed on it (inputs, sweeps) keeps the two apart. ``invert_key``: the session
+    state key of the "Invert the image" toggle for this file (None when the picker did not draw one)."""
 
     data: bytes
     label: str
     sha256: str
     uploaded: bool
+    inverted: bool = False
+    invert_key: Optional[str] = None
 
 
 def samples_dir() -> Path:
@@ -239,7 +248,7 @@ def image_picker() -> Optional[ImageChoice]:
         up = st.sidebar.file_uploader("image (PNG, JPEG, WebP, BMP, TIFF, GIF first frame)", key="image_upload")
         if up is not None:
             data = up.getvalue()
-            return ImageChoice(data, up.name, hashlib.sha256(data).hexdigest(), uploaded=True)
+            return _invert_option(ImageChoice(data, up.name, hashlib.sha256(data).hexdigest(), uploaded=True))
         st.sidebar.info("Upload an image; the sample below is shown meanwhile.")
     files = sample_images()
     if not files:
@@ -248,4 +257,39 @@ def image_picker() -> Optional[ImageChoice]:
     path = st.sidebar.selectbox("sample", files, index=files.index(default), key="image_sample", bind=LINK,
                                 format_func=lambda p: p.name) if source == "Sample" else default
     data = path.read_bytes()
-    return ImageChoice(data, path.name, hashlib.sha256(data).hexdigest(), uploaded=False)
+    return _invert_option(ImageChoice(data, path.name, hashlib.sha256(data).hexdigest(), uploaded=False))
+
+
+def invert_key(sha256: str) -> str:
+    """Session state key of the invert toggle of the file with this sha256: one per file, so the choice
+    survives reruns and a newly chosen image starts as it is."""
+    return f"image_invert_{sha256[:16]}"
+
+
+def toggle_invert(key: str) -> None:
+    """Flip the invert toggle ``key`` (an on_click callback: it runs before the picker draws the toggle)."""
+    st.session_state[key] = not st.session_state.get(key, False)
+
+
+@st.cache_resource(max_entries=4, show_spinner=False)
+def _inverted(sha256: str, _data: bytes) -> bytes:
+    """The negative of the file with this sha256 as PNG bytes, once per file (``_data`` is not hashed)."""
+    return inverted_png(_data)
+
+
+def _invert_option(choice: ImageChoice) -> ImageChoice:
+    """The "Invert the image" toggle under the image choice, and the choice it makes: the file itself, or
+    its negative (a light background made dark, as the Fashion-MNIST models expect)."""
+    key = invert_key(choice.sha256)
+    on = st.sidebar.toggle("Invert the image", key=key,
+                           help="Analyse the negative (255 − each pixel): a garment photographed on a light "
+                                "background becomes light on black, as in Fashion-MNIST.")
+    choice = dataclasses.replace(choice, invert_key=key)
+    if not on:
+        return choice
+    try:
+        data = _inverted(choice.sha256, choice.data)
+    except EquishiftError:
+        return choice  # unreadable: the page reports it when it decodes the file itself
+    return ImageChoice(data, f"{choice.label} (inverted)", hashlib.sha256(data).hexdigest(), choice.uploaded,
+                       inverted=True, invert_key=key)

@@ -23,7 +23,8 @@ _LAZY = {
     "SweepResult": "equishift.sweep",
 }
 _SUBMODULES = {"polyphase", "anchoring", "shifts", "testing", "zoo", "data", "training", "evaluation",
-               "sweep", "paper", "archs", "metrics", "attribution", "plots", "report", "images", "cli", "device", "formatting"}
+               "sweep", "paper", "archs", "metrics", "attribution", "plots", "report", "images", "cli", "device", "formatting",
+               "caveats"}
 
 __all__ = sorted(_LAZY) + sorted(_SUBMODULES)
 

@@ -18,8 +18,8 @@ from torch.utils.data import Dataset
 
 from .errors import DataError
 
-__all__ = ["FMNIST_CLASSES", "FMNIST_MEAN", "FMNIST_STD", "FMNIST_PAD", "DEFAULT_FMNIST_DIR",
-           "fashion_mnist_root", "read_idx", "load_fashion_mnist", "FashionMNIST", "ImageFolder",
+__all__ = ["FMNIST_CLASSES", "FMNIST_MEAN", "FMNIST_STD", "FMNIST_PAD", "FMNIST_STATS", "DEFAULT_FMNIST_DIR",
+           "fashion_mnist_root", "fmnist_stats", "image_stats", "read_idx", "load_fashion_mnist", "FashionMNIST", "ImageFolder",
            "IMAGE_EXTENSIONS"]
 
 FMNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -29,6 +29,18 @@ FMNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
 FMNIST_MEAN = (0.2860, 0.2860, 0.2860)
 FMNIST_STD = (0.3530, 0.3530, 0.3530)
 FMNIST_PAD = 2
+# What the training images look like, per image (28x28 in [0, 1], before padding): the mean of the outer
+# ring of STATS_BORDER pixels, the fraction of pixels at most STATS_DARK (background), and the mean pixel,
+# each as {min, q001, median, q999, max} over the 60k training images. Computed by fmnist_stats()
+# (scripts/data_stats.py); equishift.caveats flags inputs outside [min, max]. The ring is 2 px wide: a
+# garment touches one edge often, all four rarely.
+STATS_BORDER = 2
+STATS_DARK = 0.1  # ~25/255: the background of Fashion-MNIST is exactly 0, anti-aliased edges rise above
+FMNIST_STATS = {
+    "border_mean": {"min": 0.0034, "q001": 0.0075, "median": 0.0846, "q999": 0.3358, "max": 0.4888},
+    "dark_fraction": {"min": 0.0906, "q001": 0.162, "median": 0.5395, "q999": 0.9018, "max": 0.9617},
+    "mean": {"min": 0.0194, "q001": 0.0446, "median": 0.2719, "q999": 0.6557, "max": 0.7522},
+}
 DEFAULT_FMNIST_DIR = "/usr/share/datasets/fashion-mnist"
 _FILES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
           "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
@@ -39,6 +51,24 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".
 def fashion_mnist_root(root: Optional[Union[str, os.PathLike]] = None) -> Path:
     """``root`` if given, else $EQUISHIFT_FMNIST_DIR, else the Debian package's directory."""
     return Path(root or os.environ.get("EQUISHIFT_FMNIST_DIR") or DEFAULT_FMNIST_DIR)
+
+
+def image_stats(images: np.ndarray) -> dict:
+    """Per-image statistics of grey images [..., H, W] in [0, 1] (see FMNIST_STATS): each an array [...]."""
+    images = np.asarray(images, dtype=np.float32)
+    b = STATS_BORDER
+    ring = np.ones(images.shape[-2:], dtype=bool)
+    ring[b:-b, b:-b] = False
+    return {"border_mean": images[..., ring].mean(-1), "dark_fraction": (images <= STATS_DARK).mean((-2, -1)),
+            "mean": images.mean((-2, -1))}
+
+
+def fmnist_stats(root=None) -> dict:
+    """FMNIST_STATS recomputed from the training split (rounded to 4 decimals)."""
+    images = load_fashion_mnist("train", root)[0].numpy().astype(np.float32) / 255.0
+    qs = {"min": 0.0, "q001": 0.001, "median": 0.5, "q999": 0.999, "max": 1.0}
+    return {name: {k: round(float(np.quantile(v, q)), 4) for k, q in qs.items()}
+            for name, v in image_stats(images).items()}
 
 
 def read_idx(path: Union[str, os.PathLike], ndim: int) -> np.ndarray:

@@ -47,7 +47,7 @@ from PIL import Image, ImageOps
 from equishift.errors import ImageError
 
 __all__ = ["SUPPORTED_FORMATS", "DEFAULT_MAX_PIXELS", "DEFAULT_MAX_BYTES", "BACKGROUND", "load_image",
-           "sniff_format"]
+           "sniff_format", "invert", "inverted_png"]
 
 SUPPORTED_FORMATS: Tuple[str, ...] = ("PNG", "JPEG", "WEBP", "BMP", "TIFF", "GIF")
 DEFAULT_MAX_PIXELS = 40_000_000    # a 48 MP phone photo is refused, 12/24 MP accepted; ~160 MB decoded
@@ -348,3 +348,17 @@ def load_image(source: ImageSource, *, max_pixels: int = DEFAULT_MAX_PIXELS,
         return _to_rgb(_decode(im, fmt, name), name)
     finally:
         im.close()
+
+
+def invert(image: Image.Image) -> Image.Image:
+    """The negative of a decoded image (8-bit RGB, 255 - v per channel): a light background becomes dark,
+    as the Fashion-MNIST models expect. Inverting twice gives the image back exactly."""
+    return ImageOps.invert(image.convert("RGB"))
+
+
+def inverted_png(source: ImageSource, **limits) -> bytes:
+    """``source`` decoded by ``load_image`` (same rules and ``limits``), inverted, as lossless PNG bytes:
+    what a caller that passes images around as bytes (the dashboard) analyses instead of the original."""
+    buf = io.BytesIO()
+    invert(load_image(source, **limits)).save(buf, format="PNG")
+    return buf.getvalue()

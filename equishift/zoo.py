@@ -379,6 +379,7 @@ def _anchor(model: nn.Module, card: Dict[str, Any], mode: str, spec: str):
     from .anchoring import anchor_options, anchor_sites
 
     card = dict(card, anchoring=mode, untrained=True, anchoring_untrained=True,
+                base_untrained=bool(card.get("untrained", False)),
                 anchor_options=anchor_options(model), anchors=anchor_sites(model),
                 name=f"anchored[{mode}]:{card.get('name', '')}",
                 # Metrics of the base model do not describe the anchored one.
