@@ -11,7 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Dict, List, Tuple
 
-import numpy as np
 import streamlit as st
 import torch
 
@@ -67,16 +66,9 @@ def model_cards(sides) -> None:
 
 
 def _recipe(card) -> str:
-    c, h, w = card["input_size"]
-    mean = ", ".join(fmt(v, ".3f") for v in card["mean"])
-    std = ", ".join(fmt(v, ".3f") for v in card["std"])
-    color = "grayscale" if int(c) == 1 else "RGB"
-    if card.get("preprocess") == "timm":
-        how = f"resize to {int(np.floor(min(h, w) / card['crop_pct']))} ({card['interpolation']}), centre crop {h}×{w}"
-    else:
-        pad = int(card.get("pad", 0))
-        how = f"fit to {h - 2 * pad}×{w - 2 * pad}, pad {pad} px black → {h}×{w}"
-    return f"{color}, {how}, normalise mean ({mean}) std ({std})"
+    from equishift.caveats import recipe
+
+    return recipe(card)
 
 
 def heatmap_keys() -> List[str]:

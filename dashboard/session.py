@@ -21,7 +21,7 @@ from equishift.images import load_image
 from equishift.shifts import shift_batch
 from equishift.sweep import MAX_SHIFTS, SweepResult, sweep
 
-from dashboard import compute, live, sources, state
+from dashboard import caveats, compute, live, sources, state
 
 __all__ = ["Side", "main"]
 
@@ -338,5 +338,9 @@ def main() -> None:
     ok = [s for s in ok if s.result is not None]
     if not ok:
         return
+    try:
+        caveats.render(ok, choice)
+    except Exception as e:  # noqa: BLE001 - a caveat check must not take the page down
+        st.warning(f"Cannot check the caveats: {_message(e)}")
     _guarded_call(panels.summary, ok, mode)
     shift_view(ok, mode, grid, choice.data)
