@@ -30,7 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 APP = ROOT / "dashboard" / "app.py"
 sys.path.insert(0, str(ROOT / "tests"))
-from app_harness import free_port, wait_healthy  # noqa: E402
+from app_harness import PAGE_IDLE_JS, WS_COUNTER_JS, free_port, wait_healthy  # noqa: E402
 
 TARGET_MS = 150.0
 TABS = ("Logit curves", "Orbit heatmaps", "Attention", "Polyphase indices", "Layer × shift error", "Attribution")
@@ -114,6 +114,103 @@ def first_render(grid: str) -> dict:
         proc.terminate()
         proc.wait(timeout=30)
     return {"grid": grid or f"page default: {picked}", "server_healthy_s": healthy, "first_full_render_s": rendered}
+
+
+CHROME_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
+               "--disable-component-update", "--no-first-run", "--disable-sync", "--disable-quic"]
+
+# A drag inside the page: pointer events dispatched on the baseline view one after another, each timed
+# from dispatch to the end of its handler (the view redrawn: both inputs, top-5 tables, figure markers)
+# and to the next painted frame. Resolves to {handler_ms: [...], frame_ms: [...], sent: websocket messages}.
+_DRAG_JS = """async ([moves, stepPx]) => {
+  const canvas = window.__esLive.querySelector('canvas.es-canvas');
+  const r = canvas.getBoundingClientRect(), x0 = r.left + r.width / 2, y0 = r.top + r.height / 2;
+  const ev = (type, x, y) => new PointerEvent(type, { clientX: x, clientY: y, pointerId: 1, bubbles: true,
+                                                      isPrimary: true, button: 0, buttons: 1 });
+  canvas.setPointerCapture = () => {};  // synthetic pointers cannot be captured
+  const sent0 = window.__ws.sent, handler = [], frame = [];
+  canvas.dispatchEvent(ev('pointerdown', x0, y0));
+  for (let i = 1; i <= moves; i++) {
+    const k = i % 8, dx = (k < 4 ? k : 8 - k) * stepPx, dy = (i % 3) * stepPx;  // stays within ±4 px
+    const t0 = performance.now();
+    canvas.dispatchEvent(ev('pointermove', x0 + dx, y0 + dy));
+    handler.push(performance.now() - t0);
+    await new Promise(res => requestAnimationFrame(res));
+    frame.push(performance.now() - t0);
+  }
+  const sent = window.__ws.sent - sent0;
+  return { handler_ms: handler, frame_ms: frame, sent };
+}"""
+
+
+def _server_shift_js(dy, dx) -> str:
+    """True once the server has rerun at (dy, dx) and the page has finished drawing that rerun: the
+    number inputs (set by the server) show it and nothing on the page is stale."""
+    return (f"() => {{ const v = Array.from(document.querySelectorAll('[data-testid=stNumberInput] input'))"
+            f".map(e => Number(e.value)); return v.length >= 2 && v[0] === {dy} && v[1] === {dx} && "
+            f"({PAGE_IDLE_JS})(); }}")
+
+
+def browser_latency(grid: str, tab: str, moves: int, presses: int) -> dict:
+    """What the user feels in chromium: a drag frame, and key press → page complete, with the bytes the
+    websocket carried per rerun."""
+    from playwright.sync_api import sync_playwright
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    cmd = [sys.executable, "-m", "streamlit", "run", str(APP), "--server.headless", "true", "--server.address",
+           "127.0.0.1", "--server.port", str(port), "--browser.gatherUsageStats", "false"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ, HF_HUB_OFFLINE="1"), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        wait_healthy(url, proc, timeout=300, poll=0.05)
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=CHROME_ARGS)
+            page = browser.new_page(viewport={"width": 1600, "height": 1200})
+            page.set_default_timeout(600_000)
+            page.add_init_script(WS_COUNTER_JS)
+            page.goto(f"{url}/?grid={grid}&panel={tab.replace(' ', '+')}")
+            page.locator("canvas.es-canvas").first.wait_for()
+            page.locator(".stPlotlyChart .main-svg").first.wait_for()
+            page.wait_for_function(_server_shift_js(0, 0))
+            page.wait_for_timeout(1000)
+            scale = page.evaluate("() => window.__esLive.querySelector('canvas.es-canvas').width") / \
+                page.evaluate("() => window.__esLive.__es.data.sides[0].width")
+            drag = page.evaluate(_DRAG_JS, [moves, scale])
+            # release: the shift goes to the server once; the page completes that rerun
+            shift = page.evaluate("() => window.__esLive.__es.shift")
+            recv0 = page.evaluate("() => window.__ws.recvBytes")
+            t0 = time.perf_counter()
+            page.evaluate("() => window.__esLive.querySelector('canvas.es-canvas')"
+                          ".dispatchEvent(new PointerEvent('pointerup', {pointerId: 1, bubbles: true}))")
+            page.wait_for_function(_server_shift_js(*shift), polling=5)
+            release_ms = 1e3 * (time.perf_counter() - t0)
+            release_bytes = page.evaluate("() => window.__ws.recvBytes") - recv0
+            # key presses, one at a time, each waited for until the page is complete
+            canvas = page.locator("canvas.es-canvas").first
+            canvas.focus()
+            press_ms, press_bytes = [], []
+            for i in range(presses):
+                key = ("ArrowRight", "ArrowDown", "ArrowLeft", "ArrowUp")[i % 4]
+                shift = page.evaluate("() => window.__esLive.__es.shift")
+                move = {"ArrowRight": (0, 1), "ArrowDown": (1, 0), "ArrowLeft": (0, -1), "ArrowUp": (-1, 0)}[key]
+                want = (shift[0] + move[0], shift[1] + move[1])
+                recv0 = page.evaluate("() => window.__ws.recvBytes")
+                t0 = time.perf_counter()
+                page.keyboard.press(key)
+                page.wait_for_function(_server_shift_js(*want), polling=5)
+                press_ms.append(1e3 * (time.perf_counter() - t0))
+                press_bytes.append(page.evaluate("() => window.__ws.recvBytes") - recv0)
+                page.wait_for_timeout(300)
+            browser.close()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    return {"grid": grid, "tab": tab, "drag_handler_ms_median": statistics.median(drag["handler_ms"]),
+            "drag_handler_ms_max": max(drag["handler_ms"]), "drag_frame_ms_median": statistics.median(drag["frame_ms"]),
+            "drag_messages_sent": drag["sent"], "moves": moves, "release_ms": release_ms,
+            "release_bytes": release_bytes, "press_ms_median": statistics.median(press_ms),
+            "press_ms_max": max(press_ms), "press_bytes_median": statistics.median(press_bytes), "presses": presses}
 
 
 def main() -> None:

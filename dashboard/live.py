@@ -76,6 +76,7 @@ export default function(component) {
   const st = root.__es || (root.__es = { dragging: false, shift: [0, 0], seq: data.ack || 0, imgs: {},
                                           srcs: {}, built: null, frameMs: [] });
   st.data = data;
+  window.__esLive = root;  // for tests and benchmarks: the view lives in a shadow root
   if (data.table) { tables.set(data.table_id, data.table); }
   const table = tables.get(data.table_id);
   if (table && data.have !== data.table_id) setStateValue('have', data.table_id);

@@ -102,6 +102,32 @@ def model_warnings(at) -> List[str]:
     return [w.value for w in at.warning if w.value.startswith(("The baseline model", "The anchored model"))]
 
 
+# Counts what the page's websocket sends and receives (messages, bytes) in window.__ws: an init script for
+# Playwright (add_init_script), so the counts start with the page. Used to check that a drag sends nothing
+# and to report the payload per rerun.
+WS_COUNTER_JS = """
+(() => {
+  const W = window.WebSocket, c = window.__ws = { sent: 0, sentBytes: 0, recv: 0, recvBytes: 0 };
+  const size = (d) => d.byteLength ?? d.size ?? d.length ?? 0;
+  function Counted(...args) {
+    const ws = new W(...args);
+    ws.addEventListener('message', (e) => { c.recv += 1; c.recvBytes += size(e.data); });
+    const send = ws.send.bind(ws);
+    ws.send = (d) => { c.sent += 1; c.sentBytes += size(d); return send(d); };
+    return ws;
+  }
+  Counted.prototype = W.prototype;
+  for (const k of ['CONNECTING', 'OPEN', 'CLOSING', 'CLOSED']) Counted[k] = W[k];
+  window.WebSocket = Counted;
+})();
+"""
+
+# True when the page has finished a rerun: no element left over from the previous run (Streamlit marks
+# them stale while a script runs) and no script-running status.
+PAGE_IDLE_JS = """() => document.querySelectorAll('[data-stale="true"]').length === 0
+  && !/Running|Stop/.test((document.querySelector('[data-testid="stStatusWidget"]') || {}).innerText || '')"""
+
+
 def live_data(at) -> dict:
     """The data the live view (dashboard.live) received in the last run: the images at the current
     shift, the grid and the per-sweep table it draws every shift from."""
