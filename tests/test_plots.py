@@ -72,8 +72,9 @@ def test_logit_curve_follows_the_path_on_a_shared_y_scale(pair):
     hi = max(float(r.logits[path][:, [base.ref_pred, anch.ref_pred]].max()) for r in (base, anch))
     r1, r2 = fig.layout.yaxis.range, fig.layout.yaxis2.range
     assert tuple(r1) == tuple(r2) and r1[0] < lo and r1[1] > hi
+    assert list(lines[0].x) == list(range(-2, 6))  # the diagonal's coordinate dy = dx, not the step
     marker = [d for d in fig.data if d.name == "current shift"]
-    assert marker and all(list(m.x) == [4] * len(m.x) for m in marker)  # (2, 2) is step 4 of the diagonal
+    assert marker and all(list(m.x) == [2] * len(m.x) for m in marker)  # (2, 2) sits at dy = dx = 2
     custom = plots.logit_curve(base, None, path=[(0, 0), (0, 1), (0, 2)], classes=[3])
     assert list(custom.data[0].y) == pytest.approx(base.probs[[base.index_of(0, i) for i in range(3)], 3].tolist())
 
@@ -111,8 +112,11 @@ def test_polyphase_panel_marks_the_selected_phase(pair):
     k = anch.index_of(3, 5)
     fig = plots.polyphase_panel(anch, current=k)
     a, b = anch.anchors["patch_embed.anchor"][k].tolist()
-    top = fig.data[0].z
-    assert np.asarray(top).sum() == 1 and np.asarray(top)[a][b] == 1
+    top = np.asarray(fig.data[0].z)  # the phase grid, each phase in its colour; the selected one outlined
+    assert top.tolist() == [[4 * p + q for q in range(4)] for p in range(4)]
+    box = [sh for sh in fig.layout.shapes if sh.type == "rect"]
+    assert len(box) == 1 and (box[0].x0 + 0.5, box[0].y0 + 0.5) == (b, a)
+    assert any(an.text == f"<b>({a}, {b})</b>" for an in fig.layout.annotations)
     flat = [d for d in fig.data if d.type == "heatmap"][1]
     _, _, z = anch.to_grid((anch.anchors["patch_embed.anchor"] * torch.tensor([4, 1])).sum(1).float())
     np.testing.assert_array_equal(np.asarray(flat.z, dtype=float), z.numpy())
@@ -138,12 +142,12 @@ def test_polyphase_panel_titles_carry_each_anchors_margin(twins_pair):
 
 def test_layer_error_map_uses_one_colour_scale(pair):
     base, anch, _ = pair
-    fig = plots.layer_error_map(base, anch)
+    fig = plots.layer_error_map(base, anch, layout="strip")
     _assert_names_range(fig, base)
     top = max(float(v.max()) for r in (base, anch) for v in r.layer_error.values())
     assert fig.layout.coloraxis.cmax == pytest.approx(top)
     np.testing.assert_allclose(np.asarray(fig.data[0].z, dtype=float)[1], base.layer_error["blocks.1"].numpy(), rtol=1e-6)
-    log = plots.layer_error_map(base, anch, log=True)
+    log = plots.layer_error_map(base, anch, log=True, layout="strip")
     z = np.asarray(log.data[1].z, dtype=float)
     assert log.layout.coloraxis.cmin == -8 and (z[np.isfinite(z)] < -4).all()  # anchored: float noise (or 0)
 
@@ -159,18 +163,26 @@ def test_layer_error_map_shows_exact_zeros_as_zero(pair):
     error[first][:3] = 0.0
     error[first][3] = 1e-9
     res = dataclasses.replace(base, layer_error=error)
-    lin = plots.layer_error_map(res)
+    lin = plots.layer_error_map(res, layout="strip")
     assert lin.layout.coloraxis.cmin == 0 and np.asarray(lin.data[0].z, dtype=float)[0, :3].tolist() == [0, 0, 0]
-    log = plots.layer_error_map(res, log=True)
+    log = plots.layer_error_map(res, log=True, layout="strip")
     z = np.asarray(log.data[0].z, dtype=float)
     m = torch.stack(list(error.values())).numpy()
     assert (np.isnan(z) == (m == 0)).all() and z[0, 3] == -8  # blank exactly where 0; 1e-9 at the floor
     assert "blank cells: exactly 0" in log.layout.title.text
     assert "exactly 0" in log.data[0].text[0][0] and "exactly 0" not in log.data[0].text[0][3]
     none = dataclasses.replace(base, layer_error={k: torch.zeros_like(v) for k, v in error.items()})
-    blank = plots.layer_error_map(none, log=True)  # every cell blank: the axes and a sentence remain
+    blank = plots.layer_error_map(none, log=True, layout="strip")  # every cell blank: axes and a sentence remain
     assert list(blank.layout.yaxis.categoryarray) == list(error) and blank.layout.xaxis.range == (-0.5, len(base) - 0.5)
     assert any("every layer exactly 0" in a.text for a in blank.layout.annotations)
+    maps = plots.layer_error_map(res, log=True)  # the same on the dy × dx maps
+    _, _, want = res.to_grid(error[first])
+    z = np.asarray(maps.data[0].z, dtype=float)
+    assert (np.isnan(z) == (want.numpy() == 0)).all() and np.nanmin(z) == -8
+    assert "exactly 0" in maps.data[0].text[0][0] and "exactly 0" not in maps.data[0].text[0][3]
+    blank = plots.layer_error_map(none, log=True)
+    assert blank.layout.xaxis.range == (-2.5, 5.5) and blank.layout.yaxis.range == (5.5, -2.5)
+    assert sum("exactly 0" in (a.text or "") for a in blank.layout.annotations) == len(error)
 
 
 def test_attribution_overlay_and_shifted_image(pair):
