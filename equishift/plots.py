@@ -183,7 +183,8 @@ def _axis_range(x: Sequence[float]) -> List[float]:
 def _square(fig: go.Figure, row: int, col: int) -> None:
     """Make the subplot at (row, col) draw one data unit as long in y as in x (square cells)."""
     sub = fig.get_subplot(row, col)
-    fig.update_yaxes(scaleanchor=sub.xaxis.plotly_name.replace("axis", ""), constrain="domain", row=row, col=col)
+    fig.update_yaxes(scaleanchor=sub.xaxis.plotly_name.replace("axis", ""), constrain="domain", constraintoward="top",
+                     row=row, col=col)
     fig.update_xaxes(constrain="domain", row=row, col=col)
 
 
@@ -317,14 +318,15 @@ def _attention_maps(res: SweepResult, layer: str, k: int, align: bool) -> torch.
 
 def attention_grid(baseline: SweepResult, anchored: Optional[SweepResult] = None, current: int = 0,
                    layers: Optional[Sequence[str]] = None, heads: str = "mean", align: bool = False,
-                   zmax: Optional[float] = None, head_columns: int = 6) -> go.Figure:
+                   zmax: Optional[float] = None, head_columns: int = 6, width: Optional[int] = None) -> go.Figure:
     """Attention maps at shift ``current``, every map square, one colour scale (0..zmax) for all.
     ``heads='mean'`` → rows = models, columns = layers (+ rollout for ViT), each the head mean;
     ``heads='all'`` → baseline and anchored side by side (a block of columns each), one row per layer
     with one map per head (at most ``head_columns`` heads to a row, more wrap onto the next), the
     rollout (one map) as a single map per model. ``align=True`` rolls each map back into the unshifted
     frame (``SweepResult.aligned_attention``), so an equivariant model shows the same picture at every
-    shift."""
+    shift. The height is sized for a page ``width`` px wide (default ``PAGE_WIDTH``, the dashboard's full
+    width; given, it is also set as the figure's width, e.g. for a static export)."""
     if heads not in ("mean", "all"):
         raise EquishiftError(f"heads must be 'mean' or 'all', got {heads!r}")
     pairs = _pair(baseline, anchored)
@@ -364,7 +366,7 @@ def attention_grid(baseline: SweepResult, anchored: Optional[SweepResult] = None
     titles = {(r, c): t for r, c, t, *_ in cells}
     # cell size at the dashboard's full width, capped so a few large maps stay a sensible size
     units = sum(widths) if widths else n_cols
-    cell = min(240.0, (PAGE_WIDTH - 140) / units)
+    cell = min(240.0, ((width or PAGE_WIDTH) - 140) / units)
     title_px, top = 34, (130 if headers else 100)
     height = int(top + 40 + n_rows * (cell + title_px))
     fig = make_subplots(rows=n_rows, cols=n_cols, specs=specs, column_widths=widths,
@@ -407,6 +409,8 @@ def attention_grid(baseline: SweepResult, anchored: Optional[SweepResult] = None
     fig.update_layout(title=_title(f"Attention maps at {_shift_text(baseline, current)}, {frame}", baseline,
                                    desc), height=height, margin=dict(t=top, b=40, l=30, r=110))
     _pin_title(fig)
+    if width:
+        fig.update_layout(width=int(width))
     return fig
 
 
@@ -533,7 +537,7 @@ def polyphase_panel(result: SweepResult, current: int = 0, path=None) -> go.Figu
 # --- layer × shift equivariance error ----------------------------------------------------------
 def layer_error_map(baseline: SweepResult, anchored: Optional[SweepResult] = None, path=None,
                     current: Optional[int] = None, zmax: Optional[float] = None, log: bool = False,
-                    layout: str = "auto", map_columns: int = 6) -> go.Figure:
+                    layout: str = "auto", map_columns: int = 6, width: Optional[int] = None) -> go.Figure:
     """Feature equivariance error ||F(Tx) − R_t F(x)|| / ||F(x)|| per layer and shift, one colour scale.
 
     ``layout='maps'``: one small square dy × dx map per layer (``map_columns`` to a row), a block of rows per
@@ -543,7 +547,9 @@ def layer_error_map(baseline: SweepResult, anchored: Optional[SweepResult] = Non
     (dy, dx) ticks), the current shift a dotted line. ``'auto'``: maps when no ``path`` is given and the
     sweep covers a 2-D grid of shifts, else the strip.
     ``log=True`` shows log10(error) (floored at 1e-8) so float-noise levels stay visible; exact zeros are
-    left blank (NaN) and said to be exactly 0, not drawn as the floor."""
+    left blank (NaN) and said to be exactly 0, not drawn as the floor. The maps' height is sized for a
+    page ``width`` px wide (default ``PAGE_WIDTH``, the dashboard's full width; given, it is also set as
+    the figure's width, e.g. for a static export)."""
     if layout not in ("auto", "maps", "strip"):
         raise EquishiftError(f"layout must be 'auto', 'maps' or 'strip', got {layout!r}")
     pairs = _pair(baseline, anchored)
@@ -569,7 +575,7 @@ def layer_error_map(baseline: SweepResult, anchored: Optional[SweepResult] = Non
         return torch.where(m > 0, torch.log10(m.clamp_min(1e-8)), torch.nan) if log else m
 
     if layout == "maps":
-        fig = _layer_maps(mats, shown, current, log)
+        fig = _layer_maps(mats, shown, current, log, max(1, int(map_columns)), width or PAGE_WIDTH)
     else:
         fig = _layer_strips(mats, shown, path, current, log)
     if log:
@@ -580,6 +586,8 @@ def layer_error_map(baseline: SweepResult, anchored: Optional[SweepResult] = Non
     fig.update_layout(title=_title("Feature equivariance error per layer (re-aligned by token shift / anchors)",
                                    baseline, "blank cells: exactly 0" if log and zeros else ""))
     _pin_title(fig)
+    if width:
+        fig.update_layout(width=int(width))
     return fig
 
 
@@ -611,11 +619,11 @@ def _layer_strips(mats, shown, path, current, log) -> go.Figure:
     return fig
 
 
-def _layer_maps(mats, shown, current, log) -> go.Figure:
+def _layer_maps(mats, shown, current, log, max_cols: int, page: int) -> go.Figure:
     n_layers = max(len(layers) for _, _, layers, _ in mats)
-    per = -(-n_layers // 6)  # rows per model, then as few columns as fill them evenly
+    per = -(-n_layers // max_cols)  # rows per model, then as few columns as fill them evenly
     cols = -(-n_layers // per)
-    cell = min(260.0, (PAGE_WIDTH - 200) / cols)
+    cell = min(260.0, (page - 200) / cols)
     title_px, top, bottom = 40, 110, 60
     n_rows = per * len(mats)
     height = int(top + bottom + n_rows * (cell + title_px + 12))
@@ -624,7 +632,7 @@ def _layer_maps(mats, shown, current, log) -> go.Figure:
         for i, layer in enumerate(layers):
             cells[g * per + i // cols + 1, i % cols + 1] = (g, i)
     specs = [[{} if (r, c) in cells else None for c in range(1, cols + 1)] for r in range(1, n_rows + 1)]
-    titles = [f"{mats[g][0]} · {mats[g][2][i]}" for (r, c), (g, i) in sorted(cells.items())]
+    titles = [mats[g][2][i] for (r, c), (g, i) in sorted(cells.items())]  # the model: on the left
     fig = make_subplots(rows=n_rows, cols=cols, specs=specs, subplot_titles=titles,
                         horizontal_spacing=min(0.06, 0.3 / cols),
                         vertical_spacing=min((title_px + 12) / (height - top - bottom), 0.3 / max(n_rows - 1, 1)))
@@ -644,8 +652,8 @@ def _layer_maps(mats, shown, current, log) -> go.Figure:
         # ranges given, so a map whose every cell is blank (all exactly 0) keeps its axes
         fig.update_xaxes(range=_axis_range(xs), title_text="dx (px)" if r == n_rows or (r + 1, c) not in cells else None,
                          row=r, col=c, **_integer_ticks(xs))
-        fig.update_yaxes(range=_axis_range(ys)[::-1], title_text="dy (px)" if c == 1 else None, row=r, col=c,
-                         **_integer_ticks(ys))
+        fig.update_yaxes(range=_axis_range(ys)[::-1], title_text=f"<b>{name}</b><br>dy (px)" if c == 1 else None,
+                         row=r, col=c, **_integer_ticks(ys))
         _square(fig, r, c)
         if log and bool((m[i] == 0).all()):
             fig.add_annotation(text="exactly 0<br>at every shift", showarrow=False, x=float(np.mean(xs)),

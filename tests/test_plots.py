@@ -297,10 +297,12 @@ def test_layer_error_map_over_the_grid_is_one_square_dy_dx_map_per_layer(pair):
     _assert_square(fig)
     marks = [d for d in fig.data if d.name == "current shift"]
     assert len(marks) == len(heat) and all((list(m.x), list(m.y)) == ([-1], [3]) for m in marks)
-    titles = [a.text for a in fig.layout.annotations]
-    assert all(f"{n} · {l}" in titles for n, r in (("baseline", base), ("anchored (full)", anch)) for l in r.layer_error)
-    assert fig.layout.xaxis.title.text == "dx (px)" or any((ax.title.text or "") == "dx (px)" for ax in
-                                                            (fig.layout[a] for a in fig.layout if a.startswith("xaxis")))
+    titles = [a.text for a in fig.layout.annotations if a.text in base.layer_error]
+    assert titles == list(base.layer_error) + list(anch.layer_error)
+    ytitles = [fig.layout[a].title.text for a in fig.layout if a.startswith("yaxis") and fig.layout[a].title.text]
+    assert ytitles == ["<b>baseline</b><br>dy (px)", "<b>anchored (full)</b><br>dy (px)"]  # one row of maps each
+    xtitles = {fig.layout[a].title.text for a in fig.layout if a.startswith("xaxis")} - {None}
+    assert xtitles == {"dx (px)"}
 
 
 def test_layer_error_strip_along_a_row_or_column_is_in_shift_coordinates(pair):
@@ -386,3 +388,14 @@ def test_shifted_image_axes_are_labelled_and_its_size_does_not_depend_on_the_gri
         assert f.layout.yaxis.scaleanchor == "x"
         assert f.layout.xaxis.automargin is False and f.layout.yaxis.automargin is False
     assert len({(f.layout.margin.to_plotly_json().__repr__(), f.layout.height) for f in figs}) == 1
+
+
+def test_map_grids_are_sized_for_the_page_width_they_are_given(pair):
+    """Square maps fill a 1400-px page by default; a narrower page (a static export at 700 px) gets a
+    shorter figure of that width, so its maps are not lost in white space."""
+    base, anch, _ = pair
+    for build in (lambda **kw: plots.layer_error_map(base, anch, **kw),
+                  lambda **kw: plots.attention_grid(base, anch, heads="all", **kw)):
+        wide, narrow = build(), build(width=700)
+        assert wide.layout.width is None and narrow.layout.width == 700
+        assert narrow.layout.height < wide.layout.height
