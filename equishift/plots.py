@@ -13,6 +13,7 @@ Conventions
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -26,7 +27,7 @@ from .sweep import SweepResult, describe_shifts
 
 __all__ = [
     "logit_curve", "orbit_heatmap", "attention_grid", "polyphase_panel", "layer_error_map",
-    "attribution_overlay", "shifted_image", "default_path", "FIGURES",
+    "attribution_overlay", "shifted_image", "default_path", "path_axis", "PathAxis", "phase_colours", "FIGURES",
 ]
 
 # Names of the builders, for code that renders "all figures" (the report CLI).
@@ -90,6 +91,103 @@ def _path(res: SweepResult, path) -> torch.Tensor:
     return t.long()
 
 
+# Layout assumptions for figure heights: the dashboard draws a full-width figure ~1400 px wide and a
+# half-column one ~700 px; heights are chosen so square maps fill their cells at those widths.
+PAGE_WIDTH = 1400
+# The one marker for "the current shift": a white × with a black outline on 2-D maps (reads on any colour),
+# a dotted vertical line on 1-D axes (black on white, white on a heatmap).
+CURRENT_MARKER = dict(symbol="x", size=12, color="white", line=dict(color="black", width=1.5))
+CURRENT_LINE = dict(dash="dot", width=1.5)
+
+
+def _pin_title(fig: go.Figure) -> None:
+    """Pin the (two-line) figure title to the top of the canvas, above the subplot titles. The padding
+    makes up for plotly placing a multi-line title with yanchor 'top' about one line too high."""
+    fig.update_layout(title_y=1, title_yanchor="top", title_pad_t=30)
+
+
+def _current_cross(x: float, y: float, showlegend: bool = False) -> go.Scatter:
+    return go.Scatter(x=clean([x]), y=clean([y]), mode="markers", name="current shift", showlegend=showlegend,
+                      marker=CURRENT_MARKER, hovertemplate="current shift (dy=%{y}, dx=%{x})<extra></extra>")
+
+
+def _integer_ticks(values: Sequence[float]) -> dict:
+    """Axis settings for shift coordinates: integer ticks (every 1, 2 or 4 px, by span) when every value is
+    an integer, else plotly's own ticks."""
+    v = np.asarray(values, dtype=float)
+    if not v.size or not np.all(v == np.round(v)):
+        return {}
+    span = float(v.max() - v.min())
+    step = 1 if span <= 12 else 2 if span <= 24 else 4 if span <= 64 else None
+    return dict(tick0=0, dtick=step, tickformat="d") if step else dict(tickformat="d")
+
+
+@dataclass
+class PathAxis:
+    """How a path of shift indices is laid on one axis. ``kind``: 'row' (dy fixed, x = dx), 'column'
+    (dx fixed, x = dy), 'diagonal' (dy = dx, x = dx), or 'other' (x = k, the k-th shift along the path,
+    ticks labelled (dy, dx)). ``idx``: the path's shift indices, sorted by the coordinate (for the first
+    three kinds); ``x``: the x value of each; ``title``: the axis title; ``axis``: extra axis settings."""
+
+    kind: str
+    idx: torch.Tensor
+    x: List[float]
+    title: str
+    axis: dict
+
+    def x_of(self, k: Optional[int]) -> Optional[float]:
+        """x position of shift index ``k`` on this path (None when ``k`` is not on it)."""
+        if k is None:
+            return None
+        where = (self.idx == int(k)).nonzero()
+        return self.x[int(where[0, 0])] if where.numel() else None
+
+
+def path_axis(res: SweepResult, idx: torch.Tensor) -> PathAxis:
+    """Detect the kind of path ``idx`` (shift indices of ``res``) from its shifts; see ``PathAxis``."""
+    idx = torch.as_tensor(idx).long().reshape(-1)
+    s = res.shifts[idx].double()
+    dy, dx = s[:, 0], s[:, 1]
+
+    def along(coord: torch.Tensor, kind: str, title: str) -> Optional[PathAxis]:
+        if torch.unique(coord).numel() != coord.numel():
+            return None  # a repeated shift: no one-to-one coordinate
+        order = torch.sort(coord, stable=True).indices
+        x = clean(coord[order].tolist())
+        return PathAxis(kind, idx[order], x, title, _integer_ticks(x))
+
+    out = None
+    if len(idx) and bool((dy == dy[0]).all()):
+        out = along(dx, "row", f"dx (px), along the row dy = {fmt(float(dy[0]), 'g')}")
+    elif len(idx) and bool((dx == dx[0]).all()):
+        out = along(dy, "column", f"dy (px), along the column dx = {fmt(float(dx[0]), 'g')}")
+    elif len(idx) and bool((dy == dx).all()):
+        out = along(dx, "diagonal", "dy = dx (px), along the diagonal")
+    if out is not None:
+        return out
+    n = len(idx)
+    every = max(1, int(np.ceil(n / 12)))
+    ticks = list(range(0, n, every))
+    return PathAxis("other", idx, list(range(n)), "shift k along the path (ticks: (dy, dx))",
+                    dict(tickmode="array", tickvals=ticks,
+                         ticktext=[f"({fmt(float(dy[k]), 'g')}, {fmt(float(dx[k]), 'g')})" for k in ticks]))
+
+
+def _axis_range(x: Sequence[float]) -> List[float]:
+    """[first - half a step, last + half a step] for cells centred on the sorted values ``x``."""
+    v = np.asarray(x, dtype=float)
+    half = 0.5 * (float(np.diff(v).min()) if v.size > 1 else 1.0)
+    return [float(v.min()) - half, float(v.max()) + half]
+
+
+def _square(fig: go.Figure, row: int, col: int) -> None:
+    """Make the subplot at (row, col) draw one data unit as long in y as in x (square cells)."""
+    sub = fig.get_subplot(row, col)
+    fig.update_yaxes(scaleanchor=sub.xaxis.plotly_name.replace("axis", ""), constrain="domain", constraintoward="top",
+                     row=row, col=col)
+    fig.update_xaxes(constrain="domain", row=row, col=col)
+
+
 def _np_image(img) -> np.ndarray:
     """(C, H, W) or (H, W) in [0, 1] → uint8 (H, W, 3)."""
     a = img.detach().cpu().float().numpy() if torch.is_tensor(img) else np.asarray(img, dtype=np.float32)
@@ -114,7 +212,9 @@ def logit_curve(baseline: SweepResult, anchored: Optional[SweepResult] = None, p
     """Probability (``value='prob'``) or logit (``'logit'``) of selected classes along a path through the
     orbit, one panel per model on one y scale. ``path``: shift indices or (dy, dx) pairs (default
     ``default_path``); ``classes``: class indices (default: each model's unshifted top-1).
-    ``current`` (a shift index) is marked where it lies on the path."""
+    ``current`` (a shift index) is marked where it lies on the path. The x axis is the shift coordinate
+    that varies along the path (``path_axis``): dx along a row, dy along a column, dy = dx along the
+    diagonal (points sorted by it); any other path is drawn in its own order with (dy, dx) tick labels."""
     if value not in ("prob", "logit"):
         raise EquishiftError(f"value must be 'prob' or 'logit', got {value!r}")
     pairs = _pair(baseline, anchored)
@@ -123,28 +223,27 @@ def logit_curve(baseline: SweepResult, anchored: Optional[SweepResult] = None, p
     lo, hi = (0.0, 1.0) if value == "prob" else (np.inf, -np.inf)
     palette = ["#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#7f7f7f"]
     for col, (name, res) in enumerate(pairs, start=1):
-        idx = _path(res, path)
+        ax = path_axis(res, _path(res, path))
+        idx = ax.idx
         vals = (res.probs if value == "prob" else res.logits)[idx]
-        steps = list(range(len(idx)))
         hover = [_shift_text(res, int(k)) for k in idx]
         for j, c in enumerate(cls):
             fig.add_trace(go.Scatter(
-                x=steps, y=clean(vals[:, c].tolist()), mode="lines+markers", name=_class_name(res, c),
+                x=ax.x, y=clean(vals[:, c].tolist()), mode="lines+markers", name=_class_name(res, c),
                 legendgroup=str(c), showlegend=col == 1, line=dict(color=palette[j % len(palette)]),
                 text=hover, hovertemplate="%{text}<br>%{y:.4f}<extra>" + _class_name(res, c) + "</extra>",
             ), row=1, col=col)
         if value == "logit":
             lo, hi = min(lo, float(vals[:, cls].min())), max(hi, float(vals[:, cls].max()))
-        if current is not None:
-            where = (idx == int(current)).nonzero()
-            if where.numel():
-                s = int(where[0, 0])
-                fig.add_vline(x=s, line=dict(color="black", dash="dot"), row=1, col=col)
-                fig.add_trace(go.Scatter(x=[s] * len(cls), y=clean([float(vals[s, c]) for c in cls]), mode="markers",
-                                         marker=dict(size=11, symbol="circle-open", color="black"),
-                                         name="current shift", showlegend=col == 1, hoverinfo="skip"),
-                              row=1, col=col)
-        fig.update_xaxes(title_text="step along path (hover: shift)", row=1, col=col)
+        at = ax.x_of(current)
+        if at is not None:
+            s = ax.x.index(at)
+            fig.add_vline(x=at, line=dict(color="black", **CURRENT_LINE), row=1, col=col)
+            fig.add_trace(go.Scatter(x=[at] * len(cls), y=clean([float(vals[s, c]) for c in cls]), mode="markers",
+                                     marker=dict(size=11, symbol="circle-open", color="black"),
+                                     name="current shift", showlegend=col == 1, hoverinfo="skip"),
+                          row=1, col=col)
+        fig.update_xaxes(title_text=ax.title, row=1, col=col, **ax.axis)
     if yrange is None:
         pad = 0.05 * (hi - lo) if value == "logit" else 0.02
         yrange = (lo - pad, hi + pad)
@@ -193,12 +292,10 @@ def orbit_heatmap(baseline: SweepResult, anchored: Optional[SweepResult] = None,
         ), row=1, col=col)
         if current is not None:
             dy, dx = res.shifts[int(current)].tolist()
-            fig.add_trace(go.Scatter(x=clean([dx]), y=clean([dy]), mode="markers", name="current shift",
-                                     showlegend=col == 1,
-                                     marker=dict(symbol="x", size=12, color="white", line=dict(color="black", width=1))),
-                          row=1, col=col)
-        fig.update_xaxes(title_text="dx (pixels)", row=1, col=col)
-        fig.update_yaxes(title_text="dy (pixels)", autorange="reversed", row=1, col=col)
+            fig.add_trace(_current_cross(dx, dy, showlegend=col == 1), row=1, col=col)
+        fig.update_xaxes(title_text="dx (pixels)", range=_axis_range(xs), row=1, col=col, **_integer_ticks(xs))
+        fig.update_yaxes(title_text="dy (pixels)", range=_axis_range(ys)[::-1], row=1, col=col, **_integer_ticks(ys))
+        _square(fig, 1, col)
     if value == "prob":
         what = "Probability of the unshifted top-1 class"
         fig.update_layout(coloraxis=dict(colorscale=SEQ, cmin=0, cmax=1, colorbar=dict(title="p")))
@@ -207,8 +304,9 @@ def orbit_heatmap(baseline: SweepResult, anchored: Optional[SweepResult] = None,
         fig.update_layout(coloraxis=dict(colorscale=[[0, "#f0f0f0"], [1, BASE_COLOR]], cmin=0, cmax=1,
                                          colorbar=dict(title="flip", tickvals=[0, 1])))
     # hoverdistance -1: a click anywhere in a panel picks the nearest swept shift
-    fig.update_layout(title=_title(what, baseline), height=420, margin=dict(t=90), hoverdistance=-1,
-                      legend=dict(orientation="h", yanchor="top", y=-0.18, x=0))
+    # height: two square maps side by side fill ~1400 px of page width (at ~700 px they shrink, still square)
+    fig.update_layout(title=_title(what, baseline), height=560, margin=dict(t=90, b=90), hoverdistance=-1,
+                      legend=dict(orientation="h", yanchor="top", y=-0.12, x=0))
     return fig
 
 
@@ -220,11 +318,15 @@ def _attention_maps(res: SweepResult, layer: str, k: int, align: bool) -> torch.
 
 def attention_grid(baseline: SweepResult, anchored: Optional[SweepResult] = None, current: int = 0,
                    layers: Optional[Sequence[str]] = None, heads: str = "mean", align: bool = False,
-                   zmax: Optional[float] = None) -> go.Figure:
-    """Attention maps at shift ``current``: ``heads='mean'`` → rows = models, columns = layers (+ rollout
-    for ViT), each the head mean; ``heads='all'`` → one row per (model, layer), one column per head.
-    ``align=True`` rolls each map back into the unshifted frame (``SweepResult.aligned_attention``), so
-    an equivariant model shows the same picture at every shift. One colour scale (0..zmax) for all."""
+                   zmax: Optional[float] = None, head_columns: int = 6, width: Optional[int] = None) -> go.Figure:
+    """Attention maps at shift ``current``, every map square, one colour scale (0..zmax) for all.
+    ``heads='mean'`` → rows = models, columns = layers (+ rollout for ViT), each the head mean;
+    ``heads='all'`` → baseline and anchored side by side (a block of columns each), one row per layer
+    with one map per head (at most ``head_columns`` heads to a row, more wrap onto the next), the
+    rollout (one map) as a single map per model. ``align=True`` rolls each map back into the unshifted
+    frame (``SweepResult.aligned_attention``), so an equivariant model shows the same picture at every
+    shift. The height is sized for a page ``width`` px wide (default ``PAGE_WIDTH``, the dashboard's full
+    width; given, it is also set as the figure's width, e.g. for a static export)."""
     if heads not in ("mean", "all"):
         raise EquishiftError(f"heads must be 'mean' or 'all', got {heads!r}")
     pairs = _pair(baseline, anchored)
@@ -232,31 +334,67 @@ def attention_grid(baseline: SweepResult, anchored: Optional[SweepResult] = None
         if not res.attention:
             raise EquishiftError(f"the {name} sweep recorded no attention; run it with 'attention' in record=")
     names = list(layers) if layers is not None else list(baseline.attention)
-    cells = []  # (row label, column label, map)
+    maps = {}  # (model, layer) -> [heads, h, w]
     for name, res in pairs:
         for layer in names:
             if layer not in res.attention:
                 raise EquishiftError(f"layer {layer!r} not in the {name} sweep; layers: {', '.join(res.attention)}")
-            m = _attention_maps(res, layer, current, align)
-            if heads == "mean":
-                cells.append((name, layer, m.mean(0)))
-            else:
+            maps[name, layer] = _attention_maps(res, layer, current, align)
+    cells = []  # (row, col, title, hover label, map)
+    if heads == "mean":
+        for r, (name, _) in enumerate(pairs, start=1):
+            for c, layer in enumerate(names, start=1):
+                cells.append((r, c, f"{name} · {layer}", f"{name} {layer}", maps[name, layer].mean(0)))
+        n_rows, n_cols, widths, headers = len(pairs), len(names), None, []
+    else:
+        hc = max(1, min(int(head_columns), max(m.shape[0] for m in maps.values())))
+        gap = 1 if len(pairs) > 1 else 0  # a narrow empty column between the two models' blocks
+        row = 1
+        for layer in names:
+            n_h = max(maps[name, layer].shape[0] for name, _ in pairs)
+            for g, (name, _) in enumerate(pairs):
+                m = maps[name, layer]
                 for h in range(m.shape[0]):
-                    cells.append((f"{name} · {layer}", f"head {h}", m[h]))
-    rows = list(dict.fromkeys(c[0] for c in cells))
-    cols = list(dict.fromkeys(c[1] for c in cells))
-    top = zmax if zmax is not None else _finite_max([c[2] for c in cells])
-    fig = make_subplots(rows=len(rows), cols=len(cols), horizontal_spacing=0.02, vertical_spacing=0.06,
-                        subplot_titles=[f"{r} · {c}" if heads == "mean" else f"{r} · {c}" for r in rows for c in cols])
-    for r_lab, c_lab, m in cells:
-        r, c = rows.index(r_lab) + 1, cols.index(c_lab) + 1
+                    title = layer if m.shape[0] == 1 else f"{layer} · head {h}"
+                    cells.append((row + h // hc, g * (hc + gap) + h % hc + 1, title, f"{name} {title}", m[h]))
+            row += -(-n_h // hc)
+        n_rows, n_cols = row - 1, len(pairs) * hc + gap * (len(pairs) - 1)
+        widths = ([1.0] * hc + [0.35] + [1.0] * hc) if gap else None
+        headers = [(name, g * (hc + gap) + 1, g * (hc + gap) + hc) for g, (name, _) in enumerate(pairs)]
+    used = {(r, c) for r, c, *_ in cells}
+    specs = [[{} if (r, c) in used else None for c in range(1, n_cols + 1)] for r in range(1, n_rows + 1)]
+    titles = {(r, c): t for r, c, t, *_ in cells}
+    # cell size at the dashboard's full width, capped so a few large maps stay a sensible size
+    units = sum(widths) if widths else n_cols
+    cell = min(240.0, ((width or PAGE_WIDTH) - 140) / units)
+    title_px, top = 34, (130 if headers else 100)
+    height = int(top + 40 + n_rows * (cell + title_px))
+    fig = make_subplots(rows=n_rows, cols=n_cols, specs=specs, column_widths=widths,
+                        horizontal_spacing=min(0.02, 0.2 / max(n_cols, 1)),
+                        vertical_spacing=min(title_px / (height - top - 40), 0.3 / max(n_rows - 1, 1)),
+                        subplot_titles=[titles[r, c] for r in range(1, n_rows + 1) for c in range(1, n_cols + 1)
+                                        if (r, c) in used])
+    top_val = zmax if zmax is not None else _finite_max([m for *_, m in cells])
+    for r, c, _, label, m in cells:
         fig.add_trace(go.Heatmap(z=clean(m.numpy()), coloraxis="coloraxis",
-                                 hovertemplate="row %{y}, col %{x}<br>%{z:.4f}<extra>" + f"{r_lab} {c_lab}</extra>"),
+                                 hovertemplate="row %{y}, col %{x}<br>%{z:.4f}<extra>" + label + "</extra>"),
                       row=r, col=c)
-    fig.update_yaxes(autorange="reversed", showticklabels=False)
-    fig.update_xaxes(showticklabels=False)
-    fig.update_annotations(font_size=10)
-    fig.update_layout(coloraxis=dict(colorscale=SEQ, cmin=0, cmax=top, colorbar=dict(title="attention")))
+        h, w = m.shape
+        fig.update_xaxes(range=[-0.5, w - 0.5], row=r, col=c)
+        fig.update_yaxes(range=[h - 0.5, -0.5], row=r, col=c)
+        _square(fig, r, c)
+    fig.update_yaxes(showticklabels=False, showgrid=False, zeroline=False)
+    fig.update_xaxes(showticklabels=False, showgrid=False, zeroline=False)
+    fig.update_annotations(font_size=11)
+    for name, c0, c1 in headers:  # model names over their blocks of columns
+        x0 = fig.get_subplot(1, c0).xaxis.domain[0] if (1, c0) in used else None
+        x1 = fig.get_subplot(1, c1).xaxis.domain[1] if (1, c1) in used else None
+        doms = [fig.get_subplot(r, c).xaxis.domain for r, c in used if c0 <= c <= c1]
+        x0 = min(d[0] for d in doms) if x0 is None else x0
+        x1 = max(d[1] for d in doms) if x1 is None else x1
+        fig.add_annotation(text=f"<b>{name}</b>", x=(x0 + x1) / 2, xref="paper", y=1, yref="paper",
+                           yshift=title_px, yanchor="bottom", showarrow=False, font=dict(size=14))
+    fig.update_layout(coloraxis=dict(colorscale=SEQ, cmin=0, cmax=top_val, colorbar=dict(title="attention")))
     kinds = sorted(set(baseline.meta.get("attention_kind", {}).values()))
     arch = baseline.meta.get("architecture")
     what = {"cls": "CLS→patch", "received": "mean received per patch",
@@ -269,15 +407,46 @@ def attention_grid(baseline: SweepResult, anchored: Optional[SweepResult] = None
     desc = ", ".join(what.get(k, k) for k in kinds)
     frame = "aligned to the unshifted frame" if align else "as seen (shifted frame)"
     fig.update_layout(title=_title(f"Attention maps at {_shift_text(baseline, current)}, {frame}", baseline,
-                                   desc), height=max(300, 190 * len(rows) + 110), margin=dict(t=100))
+                                   desc), height=height, margin=dict(t=top, b=40, l=30, r=110))
+    _pin_title(fig)
+    if width:
+        fig.update_layout(width=int(width))
     return fig
 
 
 # --- polyphase indices --------------------------------------------------------------------------
+def phase_colours(s: int) -> List[str]:
+    """One colour per phase (a, b) of an s×s grid, listed by a·s + b: the hue turns once around the
+    colour wheel along the column phase b (cyclic, as b is taken mod s), the lightness steps with the row
+    phase a. Phases are categories, so every phase gets its own flat colour (no gradient between them)."""
+    import colorsys
+
+    out = []
+    for a in range(s):
+        light = 0.5 if s == 1 else 0.30 + 0.45 * a / (s - 1)
+        for b in range(s):
+            r, g, bl = colorsys.hls_to_rgb(b / s, light, 0.8)
+            out.append(f"rgb({round(r * 255)},{round(g * 255)},{round(bl * 255)})")
+    return out
+
+
+def _phase_colorscale(s: int) -> list:
+    """Step colour scale over the phase codes 0 .. s²-1 (cmin -0.5, cmax s² - 0.5): one flat band each."""
+    cols, n = phase_colours(s), s * s
+    scale = []
+    for i, c in enumerate(cols):
+        scale += [[i / n, c], [(i + 1) / n, c]]
+    return scale
+
+
 def polyphase_panel(result: SweepResult, current: int = 0, path=None) -> go.Figure:
-    """For every anchored module: top row, the s×s phase grid with the (row, col) selected at shift
-    ``current`` marked; bottom row, the selected flat phase index a·s + b against the shift over the
-    orbit (a heatmap over (dy, dx) for 2-D grids, else a line along ``path``)."""
+    """For every anchored module: top row, the s×s phase grid — each phase (a, b) in its colour (the key
+    to the colours below) with the phase selected at shift ``current`` outlined and labelled; bottom row,
+    the selected phase against the shift over the orbit (a map over (dy, dx) for 2-D grids, else a line
+    along ``path`` with the path's shift coordinate on x). Phases are categories: one flat colour per
+    (a, b) (``phase_colours``: hue = column phase b, lightness = row phase a), the same (a, b) the same
+    colour in every module, and the colour bar names the phases. The colour code of a phase is
+    a·S + b with S the largest anchor stride; the hover gives the module's own index a·s + b."""
     names = list(result.anchors)
     if not names:
         fig = go.Figure()
@@ -285,7 +454,8 @@ def polyphase_panel(result: SweepResult, current: int = 0, path=None) -> go.Figu
                            x=0.5, y=0.5, xref="paper", yref="paper", font_size=16)
         fig.update_layout(title=_title("Polyphase anchor indices", result), height=300)
         return fig
-    strides = result.meta.get("anchor_stride", {})
+    strides = {n: int(result.meta.get("anchor_stride", {}).get(n, int(result.anchors[n].max()) + 1)) for n in names}
+    big = max(strides.values())
     ys, xs, _ = result.to_grid(torch.zeros(len(result)))
     two_d = len(ys) > 1 and len(xs) > 1
     margins = {r["module"]: r for r in result.anchor_margins(current)}
@@ -293,100 +463,206 @@ def polyphase_panel(result: SweepResult, current: int = 0, path=None) -> go.Figu
     def head(n: str) -> str:
         r = margins[n]
         if r["margin"] is None:
-            return f"{n} (s={strides.get(n, '?')})"
+            return f"{n} (s={strides[n]})"
         tie = " · near-tie: x⁴ key" if r["tie_tol"] is not None and r["margin"] <= r["tie_tol"] else ""
-        return f"{n} (s={strides.get(n, '?')})<br>top-2 margin {fmt(r['margin'], '.2g')}{tie}"
+        return f"{n} (s={strides[n]})<br>top-2 margin {fmt(r['margin'], '.2g')}{tie}"
 
-    fig = make_subplots(rows=2, cols=len(names), vertical_spacing=0.18,
+    phase_ticks = lambda s: dict(tickmode="array", tickvals=list(range(s)), ticktext=[str(v) for v in range(s)],
+                                 range=[-0.5, s - 0.5], showgrid=False, zeroline=False)
+    fig = make_subplots(rows=2, cols=len(names), vertical_spacing=0.2, horizontal_spacing=0.08,
+                        row_heights=[0.4, 0.6],
                         subplot_titles=[head(n) for n in names]
-                        + [("index a·s+b over (dy, dx)" if two_d else "index a·s+b along path") for _ in names])
+                        + [("selected phase over (dy, dx)" if two_d else "selected phase along the path")
+                           for _ in names])
     for c, n in enumerate(names, start=1):
-        s = int(strides.get(n, int(result.anchors[n].max()) + 1))
+        s = strides[n]
         a, b = result.anchors[n][current].tolist()
-        z = np.zeros((s, s))
-        z[a, b] = 1
-        fig.add_trace(go.Heatmap(z=z, showscale=False, colorscale=[[0, "#eeeeee"], [1, ANCH_COLOR]], zmin=0, zmax=1,
-                                 xgap=2, ygap=2, hovertemplate="phase (%{y}, %{x})<extra></extra>"), row=1, col=c)
-        fig.add_annotation(text=f"({a}, {b})", x=b, y=a, showarrow=False, font=dict(color="white"), row=1, col=c)
-        fig.update_yaxes(autorange="reversed", title_text="row phase a" if c == 1 else None, row=1, col=c)
-        fig.update_xaxes(title_text="col phase b", row=1, col=c)
-        flat = (result.anchors[n][:, 0] * s + result.anchors[n][:, 1]).float()
+        pa, pb = np.meshgrid(np.arange(s), np.arange(s), indexing="ij")
+        fig.add_trace(go.Heatmap(z=pa * big + pb, coloraxis="coloraxis", xgap=2, ygap=2,
+                                 customdata=pa * s + pb,
+                                 hovertemplate="phase (%{y}, %{x}): index %{customdata}<extra>" + n + "</extra>"),
+                      row=1, col=c)
+        fig.add_shape(type="rect", x0=b - 0.5, x1=b + 0.5, y0=a - 0.5, y1=a + 0.5, row=1, col=c,
+                      line=dict(color="black", width=3))
+        fig.add_annotation(text=f"<b>({a}, {b})</b>", x=b, y=a, showarrow=False, row=1, col=c,
+                           font=dict(color="black", size=12), bgcolor="rgba(255,255,255,0.85)")
+        fig.update_yaxes(title_text="row phase a", autorange=None, row=1, col=c, **phase_ticks(s))
+        fig.update_yaxes(range=[s - 0.5, -0.5], row=1, col=c)
+        fig.update_xaxes(title_text="col phase b", row=1, col=c, **phase_ticks(s))
+        _square(fig, 1, c)
+        code = (result.anchors[n][:, 0] * big + result.anchors[n][:, 1]).float()
+        flat = result.anchors[n][:, 0] * s + result.anchors[n][:, 1]
         if two_d:
-            gy, gx, gz = result.to_grid(flat)
+            gy, gx, gz = result.to_grid(code)
+            _, _, gi = result.to_grid(flat.float())
+            text = np.array([["" if np.isnan(v) else f"({int(v) // s}, {int(v) % s}), index {int(v)}" for v in row]
+                             for row in gi.numpy()])
             fig.add_trace(go.Heatmap(x=clean(gx), y=clean(gy), z=clean(gz.numpy()), coloraxis="coloraxis",
-                                     hovertemplate="dy=%{y}, dx=%{x}<br>index %{z}<extra>" + n + "</extra>"),
+                                     text=text, hovertemplate="dy=%{y}, dx=%{x}<br>phase %{text}<extra>" + n + "</extra>"),
                           row=2, col=c)
             dy, dx = result.shifts[current].tolist()
-            fig.add_trace(go.Scatter(x=clean([dx]), y=clean([dy]), mode="markers", showlegend=False, hoverinfo="skip",
-                                     marker=dict(symbol="x", size=10, color="white", line=dict(color="black", width=1))),
-                          row=2, col=c)
-            fig.update_yaxes(autorange="reversed", title_text="dy" if c == 1 else None, row=2, col=c)
-            fig.update_xaxes(title_text="dx", row=2, col=c)
+            fig.add_trace(_current_cross(dx, dy), row=2, col=c)
+            fig.update_yaxes(title_text="dy (px)" if c == 1 else None, range=_axis_range(gy)[::-1], row=2, col=c,
+                             **_integer_ticks(gy))
+            fig.update_xaxes(title_text="dx (px)", range=_axis_range(gx), row=2, col=c, **_integer_ticks(gx))
+            _square(fig, 2, c)
         else:
-            idx = _path(result, path)
-            fig.add_trace(go.Scatter(x=list(range(len(idx))), y=flat[idx].tolist(), mode="lines+markers",
-                                     showlegend=False, text=[_shift_text(result, int(k)) for k in idx],
-                                     hovertemplate="%{text}: index %{y}<extra>" + n + "</extra>"), row=2, col=c)
-            fig.update_xaxes(title_text="step along path", row=2, col=c)
-    smax = max(int(strides.get(n, 1)) for n in names)
-    fig.update_layout(coloraxis=dict(colorscale="Turbo", cmin=0, cmax=smax * smax - 1, colorbar=dict(title="a·s+b")))
+            ax = path_axis(result, _path(result, path))
+            idx = ax.idx
+            sel = result.anchors[n][idx]
+            fig.add_trace(go.Scatter(
+                x=ax.x, y=flat[idx].tolist(), mode="lines+markers", showlegend=False, line=dict(color="#999"),
+                marker=dict(size=9, color=code[idx].tolist(), coloraxis="coloraxis"),
+                text=[f"{_shift_text(result, int(k))}: phase ({p}, {q})" for k, (p, q) in zip(idx.tolist(), sel.tolist())],
+                hovertemplate="%{text}, index %{y}<extra>" + n + "</extra>"), row=2, col=c)
+            at = ax.x_of(current)
+            if at is not None:
+                fig.add_vline(x=at, line=dict(color="black", **CURRENT_LINE), row=2, col=c)
+            fig.update_xaxes(title_text=ax.title, row=2, col=c, **ax.axis)
+            fig.update_yaxes(title_text="phase (a, b)" if c == 1 else None, tickmode="array",
+                             tickvals=list(range(s * s)), ticktext=[f"({p}, {q})" for p in range(s) for q in range(s)],
+                             range=[-0.5, s * s - 0.5], row=2, col=c)
+    n_codes = big * big
+    every = 1 if n_codes <= 36 else big  # more than 36 phases: label the first of each row phase
+    fig.update_layout(coloraxis=dict(
+        colorscale=_phase_colorscale(big), cmin=-0.5, cmax=n_codes - 0.5,
+        colorbar=dict(title="phase<br>(a, b)", tickmode="array", tickvals=list(range(0, n_codes, every)),
+                      ticktext=[f"({v // big}, {v % big})" for v in range(0, n_codes, every)], len=0.9)))
     fig.update_layout(title=_title(f"Polyphase anchor selected per module at {_shift_text(result, current)}, and "
-                                   "against the shift", result), height=640, margin=dict(t=130),
-                      title_y=0.98, title_yanchor="top")  # two-line panel titles sit under the figure title
+                                   "against the shift", result), height=760, margin=dict(t=140))
+    _pin_title(fig)  # two-line panel titles sit under the figure title
     return fig
 
 
 # --- layer × shift equivariance error ----------------------------------------------------------
 def layer_error_map(baseline: SweepResult, anchored: Optional[SweepResult] = None, path=None,
-                    current: Optional[int] = None, zmax: Optional[float] = None, log: bool = False) -> go.Figure:
-    """Feature equivariance error ||F(Tx) − R_t F(x)|| / ||F(x)|| per layer (rows) and shift (columns,
-    along ``path``, default every shift in sweep order), one panel per model, one colour scale.
+                    current: Optional[int] = None, zmax: Optional[float] = None, log: bool = False,
+                    layout: str = "auto", map_columns: int = 6, width: Optional[int] = None) -> go.Figure:
+    """Feature equivariance error ||F(Tx) − R_t F(x)|| / ||F(x)|| per layer and shift, one colour scale.
+
+    ``layout='maps'``: one small square dy × dx map per layer (``map_columns`` to a row), a block of rows per
+    model, the current shift marked ×. ``'strip'``: one panel per model, layers (rows) × the shifts
+    along ``path`` (default every shift in sweep order), the x axis in shift coordinates
+    (``path_axis``: dx along a row, dy along a column, dy = dx on the diagonal, else the k-th shift with
+    (dy, dx) ticks), the current shift a dotted line. ``'auto'``: maps when no ``path`` is given and the
+    sweep covers a 2-D grid of shifts, else the strip.
     ``log=True`` shows log10(error) (floored at 1e-8) so float-noise levels stay visible; exact zeros are
-    left blank (NaN) and said to be exactly 0, not drawn as the floor."""
+    left blank (NaN) and said to be exactly 0, not drawn as the floor. The maps' height is sized for a
+    page ``width`` px wide (default ``PAGE_WIDTH``, the dashboard's full width; given, it is also set as
+    the figure's width, e.g. for a static export)."""
+    if layout not in ("auto", "maps", "strip"):
+        raise EquishiftError(f"layout must be 'auto', 'maps' or 'strip', got {layout!r}")
     pairs = _pair(baseline, anchored)
     for name, res in pairs:
         if not res.layer_error:
             raise EquishiftError(f"the {name} sweep recorded no features; run it with 'features' in record=")
-    fig = make_subplots(rows=len(pairs), cols=1, shared_xaxes=True, vertical_spacing=0.12,
-                        subplot_titles=[n for n, _ in pairs])
+    if layout == "auto":
+        ys, xs, _ = baseline.to_grid(torch.zeros(len(baseline)))
+        layout = "maps" if path is None and len(ys) > 1 and len(xs) > 1 else "strip"
+    if layout == "maps" and path is not None:
+        raise EquishiftError("layout='maps' shows every swept shift; drop path= or use layout='strip'")
     mats = []
     for name, res in pairs:
-        idx = _path(res, path) if path is not None else torch.arange(len(res))
         layers = list(res.layer_error)
-        m = torch.stack([res.layer_error[layer][idx] for layer in layers]).double()
-        mats.append((name, res, idx, layers, m))
+        m = torch.stack([res.layer_error[layer] for layer in layers]).double()  # [layers, K]
+        mats.append((name, res, layers, m))
     top = zmax if zmax is not None else _finite_max([m for *_, m in mats])
     zeros = any(bool((m == 0).any()) for *_, m in mats)
-    for r, (name, res, idx, layers, m) in enumerate(mats, start=1):
+
+    def shown(m: torch.Tensor) -> torch.Tensor:
         # log: an exact 0 has no logarithm and must not pass for the floor (1e-8): it is left undrawn (the
         # background shows through) and named in the title and the hover text.
-        z = torch.where(m > 0, torch.log10(m.clamp_min(1e-8)), torch.nan) if log else m
-        text = [[_shift_text(res, int(k)) + (" · exactly 0" if log and float(m[i, j]) == 0 else "")
-                 for j, k in enumerate(idx)] for i in range(len(layers))]
-        fig.add_trace(go.Heatmap(z=clean(z.numpy()), y=layers, x=list(range(len(idx))), text=text,
-                                 coloraxis="coloraxis",
-                                 hovertemplate="%{y} at %{text}<br>error %{z:.3g}<extra>" + name + "</extra>"),
-                      row=r, col=1)
-        if current is not None:
-            where = (idx == int(current)).nonzero()
-            if where.numel():
-                fig.add_vline(x=int(where[0, 0]), line=dict(color="white", dash="dot"), row=r, col=1)
-        # categories and range given, so a panel whose every cell is blank (all exactly 0) keeps its axes
-        fig.update_yaxes(autorange="reversed", type="category", categoryorder="array", categoryarray=layers,
-                         automargin=True, row=r, col=1)
-        fig.update_xaxes(range=[-0.5, len(idx) - 0.5], row=r, col=1)
-        if log and bool((m == 0).all()):
-            fig.add_annotation(text="every layer exactly 0 at every shift", showarrow=False, x=(len(idx) - 1) / 2,
-                               y=layers[len(layers) // 2], row=r, col=1, font=dict(size=13, color="#444"))
-    fig.update_xaxes(title_text="shift index (hover: shift)", row=len(pairs), col=1)
+        return torch.where(m > 0, torch.log10(m.clamp_min(1e-8)), torch.nan) if log else m
+
+    if layout == "maps":
+        fig = _layer_maps(mats, shown, current, log, max(1, int(map_columns)), width or PAGE_WIDTH)
+    else:
+        fig = _layer_strips(mats, shown, path, current, log)
     if log:
         fig.update_layout(coloraxis=dict(colorscale="Magma", cmin=-8, cmax=float(np.log10(max(top, 1e-8))),
                                          colorbar=dict(title="log10 error")))
     else:
         fig.update_layout(coloraxis=dict(colorscale="Magma", cmin=0, cmax=top, colorbar=dict(title="rel. error")))
     fig.update_layout(title=_title("Feature equivariance error per layer (re-aligned by token shift / anchors)",
-                                   baseline, "blank cells: exactly 0" if log and zeros else ""),
-                      height=260 + 140 * len(pairs), margin=dict(t=90))
+                                   baseline, "blank cells: exactly 0" if log and zeros else ""))
+    _pin_title(fig)
+    if width:
+        fig.update_layout(width=int(width))
+    return fig
+
+
+def _layer_strips(mats, shown, path, current, log) -> go.Figure:
+    height = 200 + 200 * len(mats)
+    fig = make_subplots(rows=len(mats), cols=1, vertical_spacing=110 / (height - 130),
+                        subplot_titles=[n for n, *_ in mats])
+    for r, (name, res, layers, m) in enumerate(mats, start=1):
+        ax = path_axis(res, _path(res, path) if path is not None else torch.arange(len(res)))
+        idx = ax.idx
+        mm = m[:, idx]
+        text = [[_shift_text(res, int(k)) + (" · exactly 0" if log and float(mm[i, j]) == 0 else "")
+                 for j, k in enumerate(idx)] for i in range(len(layers))]
+        fig.add_trace(go.Heatmap(z=clean(shown(mm).numpy()), y=layers, x=ax.x, text=text, coloraxis="coloraxis",
+                                 hovertemplate="%{y} at %{text}<br>error %{z:.3g}<extra>" + name + "</extra>"),
+                      row=r, col=1)
+        at = ax.x_of(current)
+        if at is not None:
+            fig.add_vline(x=at, line=dict(color="white", **CURRENT_LINE), row=r, col=1)
+        # categories and range given, so a panel whose every cell is blank (all exactly 0) keeps its axes
+        fig.update_yaxes(autorange="reversed", type="category", categoryorder="array", categoryarray=layers,
+                         automargin=True, row=r, col=1)
+        rng = _axis_range(ax.x)
+        fig.update_xaxes(range=rng, title_text=ax.title, row=r, col=1, **ax.axis)
+        if log and bool((mm == 0).all()):
+            fig.add_annotation(text="every layer exactly 0 at every shift", showarrow=False, x=sum(rng) / 2,
+                               y=layers[len(layers) // 2], row=r, col=1, font=dict(size=13, color="#444"))
+    fig.update_layout(height=height, margin=dict(t=100, b=30))
+    return fig
+
+
+def _layer_maps(mats, shown, current, log, max_cols: int, page: int) -> go.Figure:
+    n_layers = max(len(layers) for _, _, layers, _ in mats)
+    per = -(-n_layers // max_cols)  # rows per model, then as few columns as fill them evenly
+    cols = -(-n_layers // per)
+    cell = min(260.0, (page - 200) / cols)
+    title_px, top, bottom = 40, 110, 60
+    n_rows = per * len(mats)
+    height = int(top + bottom + n_rows * (cell + title_px + 12))
+    cells = {}
+    for g, (name, res, layers, m) in enumerate(mats):
+        for i, layer in enumerate(layers):
+            cells[g * per + i // cols + 1, i % cols + 1] = (g, i)
+    specs = [[{} if (r, c) in cells else None for c in range(1, cols + 1)] for r in range(1, n_rows + 1)]
+    titles = [mats[g][2][i] for (r, c), (g, i) in sorted(cells.items())]  # the model: on the left
+    fig = make_subplots(rows=n_rows, cols=cols, specs=specs, subplot_titles=titles,
+                        horizontal_spacing=min(0.06, 0.3 / cols),
+                        vertical_spacing=min((title_px + 12) / (height - top - bottom), 0.3 / max(n_rows - 1, 1)))
+    for (r, c), (g, i) in sorted(cells.items()):
+        name, res, layers, m = mats[g]
+        ys, xs, z = res.to_grid(shown(m[i]))
+        _, _, raw = res.to_grid(m[i])
+        text = np.array([[("not swept" if np.isnan(v) else f"(dy={fmt(dy, 'g')}, dx={fmt(dx, 'g')})"
+                           + (" · exactly 0" if log and v == 0 else "")) for dx, v in zip(xs, row)]
+                         for dy, row in zip(ys, raw.numpy())])
+        fig.add_trace(go.Heatmap(x=clean(xs), y=clean(ys), z=clean(z.numpy()), text=text, coloraxis="coloraxis",
+                                 hovertemplate="%{text}<br>error %{z:.3g}<extra>" + f"{name} · {layers[i]}</extra>"),
+                      row=r, col=c)
+        if current is not None:
+            dy, dx = res.shifts[int(current)].tolist()
+            fig.add_trace(_current_cross(dx, dy, showlegend=(r, c) == (1, 1)), row=r, col=c)
+        # ranges given, so a map whose every cell is blank (all exactly 0) keeps its axes
+        fig.update_xaxes(range=_axis_range(xs), title_text="dx (px)" if r == n_rows or (r + 1, c) not in cells else None,
+                         row=r, col=c, **_integer_ticks(xs))
+        fig.update_yaxes(range=_axis_range(ys)[::-1], title_text=f"<b>{name}</b><br>dy (px)" if c == 1 else None,
+                         row=r, col=c, **_integer_ticks(ys))
+        _square(fig, r, c)
+        if log and bool((m[i] == 0).all()):
+            fig.add_annotation(text="exactly 0<br>at every shift", showarrow=False, x=float(np.mean(xs)),
+                               y=float(np.mean(ys)), row=r, col=c, font=dict(size=12, color="#444"))
+    fig.update_xaxes(tickfont_size=9, title_standoff=4)
+    fig.update_yaxes(tickfont_size=9, title_standoff=4)
+    fig.update_annotations(font_size=11, selector=dict(showarrow=False, xref="paper"))
+    fig.update_layout(height=height, margin=dict(t=top, b=bottom), showlegend=current is not None,
+                      legend=dict(orientation="h", yanchor="top", y=-0.01, x=0))
     return fig
 
 
@@ -461,12 +737,18 @@ def shifted_image(image, shift: Tuple[float, float] = (0, 0), mode: str = "circu
             lines.append(dict(type="line", y0=v - 0.5, y1=v - 0.5, x0=-0.5, x1=w - 0.5, line=dict(color=ANCH_COLOR, width=1.5)))
         lines.append(dict(type="rect", x0=b - 0.5, x1=b + 0.5, y0=a - 0.5, y1=a + 0.5, line=dict(color="yellow", width=2)))
     fig.update_layout(shapes=lines)
-    fig.update_yaxes(autorange="reversed", scaleanchor="x", showticklabels=False)
-    fig.update_xaxes(showticklabels=False)
+    # Pixel axes, labelled, ticks every patch (else plotly's own). Margins are fixed (no automargin) and the
+    # same with or without a patch grid or an anchor line in the title, so two models' inputs of one size
+    # are drawn at one pixel size side by side, whatever their patch or grid.
+    step = dict(tick0=0, dtick=patch) if patch and max(h, w) // patch <= 16 else {}
+    fig.update_yaxes(autorange=None, range=[h - 0.5, -0.5], scaleanchor="x", constrain="domain", title_text="row (px)", title_font_size=12,
+                     title_standoff=2, automargin=False, tickfont_size=10, showgrid=False, zeroline=False, **step)
+    fig.update_xaxes(range=[-0.5, w - 0.5], constrain="domain", title_text="column (px)", title_standoff=2, title_font_size=12,
+                     automargin=False, tickfont_size=10, showgrid=False, zeroline=False, **step)
     grid_txt = f"grey: {patch}-px patch grid" if patch else "no patch grid"
     # on its own line: the figure is often drawn half-page wide, where one line would be cut off
     anc_txt = (f"<br>blue: anchored grid, phase ({anchor[0]}, {anchor[1]})" if anchor is not None and patch else "")
     fig.update_layout(title=title or f"Input at {mode} shift (dy={fmt(shift[0])}, dx={fmt(shift[1])})<br><sup>{grid_txt}{anc_txt}</sup>",
-                      height=420, margin=dict(t=85 if anc_txt else 70, l=10, r=10, b=30),
+                      height=420, margin=dict(t=90, l=55, r=10, b=50), title_y=1, title_yanchor="top", title_pad_t=22,
                       title_font_size=13)  # drawn in half a column: plotly's 17 px title would be cut
     return fig

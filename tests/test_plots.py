@@ -72,8 +72,9 @@ def test_logit_curve_follows_the_path_on_a_shared_y_scale(pair):
     hi = max(float(r.logits[path][:, [base.ref_pred, anch.ref_pred]].max()) for r in (base, anch))
     r1, r2 = fig.layout.yaxis.range, fig.layout.yaxis2.range
     assert tuple(r1) == tuple(r2) and r1[0] < lo and r1[1] > hi
+    assert list(lines[0].x) == list(range(-2, 6))  # the diagonal's coordinate dy = dx, not the step
     marker = [d for d in fig.data if d.name == "current shift"]
-    assert marker and all(list(m.x) == [4] * len(m.x) for m in marker)  # (2, 2) is step 4 of the diagonal
+    assert marker and all(list(m.x) == [2] * len(m.x) for m in marker)  # (2, 2) sits at dy = dx = 2
     custom = plots.logit_curve(base, None, path=[(0, 0), (0, 1), (0, 2)], classes=[3])
     assert list(custom.data[0].y) == pytest.approx(base.probs[[base.index_of(0, i) for i in range(3)], 3].tolist())
 
@@ -111,8 +112,11 @@ def test_polyphase_panel_marks_the_selected_phase(pair):
     k = anch.index_of(3, 5)
     fig = plots.polyphase_panel(anch, current=k)
     a, b = anch.anchors["patch_embed.anchor"][k].tolist()
-    top = fig.data[0].z
-    assert np.asarray(top).sum() == 1 and np.asarray(top)[a][b] == 1
+    top = np.asarray(fig.data[0].z)  # the phase grid, each phase in its colour; the selected one outlined
+    assert top.tolist() == [[4 * p + q for q in range(4)] for p in range(4)]
+    box = [sh for sh in fig.layout.shapes if sh.type == "rect"]
+    assert len(box) == 1 and (box[0].x0 + 0.5, box[0].y0 + 0.5) == (b, a)
+    assert any(an.text == f"<b>({a}, {b})</b>" for an in fig.layout.annotations)
     flat = [d for d in fig.data if d.type == "heatmap"][1]
     _, _, z = anch.to_grid((anch.anchors["patch_embed.anchor"] * torch.tensor([4, 1])).sum(1).float())
     np.testing.assert_array_equal(np.asarray(flat.z, dtype=float), z.numpy())
@@ -138,12 +142,12 @@ def test_polyphase_panel_titles_carry_each_anchors_margin(twins_pair):
 
 def test_layer_error_map_uses_one_colour_scale(pair):
     base, anch, _ = pair
-    fig = plots.layer_error_map(base, anch)
+    fig = plots.layer_error_map(base, anch, layout="strip")
     _assert_names_range(fig, base)
     top = max(float(v.max()) for r in (base, anch) for v in r.layer_error.values())
     assert fig.layout.coloraxis.cmax == pytest.approx(top)
     np.testing.assert_allclose(np.asarray(fig.data[0].z, dtype=float)[1], base.layer_error["blocks.1"].numpy(), rtol=1e-6)
-    log = plots.layer_error_map(base, anch, log=True)
+    log = plots.layer_error_map(base, anch, log=True, layout="strip")
     z = np.asarray(log.data[1].z, dtype=float)
     assert log.layout.coloraxis.cmin == -8 and (z[np.isfinite(z)] < -4).all()  # anchored: float noise (or 0)
 
@@ -159,18 +163,26 @@ def test_layer_error_map_shows_exact_zeros_as_zero(pair):
     error[first][:3] = 0.0
     error[first][3] = 1e-9
     res = dataclasses.replace(base, layer_error=error)
-    lin = plots.layer_error_map(res)
+    lin = plots.layer_error_map(res, layout="strip")
     assert lin.layout.coloraxis.cmin == 0 and np.asarray(lin.data[0].z, dtype=float)[0, :3].tolist() == [0, 0, 0]
-    log = plots.layer_error_map(res, log=True)
+    log = plots.layer_error_map(res, log=True, layout="strip")
     z = np.asarray(log.data[0].z, dtype=float)
     m = torch.stack(list(error.values())).numpy()
     assert (np.isnan(z) == (m == 0)).all() and z[0, 3] == -8  # blank exactly where 0; 1e-9 at the floor
     assert "blank cells: exactly 0" in log.layout.title.text
     assert "exactly 0" in log.data[0].text[0][0] and "exactly 0" not in log.data[0].text[0][3]
     none = dataclasses.replace(base, layer_error={k: torch.zeros_like(v) for k, v in error.items()})
-    blank = plots.layer_error_map(none, log=True)  # every cell blank: the axes and a sentence remain
+    blank = plots.layer_error_map(none, log=True, layout="strip")  # every cell blank: axes and a sentence remain
     assert list(blank.layout.yaxis.categoryarray) == list(error) and blank.layout.xaxis.range == (-0.5, len(base) - 0.5)
     assert any("every layer exactly 0" in a.text for a in blank.layout.annotations)
+    maps = plots.layer_error_map(res, log=True)  # the same on the dy × dx maps
+    _, _, want = res.to_grid(error[first])
+    z = np.asarray(maps.data[0].z, dtype=float)
+    assert (np.isnan(z) == (want.numpy() == 0)).all() and np.nanmin(z) == -8
+    assert "exactly 0" in maps.data[0].text[0][0] and "exactly 0" not in maps.data[0].text[0][3]
+    blank = plots.layer_error_map(none, log=True)
+    assert blank.layout.xaxis.range == (-2.5, 5.5) and blank.layout.yaxis.range == (5.5, -2.5)
+    assert sum("exactly 0" in (a.text or "") for a in blank.layout.annotations) == len(error)
 
 
 def test_attribution_overlay_and_shifted_image(pair):
@@ -226,3 +238,164 @@ def test_no_signed_zero_in_titles_or_data(pair):
     error = {k: torch.full_like(v, -0.0) for k, v in base.layer_error.items()}
     z = np.asarray(plots.layer_error_map(dataclasses.replace(base, layer_error=error)).data[0].z)
     assert (z == 0).all() and not np.signbit(z).any()
+
+
+# --- issue 14: shift coordinates on the axes, square maps, readable attention and polyphase figures -----
+def _yaxes_of_heatmaps(fig):
+    """(trace, its x axis, its y axis) for every heatmap in ``fig``."""
+    out = []
+    for d in fig.data:
+        if d.type == "heatmap":
+            xa, ya = fig.layout[d.xaxis.replace("x", "xaxis")], fig.layout[d.yaxis.replace("y", "yaxis")]
+            out.append((d, xa, ya))
+    return out
+
+
+def _assert_square(fig):
+    for d, _, ya in _yaxes_of_heatmaps(fig):
+        assert ya.scaleanchor == d.xaxis, f"{d.yaxis} is not tied to {d.xaxis}"
+
+
+def test_logit_curve_x_axis_is_the_shift_coordinate_of_the_path(pair):
+    """Row path: x = dx; column: x = dy; diagonal: x = dy = dx; the current shift is marked at its own
+    coordinate; any other path is drawn in order with (dy, dx) tick labels."""
+    base, anch, _ = pair
+    s = base.shifts
+    k = base.index_of(1, 4)
+    row = (s[:, 0] == 1).nonzero()[:, 0].flip(0)  # given backwards: drawn in dx order
+    fig = plots.logit_curve(base, anch, path=row, current=k)
+    line = [d for d in fig.data if d.mode == "lines+markers"][0]
+    assert list(line.x) == list(range(-2, 6))
+    np.testing.assert_allclose(line.y, base.probs[[base.index_of(1, dx) for dx in range(-2, 6)], int(line.legendgroup)],
+                               rtol=1e-6)
+    assert fig.layout.xaxis.title.text.startswith("dx") and "dy = 1" in fig.layout.xaxis.title.text
+    marks = [m for m in fig.data if m.name == "current shift"]
+    assert len(marks) == 2 and all(set(m.x) == {4} for m in marks)
+    assert [sh.x0 for sh in fig.layout.shapes] == [4, 4]  # the dotted line, in each panel
+    col = (s[:, 1] == 4).nonzero()[:, 0]
+    fig = plots.logit_curve(base, None, path=col, current=k)
+    assert fig.layout.xaxis.title.text.startswith("dy") and "dx = 4" in fig.layout.xaxis.title.text
+    assert [set(m.x) for m in fig.data if m.name == "current shift"] == [{1}]
+    assert "dy = dx" in plots.logit_curve(base, anch).layout.xaxis.title.text
+    anti = [(t, -t) for t in range(-2, 3)]
+    other = plots.logit_curve(base, None, path=anti, current=base.index_of(1, -1))
+    assert list(other.data[0].x) == list(range(5)) and "(dy, dx)" in other.layout.xaxis.title.text
+    assert list(other.layout.xaxis.ticktext) == ["(-2, 2)", "(-1, 1)", "(0, 0)", "(1, -1)", "(2, -2)"]
+    assert [set(m.x) for m in other.data if m.name == "current shift"] == [{3}]
+
+
+def test_layer_error_map_over_the_grid_is_one_square_dy_dx_map_per_layer(pair):
+    base, anch, _ = pair
+    k = base.index_of(3, -1)
+    fig = plots.layer_error_map(base, anch, current=k)
+    heat = [d for d in fig.data if d.type == "heatmap"]
+    assert len(heat) == len(base.layer_error) + len(anch.layer_error)
+    for d, (res, layer) in zip(heat, [(r, l) for r in (base, anch) for l in r.layer_error]):
+        ys, xs, z = res.to_grid(res.layer_error[layer])
+        assert list(d.x) == xs == list(range(-2, 6)) and list(d.y) == ys
+        np.testing.assert_allclose(np.asarray(d.z, dtype=float), z.numpy(), rtol=1e-6)
+    _assert_square(fig)
+    marks = [d for d in fig.data if d.name == "current shift"]
+    assert len(marks) == len(heat) and all((list(m.x), list(m.y)) == ([-1], [3]) for m in marks)
+    titles = [a.text for a in fig.layout.annotations if a.text in base.layer_error]
+    assert titles == list(base.layer_error) + list(anch.layer_error)
+    ytitles = [fig.layout[a].title.text for a in fig.layout if a.startswith("yaxis") and fig.layout[a].title.text]
+    assert ytitles == ["<b>baseline</b><br>dy (px)", "<b>anchored (full)</b><br>dy (px)"]  # one row of maps each
+    xtitles = {fig.layout[a].title.text for a in fig.layout if a.startswith("xaxis")} - {None}
+    assert xtitles == {"dx (px)"}
+
+
+def test_layer_error_strip_along_a_row_or_column_is_in_shift_coordinates(pair):
+    base, anch, _ = pair
+    k = base.index_of(2, 5)
+    row = (base.shifts[:, 0] == 2).nonzero()[:, 0]
+    fig = plots.layer_error_map(base, anch, path=row, current=k)
+    heat = [d for d in fig.data if d.type == "heatmap"]
+    assert len(heat) == 2 and all(list(h.x) == list(range(-2, 6)) for h in heat)
+    assert fig.layout.xaxis.title.text.startswith("dx") and fig.layout.xaxis2.title.text.startswith("dx")
+    np.testing.assert_allclose(np.asarray(heat[0].z, dtype=float)[0], base.layer_error[base.layers[0]][row].numpy(),
+                               rtol=1e-6)
+    assert [sh.x0 for sh in fig.layout.shapes] == [5, 5]  # the current shift's dx, in both panels
+    col = (base.shifts[:, 1] == 5).nonzero()[:, 0]
+    fig = plots.layer_error_map(base, None, path=col, current=k)
+    assert fig.layout.xaxis.title.text.startswith("dy") and [sh.x0 for sh in fig.layout.shapes] == [2]
+    with pytest.raises(EquishiftError, match="layout"):
+        plots.layer_error_map(base, layout="grid")
+
+
+def test_orbit_heatmaps_are_square(pair):
+    base, anch, _ = pair
+    fig = plots.orbit_heatmap(base, anch, current=base.index_of(0, 0))
+    assert len(_yaxes_of_heatmaps(fig)) == 2
+    _assert_square(fig)
+
+
+def test_attention_all_heads_side_by_side_square_without_empty_panels(pair):
+    base, anch, _ = pair
+    fig = plots.attention_grid(base, anch, current=base.index_of(1, 2), heads="all")
+    heat = _yaxes_of_heatmaps(fig)
+    n_heads = {l: base.attention[l].shape[1] for l in base.attention}
+    assert len(heat) == 2 * sum(n_heads.values())  # the rollout: one map per model, no 'head 1'
+    axes = {a for a in fig.layout if a.startswith("xaxis")}
+    assert axes == {xa.plotly_name for _, xa, _ in heat}  # no subplot without a map
+    _assert_square(fig)
+    ours = [h for h in heat if "<extra>baseline " in h[0].hovertemplate]
+    theirs = [h for h in heat if "<extra>anchored (full) " in h[0].hovertemplate]
+    assert len(ours) == len(theirs) == len(heat) // 2
+    left = max(xa.domain[1] for _, xa, _ in ours)
+    right = min(xa.domain[0] for _, xa, _ in theirs)
+    assert left < right  # baseline's maps all left of the anchored model's: side by side, not stacked
+    for (d, xa, ya), (e, xb, yb) in zip(ours, theirs):
+        assert ya.domain == yb.domain  # the same layer and head on the same row
+    titles = [a.text for a in fig.layout.annotations]
+    assert "rollout" in titles and not any("rollout · head" in t for t in titles)
+    assert any("baseline" in t for t in titles) and any("anchored" in t for t in titles)
+    rows = len({ya.domain for _, _, ya in heat})
+    assert rows == len(base.attention) and fig.layout.height >= rows * 150  # room for square maps
+    _assert_square(plots.attention_grid(base, anch, current=0))
+
+
+def test_polyphase_colours_are_categorical_and_phase_ticks_integers(twins_pair):
+    _, anch = twins_pair
+    fig = plots.polyphase_panel(anch, current=5)
+    strides = {n: int(anch.meta["anchor_stride"][n]) for n in anch.anchors}
+    big = max(strides.values())
+    scale = fig.layout.coloraxis.colorscale
+    colours = [c for _, c in scale]
+    assert len(scale) == 2 * big * big and len(set(colours)) == big * big  # one flat band per phase
+    assert all(scale[2 * i][1] == scale[2 * i + 1][1] for i in range(big * big))
+    assert (fig.layout.coloraxis.cmin, fig.layout.coloraxis.cmax) == (-0.5, big * big - 0.5)
+    bar = fig.layout.coloraxis.colorbar
+    assert list(bar.tickvals) == list(range(big * big)) and bar.ticktext[big + 1] == "(1, 1)"
+    grids = [d for d in fig.data if d.type == "heatmap"][::2]  # the phase grids (top row)
+    for g, (n, s) in zip(grids, strides.items()):
+        xa, ya = fig.layout[g.xaxis.replace("x", "xaxis")], fig.layout[g.yaxis.replace("y", "yaxis")]
+        assert list(xa.tickvals) == list(range(s)) == list(ya.tickvals)  # integer phases, no -0.5 … 3.5
+        assert np.asarray(g.z)[1][1] == big + 1  # (1, 1) has one colour in every module, whatever its s
+    maps = [d for d in fig.data if d.type == "heatmap"][1::2]
+    for m, n in zip(maps, strides):
+        _, _, z = anch.to_grid((anch.anchors[n] * torch.tensor([big, 1])).sum(1).float())
+        np.testing.assert_array_equal(np.asarray(m.z, dtype=float), z.numpy())
+    _assert_square(fig)
+
+
+def test_shifted_image_axes_are_labelled_and_its_size_does_not_depend_on_the_grid():
+    img = torch.rand(3, 32, 32)
+    figs = [plots.shifted_image(img, (1, 2), patch=4, anchor=(1, 3)), plots.shifted_image(img, (1, 2), patch=8),
+            plots.shifted_image(img, (1, 2))]
+    for f in figs:
+        assert "px" in f.layout.xaxis.title.text and "px" in f.layout.yaxis.title.text
+        assert f.layout.yaxis.scaleanchor == "x"
+        assert f.layout.xaxis.automargin is False and f.layout.yaxis.automargin is False
+    assert len({(f.layout.margin.to_plotly_json().__repr__(), f.layout.height) for f in figs}) == 1
+
+
+def test_map_grids_are_sized_for_the_page_width_they_are_given(pair):
+    """Square maps fill a 1400-px page by default; a narrower page (a static export at 700 px) gets a
+    shorter figure of that width, so its maps are not lost in white space."""
+    base, anch, _ = pair
+    for build in (lambda **kw: plots.layer_error_map(base, anch, **kw),
+                  lambda **kw: plots.attention_grid(base, anch, heads="all", **kw)):
+        wide, narrow = build(), build(width=700)
+        assert wide.layout.width is None and narrow.layout.width == 700
+        assert narrow.layout.height < wide.layout.height
