@@ -3,25 +3,33 @@
 CLI::
 
     python -m equishift sweep --baseline zoo:fmnist-vit-baseline --anchored zoo:fmnist-vit-anchored \\
-        --image shirt.png --mode circular --grid period --out report/ [--zip] [--device cpu]
+        --image shirt.png --mode circular --grid period --out report/ [--shift 2,1] [--zip] [--device cpu]
 
 Python (the dashboard's "Download comparison report" button)::
 
-    data = build_report(base_loaded, anch_loaded, pil_image, zip=True)            # bytes of a zip
+    data = build_report(base_loaded, anch_loaded, pil_image, zip=True, shift=(2, 1),
+                        view={"curve_path": "column", "attr_method": "gradcam"},
+                        shift_origin="in the dashboard")                          # bytes of a zip
     path = build_report("zoo:a", "zoo:b", "shirt.png", out="report/")            # the folder
 
 Bundle
 - ``figures/NAME.png`` and ``figures/NAME.svg`` for every figure (kaleido with the system Chromium; if
   none is available, ``figures/STATIC_EXPORT_UNAVAILABLE.txt`` says why and everything else is written);
-- ``report.html``: every figure, the summary and the metadata in one page with plotly.js inline (opens
-  offline); the summary is also embedded as JSON (``<script id="equishift-summary">``);
+- ``report.html``: one comparison table (rows = metrics, columns = baseline | anchored, rounded for
+  reading), every figure with a caption (what it shows, the models, mode, grid and shift), and a metadata
+  table, plotly.js inline (opens offline); the exact summary and metadata are also embedded as JSON
+  (``<script id="equishift-summary">``, ``<script id="equishift-metadata">``);
 - ``data/baseline.npz``, ``data/anchored.npz`` (``SweepResult.save``, no pickle), ``data/per_shift.csv``
-  (one row per shift), ``data/summary.json`` (metrics of each model over the swept grid);
+  (one row per shift), ``data/summary.json`` (metrics of each model over the swept grid, exact);
 - ``metadata.json``: specs, model names, weights sha256 (of the state dict, and of the weights file when
-  the model card has one), image sha256, shift grid, mode, versions, device, focus shift, time.
+  the model card has one), image sha256, mode, the shift grid summarised (label, count, range: every
+  shift is a row of ``per_shift.csv``), the shown shift and why, the view choices, versions, device, time.
 
-The *focus* shift (the one the attention, image and attribution figures show) is where the baseline's
-probability of its own unshifted top-1 class is lowest: the most damaging shift of the grid.
+The view: every figure shows one shift and the dashboard tabs' choices (``VIEW_DEFAULTS``: logit-curve
+path and value, attention layers / heads / alignment, layer-error log scale, attribution method and
+GradCAM layer). ``shift=(dy, dx)`` picks the shift (the dashboard passes its current one); without it the
+report shows the most damaging shift of the grid (``FOCUS_RULE``: where the baseline's probability of its
+unshifted top-1 class is lowest) and says so above the figures.
 """
 from __future__ import annotations
 
