@@ -338,8 +338,17 @@ def _figures(loaded: Dict[str, Any], res: Dict[str, SweepResult], x: Dict[str, t
                             "picture at every shift)" if align else ", as seen in the shifted frame")
                          + ("; rows: baseline, anchored (one colour scale)." if both else
                             "; the baseline only (the anchored model has different layers).")))
-    plan.append(("polyphase_anchored", "Polyphase anchors of the anchored model",
-                 lambda: plots.polyphase_panel(anch, current=k),
+    def make_polyphase():
+        fig = plots.polyphase_panel(anch, current=k)
+        if anch.anchors:  # whole-number ticks: phases and shifts are integers (no 0.5 between them)
+            fig.update_xaxes(dtick=1, row=1)
+            fig.update_yaxes(dtick=1, row=1)
+            span = max(int(anch.shifts[:, 0].max() - anch.shifts[:, 0].min()),
+                       int(anch.shifts[:, 1].max() - anch.shifts[:, 1].min()), 1)
+            fig.update_xaxes(dtick=max(1, math.ceil(span / 8)), row=2)
+            fig.update_yaxes(dtick=max(1, math.ceil(span / 8)), row=2)
+        return fig
+    plan.append(("polyphase_anchored", "Polyphase anchors of the anchored model", make_polyphase,
                  "For every anchored module of the anchored model: the phase (a, b) it selects at the shown "
                  "shift (top) and its flat index a·s+b at every swept shift (bottom; × the shown shift)."))
     if base.layer_error and anch.layer_error:
