@@ -14,7 +14,7 @@ import streamlit as st
 
 from equishift import formatting
 
-__all__ = ["show", "figure_bytes", "static_export_problem", "report_panel"]
+__all__ = ["show", "figure_bytes", "static_export_problem", "report_panel", "current_view", "VIEW_KEYS"]
 
 MIME = {"png": "image/png", "svg": "image/svg+xml", "html": "text/html"}
 
@@ -78,43 +78,91 @@ def show(fig: go.Figure, name: str, key: Optional[str] = None, **chart_kwargs):
 
 
 REPORT = "report_zip"
+# The tab choices the report reproduces: session_state keys of the tabs' widgets (dashboard/panels.py,
+# dashboard/attribution_panel.py). A widget's key leaves session_state once its tab is not drawn for a run
+# (only the open tab is drawn), so the last values seen are kept under VIEW_SEEN.
+VIEW_KEYS = ("curve_path", "curve_value", "att_layers", "att_heads", "att_align", "err_log", "attr_method",
+             "attr_layer")
+VIEW_SEEN = "report_view_seen"
 
 
-def _report_key(sides, mode: str) -> tuple:
-    return tuple(s.key for s in sides) + (mode,)
+def current_view(state) -> dict:
+    """The tab choices now on screen, from ``state`` (``st.session_state``): each key's current value, else
+    the last value seen for it (its tab is closed), else the dashboard's default (``VIEW_DEFAULTS``;
+    ``att_layers`` None = the dashboard's default layers). Remembers what it saw in ``state``."""
+    from equishift.report import VIEW_DEFAULTS
+
+    seen = dict(state.get(VIEW_SEEN) or {})
+    for k in VIEW_KEYS:
+        if k in state:
+            v = state[k]
+            seen[k] = list(v) if isinstance(v, (list, tuple)) else v
+    state[VIEW_SEEN] = seen
+    view = {k: seen.get(k, VIEW_DEFAULTS[k]) for k in VIEW_KEYS}
+    if view["attr_method"] != "gradcam":
+        view["attr_layer"] = None  # GradCAM's layer picker is only drawn (and only counts) for GradCAM
+    return view
 
 
-def report_panel(sides, mode: str, grid, image_bytes: bytes) -> None:
+def _report_key(sides, mode: str, shift=None, view=None) -> tuple:
+    """What a built report depends on: the models and sweeps, the mode, the shown shift and the tab choices."""
+    choices = tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in sorted((view or {}).items()))
+    return tuple(s.key for s in sides) + (mode, tuple(float(x) for x in (shift or ())), choices)
+
+
+def report_panel(sides, mode: str, grid, image_bytes: bytes, shift=None) -> None:
     """"Download comparison report": the engine's bundle (equishift.report.build_report) for this pair,
-    image, mode and grid, from the sweeps already cached here. Built on request (it renders every figure
-    to PNG/SVG and writes an offline HTML page: seconds), then offered as a zip download."""
+    image, mode and grid, from the sweeps already cached here, with every figure at the current ``shift``
+    (dy, dx) and the tabs' current choices (``current_view``). Built on request (it renders every figure to
+    PNG/SVG and writes an offline HTML page: seconds, with a progress bar), then offered as a zip download.
+    Without a ``shift`` the report shows the most damaging shift of the grid and says so."""
     st.markdown("The **comparison report** is one zip: every figure as PNG and SVG, `report.html` (all "
                 "figures, plotly.js inline, opens offline), the sweeps as `.npz`, a per-shift CSV, a summary "
-                "JSON and `metadata.json` (specs, weights and image sha256, grid, mode, versions, device).")
+                "JSON and `metadata.json` (specs, weights and image sha256, grid, mode, versions, device). "
+                "Its figures show what the tabs show now: the current shift and each tab's choices.")
+    view = current_view(st.session_state)
     if len(sides) < 2:
         st.info("The report compares two models: fix the model that failed to load first.")
         return
     if mode in ("bilinear", "fourier"):
         st.info("The report sweeps integer shift grids: pick circular, zero-pad, reflect or crop.")
         return
-    key = _report_key(sides, mode)
+    shift = tuple(shift) if shift is not None else None
+    layers = sides[0].result.attention
+    if view["att_layers"] is not None:  # layers remembered from other models fall back to the default
+        view["att_layers"] = [layer for layer in view["att_layers"] if layer in layers] or None
+    key = _report_key(sides, mode, shift, view)
     built = st.session_state.get(REPORT)
     if st.button("Build comparison report", key="build_report", icon=":material/inventory_2:"):
-        from equishift.report import build_report
+        from equishift.report import build_report, report_stages
+
+        static = static_export_problem() is None
+        stages = report_stages(sweeps=False, static=static)
+        bar = st.progress(0.0, text="Building the report …")
+
+        def progress(stage: str, done: int, total: int) -> None:
+            i = stages.index(stage) if stage in stages else 0
+            frac = (i + (done / total if total else 1.0)) / len(stages)
+            bar.progress(min(1.0, frac), text=f"Building the report: {stage} ({done}/{total})")
 
         try:
-            with st.spinner("Building the report (figures to PNG/SVG, offline HTML, data) …"):
-                data = build_report(sides[0].loaded, sides[1].loaded, image_bytes, zip=True, mode=mode, grid=grid.label,
-                                    results=(sides[0].result, sides[1].result),
-                                    static=static_export_problem() is None)
+            data = build_report(sides[0].loaded, sides[1].loaded, image_bytes, zip=True, mode=mode, grid=grid.label,
+                                results=(sides[0].result, sides[1].result), static=static, shift=shift,
+                                view=view, shift_origin="in the dashboard" if shift is not None else None,
+                                progress=progress)
             built = st.session_state[REPORT] = {"key": key, "data": data}
         except Exception as e:  # noqa: BLE001 - the page must survive a failed export
             st.error(f"The report could not be built: {type(e).__name__}: {e}")
+        finally:
+            bar.empty()
     if built and built["key"] == key:
         st.download_button("Download comparison report", data=built["data"], file_name="equishift-report.zip",
                            mime="application/zip", on_click="ignore", type="primary", key="download_report",
                            icon=":material/download:")
+        at = ("the grid's most damaging shift" if shift is None else
+              f"shift (dy, dx) = ({formatting.fmt(shift[0], 'g')}, {formatting.fmt(shift[1], 'g')})")
         st.caption(f"{formatting.fmt(len(built['data']) / 1e6, '.1f')} MB · for the models, image, mode and grid "
-                   "shown above.")
+                   f"shown above, at {at}, with the tabs' current choices.")
     elif built:
-        st.caption("The models, image, mode or grid changed since the last report: build it again.")
+        st.caption("The models, image, mode, grid, shift or a tab's choice changed since the last report: "
+                   "build it again.")

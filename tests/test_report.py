@@ -13,6 +13,7 @@ import json
 import math
 import re
 import zipfile
+from html import escape
 from pathlib import Path
 
 import numpy as np
@@ -56,9 +57,9 @@ def _figure_names(folder: Path):
 
 
 def _html_figure_names(html: str):
-    """Headings of the figures in report.html's Figures section, in order."""
+    """Names (ids) of the figures in report.html's Figures section, in order."""
     section = html.split("<h2>Figures</h2>", 1)[1].split("<h2>Metadata</h2>", 1)[0]
-    return re.findall(r"<h3>([^<]+)</h3>", section)
+    return re.findall(r"<figure id='([^']+)'>", section)
 
 
 @pytest.mark.chromium
@@ -67,7 +68,7 @@ def test_every_figure_is_a_non_blank_png_and_an_svg(bundle):
     assert names == sorted(_html_figure_names((bundle / "report.html").read_text()))  # every figure exported
     assert json.loads((bundle / "metadata.json").read_text())["static_export"] == "ok"
     assert {"logit_curve", "orbit_probability", "orbit_flips", "attention_aligned", "polyphase_anchored",
-            "layer_error", "attribution_saliency", "attribution_gradcam", "input_anchored"} <= set(names)
+            "layer_error", "attribution_saliency", "input_anchored"} <= set(names)
     for n in names:
         im = Image.open(bundle / "figures" / f"{n}.png").convert("RGB")
         a = np.asarray(im)[::3, ::3].astype(np.int32)
@@ -85,7 +86,7 @@ def test_html_is_offline_and_holds_the_figures_and_the_data(bundle):
     assert "<script src" not in html and "Plotly" in html and len(html) > 3_000_000
     names = _html_figure_names(html)
     assert {"logit_curve", "orbit_probability", "orbit_flips", "attention_aligned", "polyphase_anchored",
-            "layer_error", "attribution_saliency", "attribution_gradcam", "input_anchored"} <= set(names)
+            "layer_error", "attribution_saliency", "input_anchored"} <= set(names)
     assert html.count('class="plotly-graph-div"') == len(names)  # each figure drawn once
     found = re.search(r"<script type='application/json' id='equishift-summary'>(.*?)</script>", html, re.S)
     summary = json.loads(found.group(1))
@@ -121,7 +122,8 @@ def test_metadata_names_everything_needed_to_reproduce(bundle, setup):
     meta = json.loads((bundle / "metadata.json").read_text())
     assert meta["image_sha256"] == hashlib.sha256(setup["image"].read_bytes()).hexdigest()
     assert meta["mode"] == "circular" and meta["grid"] == "period" and meta["num_shifts"] == 16
-    assert meta["shifts"] == period_grid(4).tolist()
+    assert meta["shifts"] == {"grid": "period", "count": 16, "range": "dy∈[0, 3], dx∈[0, 3]",
+                              "list": "data/per_shift.csv (dy, dx)"}
     assert meta["device"] == "cpu" and meta["static_export"]  # "ok" with Chromium (checked above), else why not
     for pkg in ("torch", "timm", "plotly", "kaleido", "captum", "python"):
         assert meta["versions"][pkg]
@@ -129,7 +131,8 @@ def test_metadata_names_everything_needed_to_reproduce(bundle, setup):
     assert meta["baseline"]["spec"] == setup["base"] and meta["baseline"]["weights_file_sha256"] == card["weights_sha256"]
     assert re.fullmatch(r"[0-9a-f]{64}", meta["anchored"]["state_dict_sha256"])
     assert meta["baseline"]["state_dict_sha256"] != meta["anchored"]["state_dict_sha256"]
-    assert meta["focus_shift"] in meta["shifts"]
+    assert meta["shift"] in period_grid(4).tolist() and "no shift was given" in meta["shift_origin"]
+    assert meta["view"] == {**report.VIEW_DEFAULTS, "att_layers": meta["view"]["att_layers"], "attr_layer": None}
 
 
 def test_zip_holds_the_same_files(bundle):
@@ -251,3 +254,161 @@ def test_no_signed_zero_in_the_report(setup, tmp_path):
     assert summary["baseline"]["feature_equivariance_error_max"][second] == pytest.approx(-1e-12)  # data: exact
     cells = [c for row in csv.reader((out / "data" / "per_shift.csv").read_text().splitlines()) for c in row]
     assert "-0.0" not in cells
+
+
+# --- the view the report reproduces (issue 14: the report is what the screen shows) ----------------
+@pytest.fixture(scope="module")
+def swept(setup):
+    from equishift.sweep import sweep
+    from equishift.zoo import load_model
+
+    base, anch = load_model(setup["base"], "cpu"), load_model(setup["anch"], "cpu")
+    img = Image.open(setup["image"]).convert("RGB")
+    results = [sweep(m, m.preprocess(img), period_grid(4)) for m in (base, anch)]
+    return base, anch, img, results
+
+
+def _spy(monkeypatch, module, name, calls):
+    real = getattr(module, name)
+
+    def spy(*args, **kwargs):
+        calls.setdefault(name, []).append((args, kwargs))
+        return real(*args, **kwargs)
+    monkeypatch.setattr(module, name, spy)
+
+
+def test_figures_show_the_given_shift_with_the_given_choices(swept, tmp_path, monkeypatch):
+    from equishift import attribution, plots
+
+    base, anch, img, results = swept
+    calls = {}
+    for name in ("shifted_image", "logit_curve", "orbit_heatmap", "attention_grid", "polyphase_panel",
+                 "layer_error_map", "attribution_overlay"):
+        _spy(monkeypatch, plots, name, calls)
+    cams = []
+    real_cam = attribution.METHODS["gradcam"]
+    monkeypatch.setitem(attribution.METHODS, "gradcam", lambda *a, **k: cams.append(k) or real_cam(*a, **k))
+    layer = results[0].layers[1]
+    att_layer = list(results[0].attention)[0]
+    view = {"curve_path": "column", "curve_value": "logit", "att_layers": [att_layer], "att_heads": "all",
+            "att_align": False, "err_log": False, "attr_method": "gradcam", "attr_layer": layer}
+    out = report.build_report(base, anch, img, tmp_path / "r", static=False, results=results, shift=(2, 1),
+                              view=view, shift_origin="in the dashboard")
+    k = results[0].index_of(2, 1)
+    meta = json.loads((out / "metadata.json").read_text())
+    assert meta["shift"] == [2, 1] and meta["shift_origin"] == "chosen in the dashboard"
+    assert meta["view"] == view
+    assert [c[1]["current"] for n in ("logit_curve", "orbit_heatmap", "attention_grid", "polyphase_panel",
+                                      "layer_error_map") for c in calls[n]] == [k] * 6
+    assert [tuple(c[0][1]) for c in calls["shifted_image"]] == [(2, 1), (2, 1)]
+    (_, curve), = calls["logit_curve"]
+    assert curve["value"] == "logit"
+    assert results[0].shifts[curve["path"]].tolist() == [[dy, 1] for dy in range(4)]  # the column dx = 1
+    (_, att), = calls["attention_grid"]
+    assert att["layers"] == [att_layer] and att["heads"] == "all" and att["align"] is False
+    assert calls["layer_error_map"][0][1]["log"] is False
+    (_, over), = calls["attribution_overlay"]
+    assert over["shift"] == (2, 1) and over["method"].startswith("GradCAM")
+    assert {c["layer"] for c in cams} == {layer} and {c["shift"] for c in cams} == {(0, 0), (2, 1)}
+    html = (out / "report.html").read_text()
+    assert "All figures show <b>shift (dy, dx) = (2, 1)</b>, chosen in the dashboard." in html
+    assert "focus shift" not in html
+    names = _html_figure_names(html)
+    assert "attention_as_seen" in names and "attention_aligned" not in names
+    assert f"attribution_gradcam" in names and "attribution_saliency" not in names
+    # a shift outside the grid is refused, not replaced
+    with pytest.raises(EquishiftError, match="not in the swept grid"):
+        report.build_report(base, anch, img, tmp_path / "x", static=False, results=results, shift=(5, 0))
+    with pytest.raises(EquishiftError, match="curve_path"):
+        report.build_report(base, anch, img, tmp_path / "x", static=False, results=results,
+                            view={"curve_path": "spiral"})
+
+
+def test_without_a_shift_the_rule_is_stated_next_to_the_figures(bundle, setup, tmp_path):
+    html = (bundle / "report.html").read_text()
+    meta = json.loads((bundle / "metadata.json").read_text())
+    res = SweepResult.load(bundle / "data" / "baseline.npz")
+    worst = res.shifts[int(res.probs[:, res.ref_pred].argmin())].tolist()
+    assert meta["shift"] == worst
+    figures = html.split("<h2>Figures</h2>", 1)[1].split("<figure", 1)[0]
+    assert f"shift (dy, dx) = ({worst[0]}, {worst[1]})</b>: no shift was given" in figures
+    assert escape(report.FOCUS_RULE) in figures
+    # the CLI's --shift picks the shift instead
+    out = tmp_path / "cli"
+    rc = main(["sweep", "--baseline", setup["base"], "--anchored", setup["anch"], "--image", str(setup["image"]),
+               "--grid", "period", "--shift", "1,3", "--out", str(out), "--no-static", "--device", "cpu"])
+    assert rc == 0
+    meta = json.loads((out / "metadata.json").read_text())
+    assert meta["shift"] == [1, 3] and "command line" in meta["shift_origin"]
+    assert "shift (dy, dx) = (1, 3)</b>, chosen on the command line" in (out / "report.html").read_text()
+
+
+def _outside_scripts(html: str) -> str:
+    """The text a reader sees: report.html without any <script> (plotly.js, figure data, embedded JSON)."""
+    return re.sub(r"<script\b.*?</script>", "", html, flags=re.S)
+
+
+def test_report_html_reads_like_a_paper(bundle):
+    html = (bundle / "report.html").read_text()
+    text = _outside_scripts(html)
+    assert "\\u" not in text and not re.search(r"\d\.\d{7,}", text)  # no escapes, no 16-digit floats
+    for name in ("summary", "metadata"):  # the embedded JSON is not ASCII-escaped either
+        embedded = re.search(rf"<script type='application/json' id='equishift-{name}'>(.*?)</script>", html, re.S)
+        assert "\\u" not in embedded.group(1) and "∈" in embedded.group(1), name
+    assert "circular shifts, circular shifts" not in html and "(hover:" not in _readable(html)  # figures too
+    summary = text.split("<h2>Summary</h2>", 1)[1].split("<h2>Figures</h2>", 1)[0]
+    assert summary.count("<table") == 1                                  # one comparison table
+    assert "<thead><tr><th>metric</th><th>baseline</th><th>anchored</th></tr></thead>" in summary
+    consistency = re.search(r"<th>consistency A over the grid \[95% CI\]</th><td[^>]*>([^<]*)</td><td[^>]*>([^<]*)</td>",
+                            summary)
+    assert consistency and all(re.fullmatch(r"\d+\.\d% \[\d+\.\d, \d+\.\d\]", v) for v in consistency.groups())
+    assert re.search(r"<td class='num'>100\.0% \[\d+\.\d, 100\.0\]</td>", summary)  # anchored: no flip
+    # a caption under every figure naming the models, mode, grid and shift
+    meta = json.loads((bundle / "metadata.json").read_text())
+    figures = re.findall(r"<figure id='[^']+'>(.*?)</figure>", text, re.S)
+    assert len(figures) == len(_html_figure_names(html)) == html.count('class="plotly-graph-div"') >= 9
+    shift = f"shift (dy, dx) = ({meta['shift'][0]}, {meta['shift'][1]})"
+    for fig in figures:
+        caption, = re.findall(r"<figcaption>(.*?)</figcaption>", fig, re.S)
+        for want in (meta["baseline"]["spec"], meta["anchored"]["spec"], "Circular shifts", "period grid",
+                     "16 shifts", shift):
+            assert want in caption, (want, caption)
+    # metadata: a table a reader scans; the shift list is summarised, not dumped
+    metadata = text.split("<h2>Metadata</h2>", 1)[1]
+    assert metadata.count("<table") == 1 and "[[0, 0], [0, 1]" not in html and "16 shifts" in metadata
+    assert "[0, 0]" not in (bundle / "metadata.json").read_text()
+    assert "\\u" not in (bundle / "data" / "summary.json").read_text()
+
+
+def test_progress_reports_each_stage_with_rising_counts(setup, tmp_path):
+    calls = []
+    report.build_report(setup["base"], setup["anch"], setup["image"], tmp_path / "p", grid=0, device="cpu",
+                        static=False, progress=lambda *a: calls.append(a))
+    stages = list(dict.fromkeys(c[0] for c in calls))
+    assert stages == report.report_stages(sweeps=True, static=False)
+    for stage in stages:
+        done = [d for s, d, t in calls if s == stage]
+        totals = {t for s, d, t in calls if s == stage}
+        assert len(totals) == 1 and done[-1] == totals.pop() and done == sorted(done) and len(done) >= 2, stage
+
+
+def test_dashboard_report_key_follows_the_shift_and_the_tab_choices():
+    from types import SimpleNamespace
+
+    from dashboard import export
+
+    sides = [SimpleNamespace(key=("b", 1)), SimpleNamespace(key=("a", 1))]
+    state = {}
+    view = export.current_view(state)  # nothing chosen yet: the dashboard's defaults
+    assert view == {**report.VIEW_DEFAULTS, "attr_layer": None}
+    state.update({"curve_path": "column", "att_layers": ["blocks.1"], "attr_method": "gradcam", "attr_layer": "blocks.0"})
+    chosen = export.current_view(state)
+    assert chosen["curve_path"] == "column" and chosen["attr_layer"] == "blocks.0"
+    for k in ("curve_path", "att_layers", "attr_method", "attr_layer"):  # their tabs closed: widget keys gone
+        del state[k]
+    assert export.current_view(state) == chosen                          # the last values seen still count
+    key = export._report_key(sides, "circular", (2, 1), chosen)
+    assert key == export._report_key(sides, "circular", (2.0, 1.0), dict(chosen))
+    assert key != export._report_key(sides, "circular", (1, 2), chosen)
+    assert key != export._report_key(sides, "circular", (2, 1), {**chosen, "err_log": False})
+    assert key != export._report_key(sides, "zero", (2, 1), chosen)
