@@ -15,6 +15,7 @@ from dashboard.export import show
 
 __all__ = ["render", "METHODS"]
 
+KEEP = "session"  # the choice survives while another tab is open
 METHODS = {"saliency": "Saliency |∂f/∂x|", "gradcam": "GradCAM", "integrated_gradients": "Integrated gradients (32 steps)"}
 
 
@@ -40,7 +41,7 @@ def _attribute(side, mode, method: str, layer, shift):
 
 def render(sides, mode, shift, index) -> None:
     c1, c2 = st.columns([2, 2])
-    method = c1.radio("method", list(METHODS), format_func=METHODS.get, horizontal=True, key="attr_method")
+    method = c1.radio("method", list(METHODS), format_func=METHODS.get, horizontal=True, key="attr_method", persist_state=KEEP)
     layer = None
     if method == "gradcam":
         layers = ["patch"] + list(sides[0].result.layers)

@@ -25,6 +25,8 @@ __all__ = ["preprocessing", "heatmap_keys", "summary", "probs_of", "first_anchor
 TABS = ("Logit curves", "Orbit heatmaps", "Attention", "Polyphase indices", "Layer × shift error",
         "Attribution", "Export")
 HEATMAPS = ("orbit_prob", "orbit_flip")
+# Only the open tab is drawn; its choices keep their values while another tab is open.
+KEEP = "session"
 
 
 def preprocessing(sides, thumb, original_size, choice) -> None:
@@ -192,11 +194,11 @@ def _path_indices(res, shift, kind: str) -> torch.Tensor:
 
 def _curves(v: View) -> None:
     c1, c2 = st.columns(2)
-    kind = c1.radio("path through the orbit", ("row", "column", "diagonal"), horizontal=True, key="curve_path",
+    kind = c1.radio("path through the orbit", ("row", "column", "diagonal"), horizontal=True, key="curve_path", persist_state=KEEP,
                     format_func={"row": "row through this shift (dx varies)",
                                  "column": "column through this shift (dy varies)",
                                  "diagonal": "diagonal dy = dx"}.get)
-    value = c2.radio("value", ("prob", "logit"), horizontal=True, key="curve_value",
+    value = c2.radio("value", ("prob", "logit"), horizontal=True, key="curve_value", persist_state=KEEP,
                      format_func={"prob": "probability", "logit": "logit"}.get)
     base, anch = _pair(v.sides)
     path = _path_indices(base, v.shift, kind)  # the sweeps share one grid: one path serves both
@@ -239,8 +241,8 @@ def _attention(v: View) -> None:
     c1, c2, c3 = st.columns([3, 1, 1])
     chosen = c1.multiselect("layers", layers, default=layers if len(layers) <= 6 else layers[-3:],
                             key="att_layers")
-    heads = c2.radio("heads", ("mean", "all"), horizontal=True, key="att_heads")
-    align = c3.toggle("align to unshifted", value=True, key="att_align",
+    heads = c2.radio("heads", ("mean", "all"), horizontal=True, key="att_heads", persist_state=KEEP)
+    align = c3.toggle("align to unshifted", value=True, key="att_align", persist_state=KEEP,
                       help="Roll each map back by the shift (tokens) or the recorded anchors, so an "
                            "equivariant model shows the same picture at every shift.")
     if not chosen:
@@ -301,7 +303,7 @@ def _layer_error(v: View) -> None:
         st.info(f"No per-layer errors for the baseline: {why}." if why else
                 "No per-layer features were recorded: run the sweep with features in its records.")
         return
-    log = st.toggle("log scale", value=True, key="err_log", help="log10 of the error, so float noise "
+    log = st.toggle("log scale", value=True, key="err_log", persist_state=KEEP, help="log10 of the error, so float noise "
                                                                   "(~1e-7) and real errors are both visible")
     show(plots.layer_error_map(base, anch, current=v.current, log=log), "layer-shift-error",
          key="fig_layer_error")
@@ -316,4 +318,4 @@ def _attribution(v: View) -> None:
 def _export_tab(v: View) -> None:
     from dashboard import export
 
-    export.report_panel(v.sides, v.mode, v.grid, v.image_bytes)
+    export.report_panel(v.sides, v.mode, v.grid, v.image_bytes, v.shift)

@@ -469,7 +469,7 @@ def polyphase_panel(result: SweepResult, current: int = 0, path=None) -> go.Figu
 
     phase_ticks = lambda s: dict(tickmode="array", tickvals=list(range(s)), ticktext=[str(v) for v in range(s)],
                                  range=[-0.5, s - 0.5], showgrid=False, zeroline=False)
-    fig = make_subplots(rows=2, cols=len(names), vertical_spacing=0.2, horizontal_spacing=0.08,
+    fig = make_subplots(rows=2, cols=len(names), vertical_spacing=0.2, horizontal_spacing=min(0.08, 0.5 / max(len(names), 1)),
                         row_heights=[0.4, 0.6],
                         subplot_titles=[head(n) for n in names]
                         + [("selected phase over (dy, dx)" if two_d else "selected phase along the path")

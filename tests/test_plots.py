@@ -299,7 +299,9 @@ def test_layer_error_map_over_the_grid_is_one_square_dy_dx_map_per_layer(pair):
     assert len(marks) == len(heat) and all((list(m.x), list(m.y)) == ([-1], [3]) for m in marks)
     titles = [a.text for a in fig.layout.annotations if a.text in base.layer_error]
     assert titles == list(base.layer_error) + list(anch.layer_error)
-    ytitles = [fig.layout[a].title.text for a in fig.layout if a.startswith("yaxis") and fig.layout[a].title.text]
+    # in axis order (yaxis, yaxis2, …, yaxis10): plotly's own key order is not numeric
+    ytitles = [t for _, t in sorted((int(a[5:] or 1), fig.layout[a].title.text) for a in fig.layout
+                                    if a.startswith("yaxis") and fig.layout[a].title.text)]
     assert ytitles == ["<b>baseline</b><br>dy (px)", "<b>anchored (full)</b><br>dy (px)"]  # one row of maps each
     xtitles = {fig.layout[a].title.text for a in fig.layout if a.startswith("xaxis")} - {None}
     assert xtitles == {"dx (px)"}
