@@ -18,6 +18,8 @@ if str(_ROOT) not in sys.path:  # `streamlit run` puts dashboard/ on the path, n
 import streamlit as st  # noqa: E402
 
 st.set_page_config(page_title="equishift — shift diagnostics", layout="wide")
+# Less empty space above the title: the live view and the open tab's figure then fit one 1200-px screen.
+st.html("<style>[data-testid='stMainBlockContainer'] { padding-top: 2.5rem; }</style>")
 
 from dashboard import session  # noqa: E402
 

@@ -50,7 +50,7 @@ _CSS = """
 .es-sides { display: flex; flex-wrap: wrap; gap: 1rem 2.5rem; }
 .es-side { display: flex; flex-direction: column; gap: 0.3rem; min-width: 0; }
 .es-title { font-size: 1.05rem; font-weight: 600; }
-.es-pred { font-size: 0.9rem; }
+.es-pred { font-size: 0.95rem; }
 .es-flip { color: #c0392b; font-weight: 600; }
 .es-row { display: flex; gap: 0.8rem; align-items: flex-start; }
 .es-canvas { cursor: grab; touch-action: none; border: 1px solid var(--st-border-color, #ccc);
@@ -96,7 +96,7 @@ export default function(component) {
     for (const s of data.sides) {
       const el = document.createElement('div');
       el.className = 'es-side'; el.dataset.role = s.role;
-      el.innerHTML = '<div class="es-title"></div><div class="es-pred"></div><div class="es-row">' +
+      el.innerHTML = '<div class="es-pred"></div><div class="es-row">' +
         '<div><canvas class="es-canvas" tabindex="0"></canvas><div class="es-legend"></div></div>' +
         '<div><table class="es-top5"><thead><tr><th>top-5 at this shift</th><th class="num">p</th>' +
         '<th class="num">Δ</th></tr></thead><tbody></tbody></table>' +
@@ -150,13 +150,13 @@ export default function(component) {
       canvas.dataset.phase = a + ',' + b;
     }
     el.querySelector('.es-legend').textContent = legend;
-    el.querySelector('.es-title').textContent = s.role;
     const pred = el.querySelector('.es-pred'), body = el.querySelector('tbody');
-    if (!t || k < 0) { pred.textContent = 'not swept at this shift'; body.innerHTML = ''; return; }
+    if (!t || k < 0) { pred.textContent = s.role + ' · not swept at this shift'; body.innerHTML = ''; return; }
     const top = t.top.slice(5 * k, 5 * k + 5), p = t.p.slice(5 * k, 5 * k + 5), dl = t.d.slice(5 * k, 5 * k + 5);
     const flipped = top[0] !== t.ref_pred;
-    pred.innerHTML = 'Prediction at this shift: <b></b> (' + tenths(p[0]) + '%)' + (flipped ? ' <span class="es-flip">— flipped</span>' : '');
+    pred.innerHTML = '<span class="es-title"></span> · prediction at this shift: <b></b> (' + tenths(p[0]) + '%)' + (flipped ? ' <span class="es-flip">— flipped</span>' : '');
     pred.querySelector('b').textContent = table.classes[top[0]];
+    pred.querySelector('.es-title').textContent = s.role;
     pred.dataset.flipped = String(flipped);
     let rows = '';
     for (let i = 0; i < top.length; i++) rows += '<tr><td></td><td class="num">' + tenths(p[i]) + '%</td><td class="num">' + tenths(dl[i], true) + '</td></tr>';
@@ -164,31 +164,60 @@ export default function(component) {
     Array.from(body.rows).forEach((r, i) => { r.cells[0].textContent = table.classes[top[i]] + (top[i] === t.ref_pred ? ' ★' : ''); });
   }
 
-  // the current-shift markers of the page's figures: traces with meta.es_current = {x, y} where each is
-  // 'dy', 'dx' or {trace: j} (the y of trace j at that x); 'on' = {dy: v} / {dx: v} / 'diagonal' limits
-  // where the marker can be (a path through the grid): elsewhere it is hidden until the server redraws.
-  function markers() {
-    const P = window.Plotly;
-    if (!P) return;
+  // The current-shift markers of the page's figures follow without redrawing them: each figure built by
+  // equishift.plots says where a marker goes (a trace's meta.es_current {x: 'dx', y: 'dy'}: a cross at
+  // (dx, dy); layout.meta.es_lines: a vertical line at the path coordinate while the shift stays on the
+  // path). While the view's shift differs from the one the figures were drawn at, the figures' own
+  // markers are hidden and an overlay drawn with the axes' own data→pixel maps; at rest they are restored.
+  function markers(live) {
     const [dy, dx] = st.shift, val = { dy, dx };
     for (const gd of document.querySelectorAll('.js-plotly-plot')) {
-      if (!gd.data) continue;
-      const idx = [], xs = [], ys = [];
-      gd.data.forEach((tr, i) => {
+      const L = gd._fullLayout, data = gd._fullData;
+      if (!L || !data) continue;
+      let layer = gd.querySelector(':scope > .es-overlay');
+      if (!live) {
+        if (layer) layer.remove();
+        (gd.calcdata || []).forEach(cd => { const n = cd && cd[0] && cd[0].node3; if (n && n.style) n.style('opacity', null); });
+        continue;
+      }
+      const items = [];
+      data.forEach((tr, i) => {
+        if (tr.name === 'current shift') {
+          const n = gd.calcdata && gd.calcdata[i] && gd.calcdata[i][0] && gd.calcdata[i][0].node3;
+          if (n && n.style) n.style('opacity', 0);
+        }
         const m = tr.meta && tr.meta.es_current;
-        if (!m) return;
-        let ok = true;
-        if (m.on === 'diagonal') ok = dy === dx;
-        else if (m.on) for (const c in m.on) ok = ok && val[c] === m.on[c];
-        const coord = (spec) => {
-          if (typeof spec === 'string') return val[spec];
-          const ref = gd.data[spec.trace]; if (!ref) return null;
-          const j = Array.from(ref.x || []).indexOf(val[m.x]);
-          return j < 0 ? null : ref.y[j];
-        };
-        idx.push(i); xs.push(ok ? [coord(m.x)] : [null]); ys.push(ok ? [coord(m.y)] : [null]);
+        if (m) items.push({ kind: 'cross', xa: L[tr.xaxis.replace('x', 'xaxis')], ya: L[tr.yaxis.replace('y', 'yaxis')],
+                            x: val[m.x], y: val[m.y] });
       });
-      if (idx.length) { try { P.restyle(gd, { x: xs, y: ys }, idx); } catch (e) { /* a figure mid-update */ } }
+      for (const l of ((L.meta || {}).es_lines || [])) {
+        const on = l.on === 'diagonal' ? dy === dx : Object.keys(l.on).every(c => val[c] === l.on[c]);
+        if (on) items.push({ kind: 'line', xa: L[l.xaxis], ya: L[l.yaxis], x: val[l.coord], color: l.color });
+      }
+      if (!items.length) continue;
+      if (!layer) {
+        layer = document.createElement('div');
+        layer.className = 'es-overlay';
+        layer.style.cssText = 'position:absolute;left:0;top:0;width:0;height:0;pointer-events:none;z-index:5';
+        if (getComputedStyle(gd).position === 'static') gd.style.position = 'relative';
+        gd.appendChild(layer);
+      }
+      let html = '';
+      for (const it of items) {
+        if (!it.xa || !it.ya || !it.xa.d2p) continue;
+        const px = it.xa._offset + it.xa.d2p(it.x);
+        if (!isFinite(px) || px < it.xa._offset - 1 || px > it.xa._offset + it.xa._length + 1) continue;
+        if (it.kind === 'line') {
+          html += '<div style="position:absolute;left:' + (px - 0.75) + 'px;top:' + it.ya._offset + 'px;width:0;height:' +
+                  it.ya._length + 'px;border-left:1.5px dotted ' + (it.color || 'black') + '"></div>';
+        } else {
+          const py = it.ya._offset + it.ya.d2p(it.y);
+          if (!isFinite(py) || py < it.ya._offset - 1 || py > it.ya._offset + it.ya._length + 1) continue;
+          html += '<div style="position:absolute;left:' + (px - 7) + 'px;top:' + (py - 9) + 'px;font:bold 16px/16px sans-serif;' +
+                  'color:white;text-shadow:0 0 2px black,0 0 2px black">×</div>';
+        }
+      }
+      layer.innerHTML = html;
     }
   }
 
@@ -198,7 +227,7 @@ export default function(component) {
     st.data.sides.forEach((s, i) => drawSide(s, blocks[i], k));
     root.querySelector('.es-shift').textContent = num(st.shift[0]) + ', ' + num(st.shift[1]);
     root.dataset.dy = String(st.shift[0]); root.dataset.dx = String(st.shift[1]);
-    if (st.dragging || st.shift[0] !== st.data.shift[0] || st.shift[1] !== st.data.shift[1]) markers();
+    markers(st.shift[0] !== st.data.shift[0] || st.shift[1] !== st.data.shift[1]);
     st.frameMs.push(performance.now() - t0);
     if (st.frameMs.length > 500) st.frameMs.shift();
     window.__esFrameMs = st.frameMs;

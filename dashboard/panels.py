@@ -100,27 +100,26 @@ def _numbers(side) -> Dict[str, Any]:
 
 
 def summary(sides, mode: str) -> None:
-    """One row per model: consistency over the swept orbit, smallest flipping shift, largest drop."""
-    st.subheader("Summary over the swept shifts")
+    """One compact table, a row per model: the unshifted top-1, consistency over the swept orbit with its
+    95% interval, the flips, the smallest flipping shift and the largest probability drop (the numbers of
+    equishift.report.summarize, as in the report). Compact, so the live view and the open tab's figure
+    stay on one screen with it."""
+    rows = ["| model | unshifted top-1 | consistency over the orbit [95% CI] | top-1 flips | smallest flipping "
+            "shift | largest probability drop |", "|---|---|---:|---:|---:|---:|"]
     for side in sides:
         n = _numbers(side)
         est, flip, (dy, dx) = n["consistency_A_over_grid"], n["minimal_flipping_shift_linf"], n["drop_at"]
         lo, hi = est["ci95"]
         drop = n["unshifted_top1_prob"] - n["min_prob_top1"]
-        cols = st.columns([2, 2, 2, 2])
-        cols[0].markdown(f"**{side.role}**  \n`{side.spec}`  \nunshifted: **{n['classes'][n['unshifted_top1']]}** "
-                         f"({fmt(100 * n['unshifted_top1_prob'], '.1f')}%)")
-        cols[1].metric("consistency over the orbit", f"{fmt(100 * est['value'], '.1f')}%",
-                       help=f"Fraction of the {est['n']} swept {mode} shifts whose top-1 equals the unshifted "
-                            f"top-1 (consistency A against the unshifted image); 95% Wilson CI "
-                            f"[{fmt(100 * lo, '.1f')}, {fmt(100 * hi, '.1f')}]%. Strictly orbit-consistent: "
-                            f"{'yes' if n['orbit_consistent'] else 'no'}.")
-        cols[2].metric("smallest flipping shift", "none" if flip is None else f"{fmt(flip)} px",
-                       help="Smallest max(|dy|, |dx|) of a swept shift that changes the top-1 (L∞); "
-                            "'none': no swept shift flips it.")
-        cols[3].metric("largest probability drop", f"{fmt(100 * drop, '.1f')} pp",
-                       help=f"p(x)[ŷ] − min over the swept shifts of p(shifted x)[ŷ], ŷ = the unshifted top-1, "
-                            f"in percentage points; lowest at (dy, dx) = ({fmt(dy)}, {fmt(dx)}).")
+        rows.append(f"| **{side.role}** | {n['classes'][n['unshifted_top1']]} "
+                    f"({fmt(100 * n['unshifted_top1_prob'], '.1f')}%) | **{fmt(100 * est['value'], '.1f')}%** "
+                    f"[{fmt(100 * lo, '.1f')}, {fmt(100 * hi, '.1f')}] | {n['top1_flips']} of {n['num_shifts']} | "
+                    f"{'none' if flip is None else fmt(flip) + ' px'} | {fmt(100 * drop, '.1f')} pp at "
+                    f"({fmt(dy)}, {fmt(dx)}) |")
+    st.markdown("**Summary over the swept shifts**\n\n" + "\n".join(rows))
+    st.caption(f"Consistency: the fraction of the swept {mode} shifts whose top-1 is the unshifted top-1 (95% "
+               f"Wilson interval). Smallest flipping shift: the smallest max(|dy|, |dx|) that changes the top-1. "
+               f"Drop: of the unshifted top-1's probability, in percentage points, and where it is largest.")
 
 
 def probs_of(side) -> Dict[str, Any]:

@@ -107,8 +107,29 @@ def _pin_title(fig: go.Figure) -> None:
 
 
 def _current_cross(x: float, y: float, showlegend: bool = False) -> go.Scatter:
+    # meta: where the marker of another shift goes (x = its dx, y = its dy), so a page can move it without
+    # rebuilding the figure (the dashboard's live view does, while the shift is dragged)
     return go.Scatter(x=clean([x]), y=clean([y]), mode="markers", name="current shift", showlegend=showlegend,
-                      marker=CURRENT_MARKER, hovertemplate="current shift (dy=%{y}, dx=%{x})<extra></extra>")
+                      marker=CURRENT_MARKER, hovertemplate="current shift (dy=%{y}, dx=%{x})<extra></extra>",
+                      meta={"es_current": {"x": "dx", "y": "dy"}})
+
+
+def _current_line(fig: go.Figure, ax: "PathAxis", current: Optional[int], color: str, row: int, col: int) -> None:
+    """The dotted line at the current shift on a 1-D path axis, and in ``layout.meta["es_lines"]`` where
+    the line of another shift goes (the path's coordinate; only while the shift stays on the path)."""
+    at = ax.x_of(current)
+    if at is None:
+        return
+    fig.add_vline(x=at, line=dict(color=color, **CURRENT_LINE), row=row, col=col)
+    if ax.kind == "other":
+        return
+    xref, yref = fig._grid_ref[row - 1][col - 1][0].layout_keys
+    dy, dx = (float(v) for v in ax.shift_of(current))
+    on = {"row": {"dy": dy}, "column": {"dx": dx}, "diagonal": "diagonal"}[ax.kind]
+    line = {"xaxis": xref, "yaxis": yref, "coord": "dy" if ax.kind == "column" else "dx", "on": on, "color": color}
+    meta = dict(fig.layout.meta or {})
+    meta["es_lines"] = list(meta.get("es_lines", [])) + [line]
+    fig.update_layout(meta=meta)
 
 
 def _integer_ticks(values: Sequence[float]) -> dict:
@@ -135,6 +156,12 @@ class PathAxis:
     title: str
     axis: dict
 
+    shifts: Optional[torch.Tensor] = None
+
+    def shift_of(self, k: int) -> torch.Tensor:
+        """(dy, dx) of shift index ``k``."""
+        return self.shifts[int(k)]
+
     def x_of(self, k: Optional[int]) -> Optional[float]:
         """x position of shift index ``k`` on this path (None when ``k`` is not on it)."""
         if k is None:
@@ -154,7 +181,7 @@ def path_axis(res: SweepResult, idx: torch.Tensor) -> PathAxis:
             return None  # a repeated shift: no one-to-one coordinate
         order = torch.sort(coord, stable=True).indices
         x = clean(coord[order].tolist())
-        return PathAxis(kind, idx[order], x, title, _integer_ticks(x))
+        return PathAxis(kind, idx[order], x, title, _integer_ticks(x), res.shifts)
 
     out = None
     if len(idx) and bool((dy == dy[0]).all()):
@@ -170,7 +197,8 @@ def path_axis(res: SweepResult, idx: torch.Tensor) -> PathAxis:
     ticks = list(range(0, n, every))
     return PathAxis("other", idx, list(range(n)), "shift k along the path (ticks: (dy, dx))",
                     dict(tickmode="array", tickvals=ticks,
-                         ticktext=[f"({fmt(float(dy[k]), 'g')}, {fmt(float(dx[k]), 'g')})" for k in ticks]))
+                         ticktext=[f"({fmt(float(dy[k]), 'g')}, {fmt(float(dx[k]), 'g')})" for k in ticks]),
+                    res.shifts)
 
 
 def _axis_range(x: Sequence[float]) -> List[float]:
@@ -238,7 +266,7 @@ def logit_curve(baseline: SweepResult, anchored: Optional[SweepResult] = None, p
         at = ax.x_of(current)
         if at is not None:
             s = ax.x.index(at)
-            fig.add_vline(x=at, line=dict(color="black", **CURRENT_LINE), row=1, col=col)
+            _current_line(fig, ax, current, "black", 1, col)
             fig.add_trace(go.Scatter(x=[at] * len(cls), y=clean([float(vals[s, c]) for c in cls]), mode="markers",
                                      marker=dict(size=11, symbol="circle-open", color="black"),
                                      name="current shift", showlegend=col == 1, hoverinfo="skip"),
@@ -515,9 +543,7 @@ def polyphase_panel(result: SweepResult, current: int = 0, path=None) -> go.Figu
                 marker=dict(size=9, color=code[idx].tolist(), coloraxis="coloraxis"),
                 text=[f"{_shift_text(result, int(k))}: phase ({p}, {q})" for k, (p, q) in zip(idx.tolist(), sel.tolist())],
                 hovertemplate="%{text}, index %{y}<extra>" + n + "</extra>"), row=2, col=c)
-            at = ax.x_of(current)
-            if at is not None:
-                fig.add_vline(x=at, line=dict(color="black", **CURRENT_LINE), row=2, col=c)
+            _current_line(fig, ax, current, "black", 2, c)
             fig.update_xaxes(title_text=ax.title, row=2, col=c, **ax.axis)
             fig.update_yaxes(title_text="phase (a, b)" if c == 1 else None, tickmode="array",
                              tickvals=list(range(s * s)), ticktext=[f"({p}, {q})" for p in range(s) for q in range(s)],
@@ -604,9 +630,7 @@ def _layer_strips(mats, shown, path, current, log) -> go.Figure:
         fig.add_trace(go.Heatmap(z=clean(shown(mm).numpy()), y=layers, x=ax.x, text=text, coloraxis="coloraxis",
                                  hovertemplate="%{y} at %{text}<br>error %{z:.3g}<extra>" + name + "</extra>"),
                       row=r, col=1)
-        at = ax.x_of(current)
-        if at is not None:
-            fig.add_vline(x=at, line=dict(color="white", **CURRENT_LINE), row=r, col=1)
+        _current_line(fig, ax, current, "white", r, 1)
         # categories and range given, so a panel whose every cell is blank (all exactly 0) keeps its axes
         fig.update_yaxes(autorange="reversed", type="category", categoryorder="array", categoryarray=layers,
                          automargin=True, row=r, col=1)
