@@ -53,16 +53,19 @@ def figure_bytes(fig: go.Figure, fmt: str) -> bytes:
     return fig.to_image(format=fmt, scale=2 if fmt == "png" else 1)
 
 
-def _deferred(fig: go.Figure, fmt: str) -> Callable[[], bytes]:
-    return lambda: figure_bytes(fig, fmt)
+def _deferred(fig, fmt: str) -> Callable[[], bytes]:
+    return lambda: figure_bytes(fig() if callable(fig) else fig, fmt)
 
 
 def _slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "figure"
 
 
-def show(fig: go.Figure, name: str, key: Optional[str] = None, **chart_kwargs):
-    """``st.plotly_chart`` plus an "Export" popover with PNG / SVG / HTML downloads of this figure."""
+def show(fig: go.Figure, name: str, key: Optional[str] = None,
+         exported: Optional[Callable[[], go.Figure]] = None, **chart_kwargs):
+    """``st.plotly_chart`` plus an "Export" popover with PNG / SVG / HTML downloads of this figure, or of
+    ``exported()`` when given (a figure drawn on the page without its current-shift marker, which the live
+    view draws, is exported with it)."""
     # theme=None: the figure's own colours. Streamlit's theme swaps in its own colour scales, under which
     # zero stops being the scale's first colour (an exact 0 drew pink) and the page stops matching the
     # exported PNG/SVG and the report, which draw the figure as built.
@@ -71,7 +74,7 @@ def show(fig: go.Figure, name: str, key: Optional[str] = None, **chart_kwargs):
     with st.popover("Export figure", icon=":material/download:"):
         for fmt in ("png", "svg", "html"):
             disabled = fmt != "html" and problem is not None
-            st.download_button(fmt.upper(), data=_deferred(fig, fmt), file_name=f"equishift-{_slug(name)}.{fmt}",
+            st.download_button(fmt.upper(), data=_deferred(exported or fig, fmt), file_name=f"equishift-{_slug(name)}.{fmt}",
                                mime=MIME[fmt], on_click="ignore", disabled=disabled,
                                help=problem if disabled else None, key=f"dl_{key or _slug(name)}_{fmt}")
     return event

@@ -174,26 +174,27 @@ export default function(component) {
     for (const gd of document.querySelectorAll('.js-plotly-plot')) {
       const L = gd._fullLayout, data = gd._fullData;
       if (!L || !data) continue;
-      let layer = gd.querySelector(':scope > .es-overlay');
-      if (!live) {
-        if (layer) layer.remove();
-        (gd.calcdata || []).forEach(cd => { const n = cd && cd[0] && cd[0].node3; if (n && n.style) n.style('opacity', null); });
-        continue;
+      if (!gd.__esHooked && gd.on) {  // plotly redraws (resize, zoom) drop nothing of ours, but move axes
+        gd.__esHooked = true;
+        gd.on('plotly_afterplot', () => window.__esMarkers && window.__esMarkers());
       }
-      const items = [];
+      let layer = gd.querySelector(':scope > .es-overlay');
+      const items = [], meta = L.meta || {};
+      for (const m of (meta.es_maps || [])) items.push({ kind: 'cross', xa: L[m.xaxis], ya: L[m.yaxis], x: dx, y: dy });
       data.forEach((tr, i) => {
         if (tr.name === 'current shift') {
           const n = gd.calcdata && gd.calcdata[i] && gd.calcdata[i][0] && gd.calcdata[i][0].node3;
-          if (n && n.style) n.style('opacity', 0);
+          if (n && n.style) n.style('opacity', live ? 0 : null);
         }
         const m = tr.meta && tr.meta.es_current;
-        if (m) items.push({ kind: 'cross', xa: L[tr.xaxis.replace('x', 'xaxis')], ya: L[tr.yaxis.replace('y', 'yaxis')],
-                            x: val[m.x], y: val[m.y] });
+        if (m && live) items.push({ kind: 'cross', xa: L[tr.xaxis.replace('x', 'xaxis')], ya: L[tr.yaxis.replace('y', 'yaxis')],
+                                    x: val[m.x], y: val[m.y] });
       });
-      for (const l of ((L.meta || {}).es_lines || [])) {
+      for (const l of (live ? (meta.es_lines || []) : [])) {
         const on = l.on === 'diagonal' ? dy === dx : Object.keys(l.on).every(c => val[c] === l.on[c]);
         if (on) items.push({ kind: 'line', xa: L[l.xaxis], ya: L[l.yaxis], x: val[l.coord], color: l.color });
       }
+      if (!items.length) { if (layer) layer.remove(); continue; }
       if (!items.length) continue;
       if (!layer) {
         layer = document.createElement('div');
@@ -217,8 +218,20 @@ export default function(component) {
                   'color:white;text-shadow:0 0 2px black,0 0 2px black">×</div>';
         }
       }
-      layer.innerHTML = html;
+      if (layer.__html !== html) { layer.innerHTML = html; layer.__html = html; }  // no change, no mutation
     }
+  }
+
+  window.__esMarkers = () => markers(st.shift[0] !== st.data.shift[0] || st.shift[1] !== st.data.shift[1]);
+  // figures drawn after this view (another tab opened, a figure replaced) get their markers too
+  if (!window.__esObserver) {
+    let queued = false;
+    window.__esObserver = new MutationObserver(() => {
+      if (queued) return;
+      queued = true;
+      requestAnimationFrame(() => { queued = false; window.__esMarkers && window.__esMarkers(); });
+    });
+    window.__esObserver.observe(document.body, { childList: true, subtree: true });
   }
 
   function draw() {

@@ -207,13 +207,19 @@ def _curves(v: View) -> None:
         st.caption("The current shift is off the diagonal, so it is not marked: pick the row or column path.")
 
 
+def _keys(v: View) -> tuple:
+    return tuple(s.key for s in v.sides)
+
+
 def _heatmaps(v: View) -> None:
     base, anch = _pair(v.sides)
     st.caption("Click a cell to jump to that shift. × marks the current shift.")
-    show(plots.orbit_heatmap(base, anch, "prob", current=v.current), "orbit-probability", key=HEATMAPS[0],
-         on_select="rerun", selection_mode="points")
-    show(plots.orbit_heatmap(base, anch, "flip", current=v.current), "orbit-flip-map", key=HEATMAPS[1],
-         on_select="rerun", selection_mode="points")
+    # Built once per sweep without the marker (the live view draws it): a shift change sends the same
+    # figure again, which the browser does not redraw. The exported file has the marker.
+    for value, name, key in (("prob", "orbit-probability", HEATMAPS[0]), ("flip", "orbit-flip-map", HEATMAPS[1])):
+        fig = compute.cached(("fig-orbit", _keys(v), value), lambda value=value: plots.orbit_heatmap(base, anch, value))
+        show(fig, name, key=key, on_select="rerun", selection_mode="points",
+             exported=lambda value=value: plots.orbit_heatmap(base, anch, value, current=v.current))
 
 
 def _attention_scores(side, layer: str):
@@ -304,8 +310,9 @@ def _layer_error(v: View) -> None:
         return
     log = st.toggle("log scale", value=True, key="err_log", persist_state=KEEP, help="log10 of the error, so float noise "
                                                                   "(~1e-7) and real errors are both visible")
-    show(plots.layer_error_map(base, anch, current=v.current, log=log), "layer-shift-error",
-         key="fig_layer_error")
+    fig = compute.cached(("fig-layer-error", _keys(v), log), lambda: plots.layer_error_map(base, anch, log=log))
+    show(fig, "layer-shift-error", key="fig_layer_error",
+         exported=lambda: plots.layer_error_map(base, anch, current=v.current, log=log))
 
 
 def _attribution(v: View) -> None:

@@ -114,6 +114,16 @@ def _current_cross(x: float, y: float, showlegend: bool = False) -> go.Scatter:
                       meta={"es_current": {"x": "dx", "y": "dy"}})
 
 
+def _shift_map(fig: go.Figure, row: int, col: int) -> None:
+    """Record in ``layout.meta["es_maps"]`` that subplot (row, col) is a dy × dx map of shifts (x = dx,
+    y = dy): a page that draws the current shift itself (the dashboard, from a figure built once per
+    sweep with ``current=None``) knows where its marker goes."""
+    xref, yref = fig._grid_ref[row - 1][col - 1][0].layout_keys
+    meta = dict(fig.layout.meta or {})
+    meta["es_maps"] = list(meta.get("es_maps", [])) + [{"xaxis": xref, "yaxis": yref}]
+    fig.update_layout(meta=meta)
+
+
 def _current_line(fig: go.Figure, ax: "PathAxis", current: Optional[int], color: str, row: int, col: int) -> None:
     """The dotted line at the current shift on a 1-D path axis, and in ``layout.meta["es_lines"]`` where
     the line of another shift goes (the path's coordinate; only while the shift stays on the path)."""
@@ -321,6 +331,8 @@ def orbit_heatmap(baseline: SweepResult, anchored: Optional[SweepResult] = None,
         if current is not None:
             dy, dx = res.shifts[int(current)].tolist()
             fig.add_trace(_current_cross(dx, dy, showlegend=col == 1), row=1, col=col)
+        else:
+            _shift_map(fig, 1, col)
         fig.update_xaxes(title_text="dx (pixels)", range=_axis_range(xs), row=1, col=col, **_integer_ticks(xs))
         fig.update_yaxes(title_text="dy (pixels)", range=_axis_range(ys)[::-1], row=1, col=col, **_integer_ticks(ys))
         _square(fig, 1, col)
@@ -673,6 +685,8 @@ def _layer_maps(mats, shown, current, log, max_cols: int, page: int) -> go.Figur
         if current is not None:
             dy, dx = res.shifts[int(current)].tolist()
             fig.add_trace(_current_cross(dx, dy, showlegend=(r, c) == (1, 1)), row=r, col=c)
+        else:
+            _shift_map(fig, r, c)
         # ranges given, so a map whose every cell is blank (all exactly 0) keeps its axes
         fig.update_xaxes(range=_axis_range(xs), title_text="dx (px)" if r == n_rows or (r + 1, c) not in cells else None,
                          row=r, col=c, **_integer_ticks(xs))
