@@ -21,7 +21,7 @@ import pytest
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
-from app_harness import free_port, wait_healthy  # noqa: E402
+from app_harness import PAGE_IDLE_JS, WS_COUNTER_JS, free_port, wait_healthy  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "artifacts"
@@ -68,28 +68,37 @@ def browser(chromium):
 @pytest.fixture
 def page(browser, server):
     ctx = browser.new_context(viewport={"width": 1600, "height": 1000}, accept_downloads=True)
+    ctx.add_init_script(WS_COUNTER_JS)
     pg = ctx.new_page()
     pg.set_default_timeout(300_000)  # generous: a busy shared CPU slows the first render a lot
     pg.goto(f"{server}/?grid={GRID}")
-    pg.locator("canvas.es-canvas").wait_for()
-    _settled(pg)
+    pg.locator("canvas.es-canvas").first.wait_for()
+    _settled(pg, (0, 0))
     yield pg
     ctx.close()
 
 
-def _settled(pg, timeout_ms: int = 300_000) -> None:
-    """Wait until the script run is over: Streamlit marks the app 'running' while a rerun is in flight."""
-    pg.wait_for_function(
-        "() => !document.querySelector('[data-testid=\"stStatusWidget\"]')"
-        " || !document.querySelector('[data-testid=\"stStatusWidget\"]').innerText.includes('Running')",
-        timeout=timeout_ms)
+def _settled(pg, shift=None, timeout_ms: int = 300_000) -> None:
+    """Wait until the page has finished a rerun: nothing on it left over from the previous run, no script
+    running, and, when ``shift`` is given, the server's own controls (the number inputs, which only a
+    rerun sets) showing it — proof that the page is the new state, not a stale one."""
+    cond = PAGE_IDLE_JS
+    if shift is not None:
+        cond = ("() => { const v = Array.from(document.querySelectorAll('[data-testid=stNumberInput] input'))"
+                f".map(e => Number(e.value)); return v.length >= 2 && v[0] === {shift[0]} && v[1] === {shift[1]}"
+                f" && ({PAGE_IDLE_JS})(); }}")
+    pg.wait_for_function(cond, timeout=timeout_ms)
     pg.wait_for_timeout(300)
 
 
 def _shown_shift(pg) -> tuple:
-    text = pg.locator("p", has_text=re.compile(r"^Shift \(dy, dx\) =")).first.inner_text()
-    m = re.search(r"=\s*(-?[\d.]+),\s*(-?[\d.]+)", text)
-    return float(m.group(1)), float(m.group(2))
+    """The shift the live view shows (its readout, input views and top-5 tables)."""
+    d = pg.evaluate("() => { const r = window.__esLive; return r ? [r.dataset.dy, r.dataset.dx] : null; }")
+    return float(d[0]), float(d[1])
+
+
+def _live_text(pg) -> str:
+    return pg.evaluate("() => window.__esLive.innerText")
 
 
 def _shot(pg, name: str) -> Path:
@@ -124,38 +133,105 @@ def test_loads(page):
 
 
 def test_drag_moves_the_shift(page):
-    canvas = page.locator("canvas.es-canvas")
-    scale = float(canvas.get_attribute("data-scale"))  # screen px per model px
+    """While the pointer drags, the readout, both input views, both predictions and top-5 tables follow in
+    the browser, and nothing is sent to the server; on release the shift is sent once and the page
+    (the server's controls and figures) arrives at it."""
+    canvas = page.locator("canvas.es-canvas").first
+    scale = page.evaluate("() => window.__esLive.__es.data.sides[0].scale")  # screen px per model px
     box = canvas.bounding_box()
     x0, y0 = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
     want = (2, -3)  # model px: down 2, left 3
+    before = _live_text(page)
+    sent0 = page.evaluate("() => window.__ws.sent")
     page.mouse.move(x0, y0)
     page.mouse.down()
     for k in range(1, 11):  # a real drag: many small moves
         page.mouse.move(x0 + want[1] * scale * k / 10, y0 + want[0] * scale * k / 10)
         page.wait_for_timeout(40)
+    assert _shown_shift(page) == want  # followed in the browser, before any release
+    during = _live_text(page)
+    assert "shift (dy, dx) = 2, -3 px" in during and during != before
+    assert page.evaluate("() => window.__ws.sent") == sent0, "the drag talked to the server"
     page.mouse.up()
-    page.wait_for_function(f"() => document.body.innerText.includes('Shift (dy, dx) = {want[0]}, {want[1]}')")
-    _settled(page)
+    _settled(page, want)
+    assert page.evaluate("() => window.__ws.sent") > sent0
     assert _shown_shift(page) == want
-    assert canvas.get_attribute("data-dy") == str(want[0]) and canvas.get_attribute("data-dx") == str(want[1])
+    assert _live_text(page) == during  # the server's rerun draws what the browser already showed
     _shot(page, "dashboard-dragged")
 
 
-def test_arrow_keys_move_the_shift_and_the_pad_stays_mounted(page):
-    canvas = page.locator("canvas.es-canvas")
+def test_arrow_keys_move_the_shift_and_the_view_stays_mounted(page):
+    canvas = page.locator("canvas.es-canvas").first
     canvas.evaluate("c => { c.__mounted = 'first'; }")   # gone if the component were re-mounted
     canvas.focus()
     # faster than the reruns they trigger: a rerun that started before a key press must not pull the
-    # pad back (the pad keeps its own shift until the server has seen its latest report)
+    # view back (it keeps its own shift until the server has seen its latest report)
     for key in ("ArrowRight", "ArrowRight", "ArrowDown", "ArrowDown", "ArrowRight"):
         page.keyboard.press(key)
         page.wait_for_timeout(100)
-    page.wait_for_function("() => document.body.innerText.includes('Shift (dy, dx) = 2, 3')")
-    _settled(page)
+    _settled(page, (2, 3))
     assert _shown_shift(page) == (2, 3)
-    assert canvas.get_attribute("data-dy") == "2" and canvas.get_attribute("data-dx") == "3"
     assert canvas.evaluate("c => c.__mounted") == "first"
+
+
+def test_figure_markers_follow_the_drag(page):
+    """On the orbit heatmaps, the current-shift × is drawn by the live view at the dragged shift (plotly's
+    own data→pixel map), during the drag and after the server's rerun."""
+    _open_tab(page, "Orbit heatmaps")
+    page.locator(".stPlotlyChart .js-plotly-plot").first.wait_for()
+    canvas = page.locator("canvas.es-canvas").first
+    scale = page.evaluate("() => window.__esLive.__es.data.sides[0].scale")
+    box = canvas.bounding_box()
+    x0, y0 = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+    page.mouse.move(x0, y0)
+    page.mouse.down()
+    page.mouse.move(x0 + 1 * scale, y0 - 2 * scale)
+    page.wait_for_timeout(200)
+    where = """() => Array.from(document.querySelectorAll('.js-plotly-plot')).map(gd => {
+        const L = gd._fullLayout, out = [];
+        for (const m of (L.meta || {}).es_maps || []) out.push([L[m.xaxis]._offset + L[m.xaxis].d2p(window.__esLive.__es.shift[1]),
+                                                             L[m.yaxis]._offset + L[m.yaxis].d2p(window.__esLive.__es.shift[0])]);
+        const marks = Array.from(gd.querySelectorAll('.es-overlay > div')).map(d => [parseFloat(d.style.left) + 7,
+                                                                                     parseFloat(d.style.top) + 9]);
+        return [out, marks]; })"""
+    for state in ("dragging", "released"):
+        figs = page.evaluate(where)
+        assert _shown_shift(page) == (-2, 1), state
+        assert figs and all(len(want) == 2 and len(got) == 2 for want, got in figs), (state, figs)
+        for want, got in figs:
+            np.testing.assert_allclose(got, want, atol=1.0)
+        if state == "dragging":
+            page.mouse.up()
+            _settled(page, (-2, 1))
+    _shot(page, "dashboard-markers")
+
+
+def test_the_url_keeps_the_view(page, server, browser):
+    """What the page shows is in its address: the open tab, the shift mode, the grid and the shift are
+    written to the URL as they change, and the URL opened elsewhere shows the same view."""
+    _open_tab(page, "Attention")
+    box = page.locator("[data-testid='stSidebar'] [data-testid='stSelectbox']").filter(has_text="Shift mode")
+    box.click()
+    page.get_by_role("option", name="zero-pad").click()
+    _settled(page, (0, 0))
+    page.locator("canvas.es-canvas").first.focus()
+    page.keyboard.press("ArrowRight")
+    _settled(page, (0, 1))
+    page.wait_for_function("() => location.search.includes('shift=0%2C1') || location.search.includes('shift=0,1')")
+    url = page.url
+    for part in ("panel=Attention", "shift_mode=zero-pad", f"grid={GRID}"):
+        assert part in url, (part, url)
+    other = browser.new_page(viewport={"width": 1600, "height": 1000})
+    try:
+        other.set_default_timeout(300_000)
+        other.goto(url)
+        other.locator("canvas.es-canvas").first.wait_for()
+        _settled(other, (0, 1))
+        assert _shown_shift(other) == (0, 1)
+        assert other.get_by_role("tab", name="Attention").get_attribute("aria-selected") == "true"
+        assert other.locator("[data-testid='stCaptionContainer']", has_text="Mode zero").count() == 1
+    finally:
+        other.close()
 
 
 def test_upload_image(page):
@@ -202,8 +278,7 @@ def test_heatmap_click_jumps_to_the_shift(page):
     page.mouse.move(x, y)   # plotly picks the clicked point from the hover
     page.wait_for_timeout(400)
     page.mouse.click(x, y)
-    page.wait_for_function(f"() => document.body.innerText.includes('Shift (dy, dx) = {want[0]}, {want[1]}')")
-    _settled(page)
+    _settled(page, want)
     assert _shown_shift(page) == want
     _shot(page, "dashboard-heatmap-click")
 
@@ -238,8 +313,8 @@ def test_screenshots_of_every_tab(page, server):
     with EQUISHIFT_UPDATE_SCREENSHOTS=1 the orbit-heatmap view becomes the README's screenshot."""
     readme = os.environ.get("EQUISHIFT_UPDATE_SCREENSHOTS") == "1"
     page.goto(f"{server}/?grid={'full' if readme else GRID}&shift=1,2")  # the full orbit only for the README
-    page.locator("canvas.es-canvas").wait_for()
-    _settled(page)
+    page.locator("canvas.es-canvas").first.wait_for()
+    _settled(page, (1, 2))
     assert _shown_shift(page) == (1, 2)
     for tab in ("Logit curves", "Orbit heatmaps", "Attention", "Polyphase indices", "Layer × shift error",
                 "Attribution", "Export"):
