@@ -6,8 +6,16 @@
    what the server spends per rerun; written by the app to session_state["_render_s"]) and of the whole
    AppTest run, and the script thread's CPU time (what the rerun costs on an idle core: wall time also
    counts waiting for a CPU other processes hold). Target: ≤ 150 ms. Also per tab (only the open tab
-   is computed).
-2. Start to first full render: `streamlit run` as a subprocess, Playwright + the Debian chromium load
+   is computed). Only the fragment that depends on the shift reruns (dashboard.session.shift_view).
+2. What the user feels, in chromium (Playwright, the Debian chromium), same grid, one tab open:
+   - a drag: pointer events dispatched on the baseline view, each timed from dispatch to the end of its
+     handler (both input views, predictions, top-5 tables and the figures' current-shift markers
+     redrawn in the browser) and to the next frame; and the websocket messages sent meanwhile (0: the
+     drag never waits for the server). Target: ≤ 16 ms per move (60 frames/s).
+   - release, then key presses one at a time: time until the page is complete at the new shift (the
+     server's controls show it and nothing on the page is stale), and the bytes the websocket received
+     for that rerun. Target: ≤ 300 ms.
+3. Start to first full render: `streamlit run` as a subprocess, Playwright + the Debian chromium load
    the page as soon as /_stcore/health answers; time from process start until the page is complete
    (summary, both model columns and the open tab's figure drawn, no script running). Skipped when
    /usr/bin/chromium is absent; the AppTest cold run (fresh process: imports, model load, sweeps,
@@ -32,7 +40,10 @@ APP = ROOT / "dashboard" / "app.py"
 sys.path.insert(0, str(ROOT / "tests"))
 from app_harness import PAGE_IDLE_JS, WS_COUNTER_JS, free_port, wait_healthy  # noqa: E402
 
-TARGET_MS = 150.0
+TARGET_MS = 150.0   # server script time per rerun
+FRAME_MS = 16.0     # one frame at 60 frames/s: the budget of one drag step in the browser
+RELEASE_MS = 300.0  # release / key press → page complete in the browser
+FIRST_RENDER_S = 5.0  # server healthy → first full render
 TABS = ("Logit curves", "Orbit heatmaps", "Attention", "Polyphase indices", "Layer × shift error", "Attribution")
 
 
@@ -104,16 +115,28 @@ def first_render(grid: str) -> dict:
             page = browser.new_page(viewport={"width": 1600, "height": 1000})
             page.set_default_timeout(300_000)
             page.goto(url + (f"/?grid={grid}" if grid else ""))
+            # first full render: the summary, the live view (both models) and the open tab's figure drawn,
+            # on whatever grid the page draws first (a coarse one while the chosen grid is swept)
             page.get_by_text("Summary over the swept shifts").wait_for()
-            page.locator(".stPlotlyChart .main-svg").nth(2).wait_for()  # 2 inputs + the open tab's figure
-            page.wait_for_function("() => !document.body.innerText.includes('Running...')")
+            page.locator("canvas.es-canvas").first.wait_for()
+            page.locator(".stPlotlyChart .main-svg").first.wait_for()
+            page.wait_for_function("() => window.__esLive && window.__esLive.__es.imgs.baseline && "
+                                   "window.__esLive.__es.imgs.anchored")
             rendered = time.perf_counter() - t0
-            picked = page.get_by_text("Grid: ").first.inner_text().split(".")[0]
+            first = page.evaluate("() => window.__esLive.__es.data.grid.n") ** 2
+            # then the chosen grid: drawn once its background sweep is done
+            page.wait_for_function("() => !document.body.innerText.includes('swept in the background')"
+                                   " && window.__esLive && window.__esLive.__es.imgs.baseline")
+            page.wait_for_function(_server_shift_js(0, 0))
+            chosen = time.perf_counter() - t0
+            picked = page.locator("[data-testid='stCaptionContainer']", has_text="grid:").first.inner_text()
+            picked = picked.split("grid:")[1].split(". Drag")[0].strip()
             browser.close()
     finally:
         proc.terminate()
         proc.wait(timeout=30)
-    return {"grid": grid or f"page default: {picked}", "server_healthy_s": healthy, "first_full_render_s": rendered}
+    return {"grid": grid or f"page default: {picked}", "server_healthy_s": healthy, "first_full_render_s": rendered,
+            "first_grid_shifts": first, "chosen_grid_render_s": chosen}
 
 
 CHROME_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
@@ -218,6 +241,9 @@ def main() -> None:
     ap.add_argument("--grid", default="full", help="?grid= of the page: full (32×32 orbit), period, rR")
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--no-browser", action="store_true")
+    ap.add_argument("--browser-tab", default="Orbit heatmaps", help="the tab open while dragging / pressing keys")
+    ap.add_argument("--moves", type=int, default=60, help="pointer moves of the drag")
+    ap.add_argument("--presses", type=int, default=10, help="key presses, each waited for")
     ap.add_argument("--first-grid", default="", help="?grid= for the first-render timing (default: none, the "
                                                      "grid the page picks for this machine)")
     args = ap.parse_args()
@@ -240,12 +266,25 @@ def main() -> None:
     print(f"   cold AppTest run in this process (imports, 2 models, 2 sweeps, render): "
           f"{res['cold_apptest_run_s']:.1f} s")
     if args.no_browser or not Path("/usr/bin/chromium").exists():
-        print("\n2. first full render in a browser: skipped (no /usr/bin/chromium or --no-browser)")
+        print("\n2./3. browser latency and first render: skipped (no /usr/bin/chromium or --no-browser)")
         return
+    lat = browser_latency(args.grid, args.browser_tab, args.moves, args.presses)
+    print(f"\n2. in chromium, grid '{lat['grid']}', tab {lat['tab']!r}:")
+    print(f"   drag: {lat['moves']} pointer moves, handler (inputs, predictions, top-5 tables, figure markers "
+          f"redrawn) median {lat['drag_handler_ms_median']:.1f} ms (max {lat['drag_handler_ms_max']:.1f}), "
+          f"move → next frame {lat['drag_frame_ms_median']:.1f} ms; messages to the server during the drag: "
+          f"{lat['drag_messages_sent']}  → {lat['drag_handler_ms_median'] / FRAME_MS:.2f}× the {FRAME_MS:.0f} ms frame")
+    print(f"   release → page complete {lat['release_ms']:.0f} ms ({lat['release_bytes'] / 1e3:.1f} kB received)")
+    print(f"   key press → page complete: median {lat['press_ms_median']:.0f} ms (max {lat['press_ms_max']:.0f}) "
+          f"over {lat['presses']}, {lat['press_bytes_median'] / 1e3:.1f} kB received per rerun  → "
+          f"{lat['press_ms_median'] / RELEASE_MS:.2f}× the {RELEASE_MS:.0f} ms target")
     fr = first_render(args.first_grid)
-    print(f"\n2. `streamlit run` start → health {fr['server_healthy_s']:.1f} s → first full render in chromium "
-          f"{fr['first_full_render_s']:.1f} s (grid {fr['grid']})")
-    print("\n" + json.dumps({"rerun": res, "first_render": fr}))
+    print(f"\n3. `streamlit run` start → health {fr['server_healthy_s']:.1f} s → first full render in chromium "
+          f"{fr['first_full_render_s']:.1f} s (on {fr['first_grid_shifts']} shifts; "
+          f"{fr['first_full_render_s'] - fr['server_healthy_s']:.1f} s after healthy → "
+          f"{(fr['first_full_render_s'] - fr['server_healthy_s']) / FIRST_RENDER_S:.2f}× the {FIRST_RENDER_S:.0f} s "
+          f"target) → the chosen grid {fr['grid']} drawn at {fr['chosen_grid_render_s']:.1f} s")
+    print("\n" + json.dumps({"rerun": res, "browser": lat, "first_render": fr}))
 
 
 if __name__ == "__main__":

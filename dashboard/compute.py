@@ -25,7 +25,7 @@ from equishift.device import default_device
 from equishift.zoo import LoadedModel, load_model
 
 __all__ = ["get_model", "store", "derived_store", "cached", "Store", "nbytes", "sweep_slots", "sweep_slot",
-           "device_label", "forward_seconds"]
+           "device_label", "forward_seconds", "Background", "background"]
 
 
 @st.cache_resource(max_entries=6, show_spinner=False)
@@ -128,6 +128,52 @@ class Store:
                 entry[1] -= 1
                 if entry[1] == 0:
                     self._pending.pop(key, None)
+
+
+class Background:
+    """Sweeps computed off the script thread, so that a page can be drawn on a coarse grid at once while
+    the grid the user chose is swept (the first render of a big grid). One job per key at a time, stored
+    in ``store`` when done (so every session then finds it there); progress and failures are kept here."""
+
+    def __init__(self, store: Store):
+        self.store = store
+        self._lock = threading.Lock()
+        self._jobs: Dict[Hashable, Dict[str, Any]] = {}
+
+    def start(self, key: Hashable, compute: Callable[[Callable[[int, int], None]], Any]) -> None:
+        """Run ``compute(progress)`` in a thread unless ``key`` is stored or already being computed."""
+        with self._lock:
+            job = self._jobs.get(key)
+            if key in self.store or (job is not None and job["thread"].is_alive()):
+                return
+            job = self._jobs[key] = {"done": 0, "total": 0, "error": None}
+
+            def progress(done: int, total: int) -> None:
+                job["done"], job["total"] = done, total
+
+            def run() -> None:
+                try:
+                    self.store.get_or_compute(key, lambda: compute(progress))
+                except Exception as e:  # noqa: BLE001 - reported to the page that waits for it
+                    job["error"] = f"{type(e).__name__}: {e}"
+
+            job["thread"] = threading.Thread(target=run, name="equishift-background-sweep", daemon=True)
+            job["thread"].start()
+
+    def status(self, key: Hashable) -> Dict[str, Any]:
+        """{"done", "total", "error", "ready"} of the job for ``key`` (ready: the result is stored)."""
+        with self._lock:
+            job = dict(self._jobs.get(key) or {"done": 0, "total": 0, "error": None})
+        job.pop("thread", None)
+        job["ready"] = key in self.store
+        return job
+
+
+@st.cache_resource(show_spinner=False)
+def background() -> Background:
+    """The process-wide background sweeps (shared by sessions: two pages asking for the same grid wait
+    for one job)."""
+    return Background(store())
 
 
 def _env_int(name: str, default: int) -> int:

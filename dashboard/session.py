@@ -7,9 +7,10 @@ working (a side whose model failed is left out, a bad upload falls back to a sam
 from __future__ import annotations
 
 import hashlib
+import os
 import time
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import streamlit as st
@@ -27,6 +28,16 @@ __all__ = ["Side", "main"]
 
 # Estimated sweep time above which the page opens on a coarser grid (the user can still pick any).
 COARSE_AFTER_S = 10.0
+# A chosen grid not swept yet and estimated longer than this is swept in the background while the page is
+# drawn on the coarsest grid: the first render does not wait for it ($EQUISHIFT_FIRST_RENDER_S).
+FIRST_RENDER_S = 2.0
+
+
+def _first_render_s() -> float:
+    try:
+        return float(os.environ.get("EQUISHIFT_FIRST_RENDER_S", FIRST_RENDER_S))
+    except ValueError:
+        return FIRST_RENDER_S
 SIDES = ("baseline", "anchored")
 
 
@@ -139,7 +150,7 @@ def _prepare_inputs(sides: List[Side], choice, mode: str) -> None:
 
 
 # --- grid and sweeps -------------------------------------------------------------------------------
-def _grid_picker(ref: Side, mode: str, sha256: str) -> state.GridSpec:
+def _grid_picker(ref: Side, mode: str, sha256: str) -> Tuple[state.GridSpec, float, List[state.GridSpec]]:
     _, h, w = ref.x.shape[1:]
     stride = ref.loaded.stride
     options = state.grid_options(min(h, w), stride, mode, crop_margin(stride))
@@ -168,7 +179,55 @@ def _grid_picker(ref: Side, mode: str, sha256: str) -> state.GridSpec:
     if est[choice] > COARSE_AFTER_S and not cached:
         st.sidebar.warning(f"This grid takes about {fmt(est[choice], '.0f')} s on {compute.device_label()}; "
                            f"a coarser grid answers sooner.")
-    return options[choice]
+    return options[choice], est[choice], offered
+
+
+def _sweep_job(side: Side, mode: str, grid: state.GridSpec):
+    """``run(progress)``: the sweep of ``side``'s model over ``grid`` (one of a few at a time)."""
+    lm, x, canvas, shifts = side.loaded, side.x, side.canvas, grid.shifts()
+    slots = compute.sweep_slots()  # looked up here: the job may run on a thread without a script context
+
+    def run(progress=None, on_wait=None):
+        with compute.sweep_slot(on_wait=on_wait, slots=slots):  # a few sweeps at a time across all sessions
+            if mode == "crop":
+                return sweep(lm, canvas, shifts, mode, progress=progress, size=tuple(x.shape[-2:]))
+            return sweep(lm, x, shifts, mode, progress=progress)
+    return run
+
+
+def _start_in_background(sides: List[Side], choice, mode: str, grid: state.GridSpec, est: float,
+                         options: List[state.GridSpec]) -> Tuple[state.GridSpec, list]:
+    """When the chosen grid is not swept yet and would keep the first render waiting (estimated over
+    FIRST_RENDER_S), sweep it in the background and draw the coarsest grid meanwhile. Returns the grid to
+    draw now and the keys still being swept ([] when the chosen grid is drawn)."""
+    keys = [("sweep", s.spec, choice.sha256, mode, grid.key) for s in sides if s.ok]
+    missing = [k for k in keys if k not in compute.store()]
+    coarse = options[0]
+    if not missing or est <= _first_render_s() or coarse.key == grid.key or len(coarse) >= len(grid):
+        return grid, []
+    jobs = compute.background()
+    for side, key in zip([s for s in sides if s.ok], keys):
+        if key in missing:
+            jobs.start(key, _sweep_job(side, mode, grid))
+    return coarse, missing
+
+
+@st.fragment(run_every=1.0)
+def _background_progress(keys: list, grid: state.GridSpec, shown: state.GridSpec) -> None:
+    """While the chosen grid is swept in the background: its progress; the whole page is drawn again on
+    it as soon as it is done."""
+    jobs = compute.background()
+    status = [jobs.status(k) for k in keys]
+    failed = [s["error"] for s in status if s["error"]]
+    if failed:
+        st.error(f"The sweep of {grid.label} failed: {failed[0]}. Showing {shown.label}.")
+        return
+    if all(s["ready"] for s in status):
+        st.rerun(scope="app")
+    done = sum(s["done"] for s in status)
+    total = sum(s["total"] for s in status) or 1
+    st.progress(done / total, text=f"Showing {shown.label} while {grid.label} is swept in the background "
+                                   f"({done}/{total} shifts); the page switches to it when it is done.")
 
 
 def _run_sweeps(sides: List[Side], choice, mode: str, grid: state.GridSpec) -> None:
@@ -188,17 +247,13 @@ def _run_sweeps(sides: List[Side], choice, mode: str, grid: state.GridSpec) -> N
                 bar.progress(done / max(total, 1), text=f"{role}: {done}/{total} shifts")
         else:
             bar, progress = None, None
-        lm, x, canvas = side.loaded, side.x, side.canvas
+        job = _sweep_job(side, mode, grid)
 
-        def run(lm=lm, x=x, canvas=canvas, bar=bar, progress=progress, role=side.role):
+        def run(job=job, bar=bar, progress=progress, role=side.role):
             def waiting():
                 if bar is not None:
                     bar.progress(0.0, text=f"{role}: waiting for other sessions' sweeps to finish …")
-            # a few sweeps at a time across all sessions: each already uses every core
-            with compute.sweep_slot(on_wait=waiting):
-                if mode == "crop":
-                    return sweep(lm, canvas, shifts, mode, progress=progress, size=tuple(x.shape[-2:]))
-                return sweep(lm, x, shifts, mode, progress=progress)
+            return job(progress, waiting)
 
         try:
             side.result = compute.store().get_or_compute(key, run)
@@ -327,11 +382,15 @@ def main() -> None:
     _guarded_call(panels.model_cards, ok)
     ref = ok[0]
     try:
-        grid = _grid_picker(ref, mode, choice.sha256)
+        grid, est, options = _grid_picker(ref, mode, choice.sha256)
+        chosen = grid
+        grid, pending = _start_in_background(ok, choice, mode, grid, est, options)
     except Exception as e:  # noqa: BLE001
         st.error(f"Cannot set up the shift grid: {_message(e)}")
         return
     _run_sweeps(ok, choice, mode, grid)
+    if pending:
+        _background_progress(pending, chosen, grid)
     for side in ok:
         if side.error:
             st.error(side.error)

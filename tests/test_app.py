@@ -17,6 +17,7 @@ import os
 import re
 import sys
 import tempfile
+import time
 import zipfile
 from pathlib import Path
 
@@ -656,3 +657,34 @@ def test_figures_keep_their_own_colours(app):
             assert chart.proto.theme == "", (tab, chart.proto.theme)
             seen += 1
     assert seen >= 5  # 2 heatmaps, attention, layer error, one polyphase panel per anchored model
+
+
+def test_a_slow_grid_is_swept_in_the_background(monkeypatch):
+    """A chosen grid that is not swept yet and would keep the first render waiting is swept in the
+    background: the page is drawn at once on one patch period, says what it is waiting for, and is drawn
+    on the chosen grid once that is done (here every unswept grid counts as slow)."""
+    import threading
+
+    from dashboard import compute
+
+    monkeypatch.setenv("EQUISHIFT_FIRST_RENDER_S", "0")
+    gate = threading.Event()  # holds the background sweep until the first render has been looked at
+    start = compute.Background.start
+    monkeypatch.setattr(compute.Background, "start",
+                        lambda self, key, fn: start(self, key, lambda progress: gate.wait(120) and fn(progress)))
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT)
+    at.query_params["grid"] = "r6"  # 13 × 13 shifts, swept by no other test
+    at.run()
+    assert not at.exception and errors(at) == []
+    assert live_data(at)["grid"]["n"] == 4 and len(top5_tables(at)) == 2  # one 4-px period, drawn now
+    waiting = [p.proto.text for p in at.get("progress")]
+    assert any("swept in the background" in t and "±6 px" in t for t in waiting), waiting
+    gate.set()
+    deadline = time.monotonic() + 240
+    while live_data(at)["grid"]["n"] != 13:
+        assert time.monotonic() < deadline, "the background sweep never arrived"
+        time.sleep(0.5)
+        at.run()
+        assert not at.exception and errors(at) == []
+    assert not any("swept in the background" in p.proto.text for p in at.get("progress"))
+    assert len(top5_tables(at)) == 2
