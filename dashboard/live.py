@@ -155,13 +155,13 @@ export default function(component) {
     const top = t.top.slice(5 * k, 5 * k + 5), p = t.p.slice(5 * k, 5 * k + 5), dl = t.d.slice(5 * k, 5 * k + 5);
     const flipped = top[0] !== t.ref_pred;
     pred.innerHTML = '<span class="es-title"></span> · prediction at this shift: <b></b> (' + tenths(p[0]) + '%)' + (flipped ? ' <span class="es-flip">— flipped</span>' : '');
-    pred.querySelector('b').textContent = table.classes[top[0]];
+    pred.querySelector('b').textContent = t.classes[top[0]];
     pred.querySelector('.es-title').textContent = s.role;
     pred.dataset.flipped = String(flipped);
     let rows = '';
     for (let i = 0; i < top.length; i++) rows += '<tr><td></td><td class="num">' + tenths(p[i]) + '%</td><td class="num">' + tenths(dl[i], true) + '</td></tr>';
     body.innerHTML = rows;
-    Array.from(body.rows).forEach((r, i) => { r.cells[0].textContent = table.classes[top[i]] + (top[i] === t.ref_pred ? ' ★' : ''); });
+    Array.from(body.rows).forEach((r, i) => { r.cells[0].textContent = t.classes[top[i]] + (top[i] === t.ref_pred ? ' ★' : ''); });
   }
 
   // The current-shift markers of the page's figures follow without redrawing them: each figure built by
@@ -324,16 +324,18 @@ def _tenths(v: np.ndarray) -> np.ndarray:
 
 
 def side_table(probs: np.ndarray, ref_probs: np.ndarray, ref_pred: int,
-               anchors: Optional[np.ndarray] = None) -> Dict[str, object]:
+               anchors: Optional[np.ndarray] = None, classes: Optional[Sequence[str]] = None) -> Dict[str, object]:
     """One model's per-shift table: for every swept shift (row of ``probs`` [K, C]) the five most probable
     classes (stable order), their p and their change Δ from ``ref_probs``, both in tenths of a percent,
-    flattened row-major ([K*5]); ``anchors`` [K, 2] the anchored grid's phase (a, b) at each shift."""
+    flattened row-major ([K*5]); ``anchors`` [K, 2] the anchored grid's phase (a, b) at each shift;
+    ``classes`` the model's class names (default: the class indices)."""
     probs = np.asarray(probs, dtype=np.float64)
     top = np.argsort(-probs, axis=1, kind="stable")[:, :5]
     p = np.take_along_axis(probs, top, axis=1)
     d = p - np.asarray(ref_probs, dtype=np.float64)[top]
     out = {"top": top.reshape(-1).tolist(), "p": _tenths(p).reshape(-1).tolist(),
-           "d": _tenths(d).reshape(-1).tolist(), "ref_pred": int(ref_pred), "n": int(top.shape[1])}
+           "d": _tenths(d).reshape(-1).tolist(), "ref_pred": int(ref_pred), "n": int(top.shape[1]),
+           "classes": [str(c) for c in classes] if classes is not None else [str(i) for i in range(probs.shape[1])]}
     out["anchors"] = None if anchors is None else np.asarray(anchors, dtype=np.int64).reshape(-1).tolist()
     return out
 
@@ -350,7 +352,7 @@ def top5_at(table: Dict[str, object], role: str, k: int) -> List[Tuple[str, bool
     rows = []
     for i in range(n * k, n * k + n):
         c = t["top"][i]
-        rows.append((table["classes"][c], c == t["ref_pred"], t["p"][i] / 10, t["d"][i] / 10))
+        rows.append((t["classes"][c], c == t["ref_pred"], t["p"][i] / 10, t["d"][i] / 10))
     return rows
 
 

@@ -284,11 +284,10 @@ def live_table(sides: List[Side]) -> dict:
         from dashboard.panels import first_anchors, probs_of
 
         out = {"key": tuple(s.key for s in sides), "sides": {}}
-        for side in sides:
+        for side in sides:  # each with its own class names: two models may have different heads
             n = probs_of(side)
-            out["classes"] = n["classes"]
             out["sides"][side.role] = live.side_table(n["probs"], n["ref_probs"], n["ref_pred"],
-                                                      first_anchors(side.result))
+                                                      first_anchors(side.result), classes=n["classes"])
         return out
     return compute.cached(("live-table",) + tuple(s.key for s in sides), make)
 

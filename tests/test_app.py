@@ -522,7 +522,7 @@ def _page_with_float_noise(path: str) -> None:
 
     panels.summary([side], "circular")
     n = panels.probs_of(side)
-    table = {"classes": n["classes"], "sides": {"anchored": live.side_table(n["probs"], n["ref_probs"], n["ref_pred"])}}
+    table = {"sides": {"anchored": live.side_table(n["probs"], n["ref_probs"], n["ref_pred"], classes=n["classes"])}}
     st.markdown(live.top5_markdown(live.top5_at(table, "anchored", 1)))
     k = len(res)
     real = panels._attention_scores  # the module is shared by every later test in this process: put it back
