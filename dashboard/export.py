@@ -50,7 +50,9 @@ def figure_bytes(fig: go.Figure, fmt: str) -> bytes:
     problem = static_export_problem() or _kaleido_server()
     if problem is not None:
         raise RuntimeError(f"static export unavailable: {problem}")
-    return fig.to_image(format=fmt, scale=2 if fmt == "png" else 1)
+    from equishift.plots import export_width
+
+    return fig.to_image(format=fmt, scale=2 if fmt == "png" else 1, width=export_width(fig))
 
 
 def _deferred(fig, fmt: str) -> Callable[[], bytes]:

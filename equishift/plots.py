@@ -27,7 +27,7 @@ from .sweep import SweepResult, describe_shifts
 
 __all__ = [
     "logit_curve", "orbit_heatmap", "attention_grid", "polyphase_panel", "layer_error_map",
-    "attribution_overlay", "shifted_image", "default_path", "path_axis", "PathAxis", "phase_colours", "FIGURES",
+    "attribution_overlay", "shifted_image", "default_path", "path_axis", "PathAxis", "phase_colours", "export_width", "FIGURES",
 ]
 
 # Names of the builders, for code that renders "all figures" (the report CLI).
@@ -98,6 +98,15 @@ PAGE_WIDTH = 1400
 # a dotted vertical line on 1-D axes (black on white, white on a heatmap).
 CURRENT_MARKER = dict(symbol="x", size=12, color="white", line=dict(color="black", width=1.5))
 CURRENT_LINE = dict(dash="dot", width=1.5)
+
+
+def export_width(fig: go.Figure) -> int:
+    """The width to render ``fig`` at as a file: its own, else the page width for grids of more than two
+    panels (the builders size those for ``PAGE_WIDTH``), else kaleido's usual 700 px."""
+    if fig.layout.width:
+        return int(fig.layout.width)
+    panels = sum(1 for k in fig.layout if k.startswith("xaxis"))
+    return PAGE_WIDTH if panels > 2 else 700
 
 
 def _pin_title(fig: go.Figure) -> None:
@@ -352,8 +361,8 @@ def orbit_heatmap(baseline: SweepResult, anchored: Optional[SweepResult] = None,
 
 # --- attention ----------------------------------------------------------------------------------
 def _attention_maps(res: SweepResult, layer: str, k: int, align: bool) -> torch.Tensor:
-    maps = res.aligned_attention(layer) if align else res.attention[layer]
-    return maps[k].float()  # [heads, h, w]
+    maps = res.aligned_attention(layer, index=k)[0] if align else res.attention[layer][k]
+    return maps.float()  # [heads, h, w]
 
 
 def attention_grid(baseline: SweepResult, anchored: Optional[SweepResult] = None, current: int = 0,

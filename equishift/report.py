@@ -433,8 +433,9 @@ def _export_static(figs: Dict[str, Any], folder: Path,
             for i, (name, fig) in enumerate(figs.items()):
                 if progress is not None:
                     progress("static export", i, len(figs))
-                (folder / f"{name}.png").write_bytes(fig.to_image(format="png", scale=2))
-                (folder / f"{name}.svg").write_bytes(fig.to_image(format="svg"))
+                width = plots.export_width(fig)
+                (folder / f"{name}.png").write_bytes(fig.to_image(format="png", scale=2, width=width))
+                (folder / f"{name}.svg").write_bytes(fig.to_image(format="svg", width=width))
         if progress is not None:
             progress("static export", len(figs), len(figs))
         return None

@@ -164,13 +164,16 @@ class SweepResult:
         s = self.meta["layer_stride"][layer] if stride is None else stride
         return torch.round(self.offset[layer].double() / s).long()
 
-    def aligned_attention(self, layer: str) -> torch.Tensor:
+    def aligned_attention(self, layer: str, index: Optional[int] = None) -> torch.Tensor:
         """``attention[layer]`` with each shifted map rolled back into the unshifted frame (circular),
         so it can be compared with ``ref_attention[layer]`` cell by cell. Exact for anchored layers
-        and for shifts that are multiples of the map stride; nearest-cell otherwise."""
+        and for shifts that are multiples of the map stride; nearest-cell otherwise. ``index``: only that
+        shift's maps ([1, ...]), not the whole sweep's."""
         maps = self.attention[layer]
         src = self.meta["layers"][-1] if layer == "rollout" else layer
         t = self.token_shift(src, self.meta["attention_stride"][layer])
+        if index is not None:
+            maps, t = maps[int(index):int(index) + 1], t[int(index):int(index) + 1]
         lead = maps.shape
         flat = maps.reshape(lead[0], -1, *lead[-2:])
         return shift_batch(flat.float(), -t, "circular").reshape(lead).to(maps.dtype)
