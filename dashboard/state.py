@@ -61,7 +61,8 @@ class GridSpec:
 
 
 def grid_options(size: int, stride: int, mode: str, crop_margin: int) -> List[GridSpec]:
-    """The grids offered for a ``size``×``size`` input with patch ``stride``, most detailed last.
+    """The grids offered for a ``size``×``size`` input with patch ``stride``, most detailed last. Labels
+    are short: the sidebar shows them with a time estimate in a ~30-character box.
 
     Circular and fractional shifts are periodic, so the full orbit is every shift in [-size/2, size/2);
     zero-pad and reflect move content out of the frame, so the same window; crop is bounded by the margin
@@ -70,21 +71,21 @@ def grid_options(size: int, stride: int, mode: str, crop_margin: int) -> List[Gr
     s = stride
     if mode == "crop":
         m = crop_margin
-        out = [GridSpec(-m, m, 1, f"±{m} px, the whole crop margin ({(2 * m + 1) ** 2} shifts)")]
+        out = [GridSpec(-m, m, 1, f"±{m} px margin · {(2 * m + 1) ** 2} shifts")]
         k = m // 4
         if k > 1 and m % k == 0:  # big patches (e.g. 16 px): a coarse grid first
             n = 2 * m // k + 1
-            out.insert(0, GridSpec(-m, m, k, f"±{m} px, step {k} ({n * n} shifts)"))
+            out.insert(0, GridSpec(-m, m, k, f"±{m} px, step {k} · {n * n} shifts"))
         return out
     if mode in ("bilinear", "fourier"):
-        return [GridSpec(-(s // 2), s - s // 2 - 0.5, 0.5, f"one patch period, ½ px steps ({(2 * s) ** 2} shifts)"),
-                GridSpec(-(s // 2), s - s // 2 - 0.25, 0.25, f"one patch period, ¼ px steps ({(4 * s) ** 2} shifts)")]
-    out = [GridSpec(-(s // 2), s - s // 2 - 1, 1, f"one patch period ({s}×{s} = {s * s} shifts)")]
+        return [GridSpec(-(s // 2), s - s // 2 - 0.5, 0.5, f"one period, ½ px · {(2 * s) ** 2} shifts"),
+                GridSpec(-(s // 2), s - s // 2 - 0.25, 0.25, f"one period, ¼ px · {(4 * s) ** 2} shifts")]
+    out = [GridSpec(-(s // 2), s - s // 2 - 1, 1, f"one patch period · {s * s} shifts")]
     for step in (s, s // 2, 2):
         if 1 < step < s or step == s and size // step > 1:
             n = len(range(-half, half, step))
-            out.append(GridSpec(-half, -half + step * (n - 1), step, f"whole image, step {step} px ({n * n} shifts)"))
-    out.append(GridSpec(-half, half - 1, 1, f"full orbit ({size}×{size} = {size * size} shifts)"))
+            out.append(GridSpec(-half, -half + step * (n - 1), step, f"every {step} px · {n * n} shifts"))
+    out.append(GridSpec(-half, half - 1, 1, f"full orbit · {size * size} shifts"))
     # de-duplicate (small sizes make some of these coincide), keep order
     seen, uniq = set(), []
     for g in out:
@@ -115,7 +116,7 @@ def grid_from_param(value: Optional[str], options: Sequence[GridSpec], mode: str
         if n * n > MAX_SHIFTS:  # refuse before anything of that size is allocated
             raise LimitError(f"?grid={value} asks for {n * n} shifts; the sweep limit is {MAX_SHIFTS} "
                              f"(r{_max_radius(step)} at most in this mode)")
-        return GridSpec(-r, r, step, f"±{r} px ({n * n} shifts, from the link)")
+        return GridSpec(-r, r, step, f"±{r} px · {n * n} shifts (link)")
     return None
 
 

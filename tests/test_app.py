@@ -145,6 +145,7 @@ def test_grid_options(size, stride, mode):
     for g in opts:
         shifts = g.shifts()
         assert len(shifts) == len(g) and f"{len(g)} shifts" in g.label
+        assert len(g.label) <= 30, g.label  # with " · ~12 s" it still fits the sidebar's box
         assert ((shifts == 0).all(1)).any(), g.label
         assert shifts.abs().max() <= (stride if mode == "crop" else size // 2)
     assert len(opts[0]) <= len(opts[-1])
