@@ -31,7 +31,7 @@ from PIL import Image
 
 __all__ = ["live_view", "side_table", "table_id", "top5_at", "top5_markdown", "png_data_url", "VIEW_PIXELS"]
 
-VIEW_PIXELS = 208  # longest side of each input view on screen, in CSS pixels
+VIEW_PIXELS = 192  # longest side of each input view on screen, in CSS pixels
 
 _HTML = """
 <div class="es-live">
@@ -47,7 +47,7 @@ _CSS = """
 .es-head { font-size: 0.95rem; }
 .es-shift { font-weight: 600; font-variant-numeric: tabular-nums; }
 .es-hint { opacity: 0.6; font-size: 0.8rem; }
-.es-sides { display: flex; flex-wrap: wrap; gap: 1rem 2.5rem; }
+.es-sides { display: flex; flex-wrap: wrap; gap: 1rem 2rem; }
 .es-side { display: flex; flex-direction: column; gap: 0.3rem; min-width: 0; }
 .es-title { font-size: 1.05rem; font-weight: 600; }
 .es-pred { font-size: 0.95rem; }
@@ -57,12 +57,12 @@ _CSS = """
              border-radius: 4px; image-rendering: pixelated; }
 .es-canvas:active { cursor: grabbing; }
 .es-canvas:focus { outline: 2px solid var(--st-primary-color, #f63); }
-.es-legend { font-size: 0.72rem; opacity: 0.75; max-width: 208px; }
-table.es-top5 { border-collapse: collapse; font-size: 0.85rem; font-variant-numeric: tabular-nums; }
-table.es-top5 th, table.es-top5 td { padding: 0.15rem 0.45rem; border-bottom: 1px solid var(--st-border-color, #ddd); }
+.es-legend { font-size: 0.72rem; opacity: 0.75; max-width: 192px; }
+table.es-top5 { border-collapse: collapse; font-size: 0.8rem; font-variant-numeric: tabular-nums; }
+table.es-top5 th, table.es-top5 td { padding: 0.1rem 0.4rem; border-bottom: 1px solid var(--st-border-color, #ddd); }
 table.es-top5 th { text-align: left; font-weight: 600; }
 table.es-top5 td.num, table.es-top5 th.num { text-align: right; }
-.es-note { font-size: 0.72rem; opacity: 0.65; max-width: 16rem; }
+.es-note { font-size: 0.7rem; opacity: 0.65; max-width: 14rem; }
 """
 
 # Runs again on every rerun with fresh ``data``. What must survive (drag in progress, images, the report

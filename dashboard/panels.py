@@ -117,9 +117,8 @@ def summary(sides, mode: str) -> None:
                     f"{'none' if flip is None else fmt(flip) + ' px'} | {fmt(100 * drop, '.1f')} pp at "
                     f"({fmt(dy)}, {fmt(dx)}) |")
     st.markdown("**Summary over the swept shifts**\n\n" + "\n".join(rows))
-    st.caption(f"Consistency: the fraction of the swept {mode} shifts whose top-1 is the unshifted top-1 (95% "
-               f"Wilson interval). Smallest flipping shift: the smallest max(|dy|, |dx|) that changes the top-1. "
-               f"Drop: of the unshifted top-1's probability, in percentage points, and where it is largest.")
+    st.caption(f"Consistency: the share of the swept {mode} shifts that keep the unshifted top-1 (95% Wilson "
+               f"interval). Flipping shift: the smallest max(|dy|, |dx|) that changes it. Drop: of its probability.")
 
 
 def probs_of(side) -> Dict[str, Any]:

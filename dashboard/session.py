@@ -311,22 +311,24 @@ def _shift_controls(sides: List[Side], mode: str, grid: state.GridSpec, heatmap_
         lo, hi, step = int(grid.lo), int(grid.hi), int(grid.step)
     else:
         lo, hi, step = float(grid.lo), float(grid.hi), float(grid.step)
-    # the precise controls in one row above the view (their values follow on release), then both models
-    c1, c2, c3, c4 = st.columns([2, 2, 1, 4], vertical_alignment="bottom")
-    c1.number_input("dy (rows, + = down)", min_value=lo, max_value=hi, step=step, key=state.DY,
-                    on_change=state.on_inputs_change)
-    c2.number_input("dx (columns, + = right)", min_value=lo, max_value=hi, step=step, key=state.DX,
-                    on_change=state.on_inputs_change)
-    c3.button("Reset", on_click=state.reset_shift, key="reset_shift", help="Back to shift (0, 0)")
-    c4.caption(f"Mode **{mode}** · grid: {grid.label}. Drag an image, use the arrow keys on it, type a shift, "
+    # both models' live views, and beside them the precise controls (their values follow on release)
+    view_col, ctl_col = st.columns([6, 1], vertical_alignment="top")
+    with view_col:
+        views = [{"role": s.role, "image": compute.cached(("display", s.key, mode, shift),
+                                                          lambda s=s: shifted_display(s, mode, shift)),
+                  "stride": s.loaded.stride} for s in sides]
+        live.live_view(views, live_table(sides), shift, grid=(grid.lo, grid.step, len(grid.values())),
+                       shift_range=((lo, hi), (lo, hi)), stride=ref.loaded.stride,
+                       wrap=mode in ("circular", "bilinear", "fourier"), quantum=step, key=state.PAD_KEY,
+                       on_change=state.on_pad_change, ack=state.pad_ack())
+    with ctl_col:
+        st.number_input("dy (rows, + = down)", min_value=lo, max_value=hi, step=step, key=state.DY,
+                        on_change=state.on_inputs_change)
+        st.number_input("dx (columns, + = right)", min_value=lo, max_value=hi, step=step, key=state.DX,
+                        on_change=state.on_inputs_change)
+        st.button("Reset", on_click=state.reset_shift, key="reset_shift", help="Back to shift (0, 0)")
+    st.caption(f"Mode **{mode}** · grid: {grid.label}. Drag an image, use the arrow keys on it, type a shift, "
                f"or click a cell of an orbit heatmap.")
-    views = [{"role": s.role, "image": compute.cached(("display", s.key, mode, shift),
-                                                      lambda s=s: shifted_display(s, mode, shift)),
-              "stride": s.loaded.stride} for s in sides]
-    live.live_view(views, live_table(sides), shift, grid=(grid.lo, grid.step, len(grid.values())),
-                   shift_range=((lo, hi), (lo, hi)), stride=ref.loaded.stride,
-                   wrap=mode in ("circular", "bilinear", "fourier"), quantum=step, key=state.PAD_KEY,
-                   on_change=state.on_pad_change, ack=state.pad_ack())
     return shift
 
 

@@ -174,6 +174,40 @@ def test_arrow_keys_move_the_shift_and_the_view_stays_mounted(page):
     assert canvas.evaluate("c => c.__mounted") == "first"
 
 
+def test_a_shift_change_reruns_only_what_depends_on_the_shift(page):
+    """A key press reruns the shift's fragment only: the models, image, summary and sidebar are not part
+    of the rerun (Streamlit marks what a rerun will redraw as stale; none of them ever is)."""
+    page.evaluate("""() => { window.__staleOutside = [];
+        new MutationObserver(() => {
+          for (const el of document.querySelectorAll('[data-stale="true"]'))
+            if (el.closest('[data-testid="stSidebar"]') || /Summary over the swept shifts/.test(el.innerText || ''))
+              window.__staleOutside.push(el.innerText.slice(0, 40));
+        }).observe(document.body, { subtree: true, attributes: true, attributeFilter: ['data-stale'] }); }""")
+    page.locator("canvas.es-canvas").first.focus()
+    for i, key in enumerate(("ArrowRight", "ArrowDown", "ArrowRight")):
+        page.keyboard.press(key)
+        _settled(page, [(0, 1), (1, 1), (1, 2)][i])
+    assert page.evaluate("() => window.__staleOutside") == []
+
+
+def test_the_view_and_the_open_tab_fit_one_screen(browser, server):
+    """At 1600×1200 the live view (both models) and the open tab's figure are on screen together."""
+    pg = browser.new_page(viewport={"width": 1600, "height": 1200})
+    try:
+        pg.set_default_timeout(300_000)
+        pg.goto(f"{server}/?grid={GRID}&panel=Orbit+heatmaps")
+        pg.locator("canvas.es-canvas").first.wait_for()
+        pg.locator(".stPlotlyChart .js-plotly-plot").first.wait_for()
+        _settled(pg, (0, 0))
+        views = [c.bounding_box() for c in pg.locator("canvas.es-canvas").all()]
+        figure = pg.locator(".stPlotlyChart").first.bounding_box()
+        assert len(views) == 2 and all(v["y"] + v["height"] <= 1200 for v in views), views
+        assert figure["y"] + 250 <= 1200, figure  # at least 250 px of the figure above the fold
+        _shot(pg, "dashboard-one-screen")
+    finally:
+        pg.close()
+
+
 def test_figure_markers_follow_the_drag(page):
     """On the orbit heatmaps, the current-shift × is drawn by the live view at the dragged shift (plotly's
     own data→pixel map), during the drag and after the server's rerun."""
