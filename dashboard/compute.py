@@ -18,6 +18,7 @@ from collections import OrderedDict
 from contextlib import contextmanager
 from typing import Any, Callable, Dict, Hashable, Optional, Tuple
 
+import numpy as np
 import streamlit as st
 import torch
 
@@ -45,7 +46,13 @@ def nbytes(value: Any) -> int:
     if isinstance(value, dict):
         return sum(nbytes(v) for v in value.values())
     if isinstance(value, (list, tuple)):
+        if value and isinstance(value[0], (int, float, str)):  # plain numbers or names: ~8 bytes each
+            return 8 * len(value) + sum(len(v) for v in value[:1000] if isinstance(v, str)) * max(1, len(value) // 1000)
         return sum(nbytes(v) for v in value)
+    if hasattr(value, "to_plotly_json"):  # a plotly figure: ~8 bytes per value, ~32 per hover text
+        def count(v) -> int:
+            return 0 if v is None or isinstance(v, str) else int(np.size(np.asarray(v, dtype=object)))
+        return sum(8 * count(getattr(t, "z", None)) + 32 * count(getattr(t, "text", None)) for t in value.data) + 1024
     size, bands = getattr(value, "size", None), getattr(value, "getbands", None)
     if isinstance(size, tuple) and len(size) == 2 and callable(bands):  # a PIL image
         return size[0] * size[1] * len(bands())
@@ -153,7 +160,8 @@ class Background:
 
             def run() -> None:
                 try:
-                    self.store.get_or_compute(key, lambda: compute(progress))
+                    # kept here too until the page takes it (deliver): the store may evict it meanwhile
+                    job["result"] = self.store.get_or_compute(key, lambda: compute(progress))
                 except Exception as e:  # noqa: BLE001 - reported to the page that waits for it
                     job["error"] = f"{type(e).__name__}: {e}"
 
@@ -161,12 +169,21 @@ class Background:
             job["thread"].start()
 
     def status(self, key: Hashable) -> Dict[str, Any]:
-        """{"done", "total", "error", "ready"} of the job for ``key`` (ready: the result is stored)."""
+        """{"done", "total", "error", "ready"} of the job for ``key`` (ready: its result exists)."""
         with self._lock:
             job = dict(self._jobs.get(key) or {"done": 0, "total": 0, "error": None})
         job.pop("thread", None)
-        job["ready"] = key in self.store
+        job["ready"] = job.pop("result", None) is not None or key in self.store
         return job
+
+    def deliver(self, key: Hashable) -> None:
+        """Put a finished job's result (back) into the store and forget the job."""
+        with self._lock:
+            job = self._jobs.get(key)
+            if job is None or job.get("result") is None:
+                return
+            self._jobs.pop(key)
+        self.store.get_or_compute(key, lambda: job["result"])
 
 
 @st.cache_resource(show_spinner=False)

@@ -77,7 +77,10 @@ export default function(component) {
                                           srcs: {}, built: null, frameMs: [] });
   st.data = data;
   window.__esLive = root;  // for tests and benchmarks: the view lives in a shadow root
-  if (data.table) { tables.set(data.table_id, data.table); }
+  if (data.table) {
+    tables.set(data.table_id, data.table);
+    while (tables.size > 4) tables.delete(tables.keys().next().value);  // oldest first
+  }
   const table = tables.get(data.table_id);
   if (table && data.have !== data.table_id) setStateValue('have', data.table_id);
   if (!table && data.have === data.table_id) setStateValue('have', null);  // lost (e.g. new tab): resend
@@ -152,7 +155,8 @@ export default function(component) {
     el.querySelector('.es-legend').textContent = legend;
     const pred = el.querySelector('.es-pred'), body = el.querySelector('tbody');
     if (!t || k < 0) { pred.textContent = s.role + ' · not swept at this shift'; body.innerHTML = ''; return; }
-    const top = t.top.slice(5 * k, 5 * k + 5), p = t.p.slice(5 * k, 5 * k + 5), dl = t.d.slice(5 * k, 5 * k + 5);
+    const n = t.n;  // min(5, classes)
+    const top = t.top.slice(n * k, n * k + n), p = t.p.slice(n * k, n * k + n), dl = t.d.slice(n * k, n * k + n);
     const flipped = top[0] !== t.ref_pred;
     pred.innerHTML = '<span class="es-title"></span> · prediction at this shift: <b></b> (' + tenths(p[0]) + '%)' + (flipped ? ' <span class="es-flip">— flipped</span>' : '');
     pred.querySelector('b').textContent = t.classes[top[0]];
@@ -189,6 +193,10 @@ export default function(component) {
         const m = tr.meta && tr.meta.es_current;
         if (m && live) items.push({ kind: 'cross', xa: L[tr.xaxis.replace('x', 'xaxis')], ya: L[tr.yaxis.replace('y', 'yaxis')],
                                     x: val[m.x], y: val[m.y] });
+      });
+      (L.shapes || []).forEach((sh, i) => {  // the figure's own dotted line at the drawn shift
+        if (sh.name !== 'current shift') return;
+        for (const path of gd.querySelectorAll('.shapelayer path[data-index="' + i + '"]')) path.style.opacity = live ? 0 : '';
       });
       for (const l of (live ? (meta.es_lines || []) : [])) {
         const on = l.on === 'diagonal' ? dy === dx : Object.keys(l.on).every(c => val[c] === l.on[c]);
@@ -246,13 +254,17 @@ export default function(component) {
     window.__esFrameMs = st.frameMs;
   }
 
+  st.draw = draw;  // the latest run's draw (an image that loads later must not use an older one)
+
   function send() {
     st.seq += 1;
+    st.reported = st.shift.slice();
     setStateValue('shift', { dy: st.shift[0], dx: st.shift[1], seq: st.seq });
   }
   function moveTo(dy, dx) {
-    const r = st.data.range;
-    const next = [clamp(dy, r[0][0], r[0][1]), clamp(dx, r[1][0], r[1][1])];
+    const r = st.data.range, g = st.data.grid;
+    const snap = (v) => g.lo + g.step * Math.round((v - g.lo) / g.step);  // only swept shifts
+    const next = [clamp(snap(dy), r[0][0], r[0][1]), clamp(snap(dx), r[1][0], r[1][1])];
     if (next[0] === st.shift[0] && next[1] === st.shift[1]) return false;
     st.shift = next;
     draw();
@@ -264,7 +276,7 @@ export default function(component) {
       const src = s.image, role = s.role;
       st.srcs[role] = src;
       const img = new Image();
-      img.onload = () => { if (st.srcs[role] === src) { st.imgs[role] = img; draw(); } };
+      img.onload = () => { if (st.srcs[role] === src) { st.imgs[role] = img; st.draw(); } };
       img.src = src;
     }
   }
@@ -288,12 +300,14 @@ export default function(component) {
     const release = () => {
       if (!st.dragging) return;
       st.dragging = false;
-      if (st.shift[0] !== st.data.shift[0] || st.shift[1] !== st.data.shift[1]) send();
+      // the last shift the server heard of: the page's, or a report still in flight
+      const known = (st.data.ack || 0) < st.seq && st.reported ? st.reported : st.data.shift;
+      if (st.shift[0] !== known[0] || st.shift[1] !== known[1]) send();
     };
     canvas.onpointerup = release;
     canvas.onpointercancel = release;
     canvas.onkeydown = (e) => {
-      const step = e.shiftKey ? st.data.stride : st.data.quantum;
+      const q = st.data.quantum, step = e.shiftKey ? Math.max(q, q * Math.round(st.data.stride / q)) : q;
       const moves = { ArrowUp: [-step, 0], ArrowDown: [step, 0], ArrowLeft: [0, -step], ArrowRight: [0, step] };
       const m = moves[e.key];
       if (!m) return;

@@ -195,29 +195,40 @@ def _sweep_job(side: Side, mode: str, grid: state.GridSpec):
     return run
 
 
-def _start_in_background(sides: List[Side], choice, mode: str, grid: state.GridSpec, est: float,
-                         options: List[state.GridSpec]) -> Tuple[state.GridSpec, list]:
+def _in_background(sides: List[Side], choice, mode: str, grid: state.GridSpec, est: float,
+                   options: List[state.GridSpec]) -> Tuple[state.GridSpec, list]:
     """When the chosen grid is not swept yet and would keep the first render waiting (estimated over
-    FIRST_RENDER_S), sweep it in the background and draw the coarsest grid meanwhile. Returns the grid to
-    draw now and the keys still being swept ([] when the chosen grid is drawn)."""
-    keys = [("sweep", s.spec, choice.sha256, mode, grid.key) for s in sides if s.ok]
-    missing = [k for k in keys if k not in compute.store()]
+    FIRST_RENDER_S), it is swept in the background and the coarsest grid is drawn meanwhile. Returns the
+    grid to draw now and the (side, key) pairs to sweep in the background ([] when the chosen grid is
+    drawn). A background result that is done is put (back) into the store here, so the page uses it even
+    if the store evicted it meanwhile."""
+    ok = [s for s in sides if s.ok]
+    keys = [("sweep", s.spec, choice.sha256, mode, grid.key) for s in ok]
+    jobs = compute.background()
+    for key in keys:
+        jobs.deliver(key)
+    missing = [(s, k) for s, k in zip(ok, keys) if k not in compute.store()]
     coarse = options[0]
     if not missing or est <= _first_render_s() or coarse.key == grid.key or len(coarse) >= len(grid):
         return grid, []
-    jobs = compute.background()
-    for side, key in zip([s for s in sides if s.ok], keys):
-        if key in missing:
-            jobs.start(key, _sweep_job(side, mode, grid))
     return coarse, missing
+
+
+def _start_background(pending: list, mode: str, grid: state.GridSpec) -> None:
+    """Start the background sweeps, after the coarse grid's own sweeps ran: they share the sweep slots,
+    and the page must not wait behind them."""
+    jobs = compute.background()
+    for side, key in pending:
+        jobs.start(key, _sweep_job(side, mode, grid))
 
 
 @st.fragment(run_every=1.0)
 def _background_progress(keys: list, grid: state.GridSpec, shown: state.GridSpec) -> None:
+    # keys: (side, sweep key) pairs
     """While the chosen grid is swept in the background: its progress; the whole page is drawn again on
     it as soon as it is done."""
     jobs = compute.background()
-    status = [jobs.status(k) for k in keys]
+    status = [jobs.status(k) for _, k in keys]
     failed = [s["error"] for s in status if s["error"]]
     if failed:
         st.error(f"The sweep of {grid.label} failed: {failed[0]}. Showing {shown.label}.")
@@ -292,21 +303,26 @@ def live_table(sides: List[Side]) -> dict:
     return compute.cached(("live-table",) + tuple(s.key for s in sides), make)
 
 
-def _shift_controls(sides: List[Side], mode: str, grid: state.GridSpec, heatmap_keys) -> tuple:
+def _shift_controls(sides: List[Side], mode: str, grid: state.GridSpec, heatmap_keys,
+                    provisional: bool = False) -> tuple:
     """The live view (both models, dragged or moved by keys), the precise inputs and the reset; returns
-    the current shift (on the grid)."""
+    the current shift (on the grid). ``provisional``: the grid is a coarse stand-in while the chosen one
+    is swept; the shift asked for (by a link or before) is then shown at its nearest point but kept."""
     ref = sides[0]
     jump = state.consume_selection(heatmap_keys)
     if jump is not None:
         state.set_shift(*state.clamp_to_grid(jump, grid))
     # snap to the grid, and give the inputs values of the grid's type (int, or float for sub-pixel grids)
     shift = state.clamp_to_grid(state.current_shift(), grid)
-    asked = state.linked_shift_moved(shift)
+    asked = None if provisional else state.linked_shift_moved(shift)
     if asked is not None:
         st.warning(f"The link asks for shift ({_fmt(asked[0])}, {_fmt(asked[1])}), which is not on the grid "
                    f"{grid.label}; showing the nearest swept shift ({_fmt(shift[0])}, {_fmt(shift[1])}). "
                    f"Pick a grid that holds it in the sidebar.")
-    state.set_shift(*shift)
+    if provisional:  # the inputs show the stand-in grid's point; the canonical shift stays as asked
+        st.session_state[state.DY], st.session_state[state.DX] = shift
+    else:
+        state.set_shift(*shift)
     if grid.integer:
         lo, hi, step = int(grid.lo), int(grid.hi), int(grid.step)
     else:
@@ -333,15 +349,17 @@ def _shift_controls(sides: List[Side], mode: str, grid: state.GridSpec, heatmap_
 
 
 @st.fragment
-def shift_view(sides: List[Side], mode: str, grid: state.GridSpec, image_bytes: bytes) -> None:
+def shift_view(sides: List[Side], mode: str, grid: state.GridSpec, image_bytes: bytes,
+               provisional: bool = False) -> None:
     """Everything that depends on the shift. A fragment: moving the shift (release of a drag, a key, a
     number input, a heatmap click) or switching a tab reruns only this, not the models, image or sweeps."""
     from dashboard import panels
 
     t0, c0 = time.perf_counter(), time.thread_time()
-    shift = _shift_controls(sides, mode, grid, panels.heatmap_keys())
+    shift = _shift_controls(sides, mode, grid, panels.heatmap_keys(), provisional)
     panels.render(sides, mode, grid, shift, image_bytes)
-    state.link_shift(shift)
+    if not provisional:
+        state.link_shift(shift)
     # what this rerun cost the server: wall time, and CPU time of this script thread (the same on an idle
     # core; wall time also counts waiting for a CPU shared with other work). bench/interaction.py reads them.
     st.session_state["_render_s"] = time.perf_counter() - t0
@@ -385,12 +403,13 @@ def main() -> None:
     try:
         grid, est, options = _grid_picker(ref, mode, choice.sha256)
         chosen = grid
-        grid, pending = _start_in_background(ok, choice, mode, grid, est, options)
+        grid, pending = _in_background(ok, choice, mode, grid, est, options)
     except Exception as e:  # noqa: BLE001
         st.error(f"Cannot set up the shift grid: {_message(e)}")
         return
     _run_sweeps(ok, choice, mode, grid)
     if pending:
+        _start_background(pending, mode, chosen)
         _background_progress(pending, chosen, grid)
     for side in ok:
         if side.error:
@@ -403,4 +422,4 @@ def main() -> None:
     except Exception as e:  # noqa: BLE001 - a caveat check must not take the page down
         st.warning(f"Cannot check the caveats: {_message(e)}")
     _guarded_call(panels.summary, ok, mode)
-    shift_view(ok, mode, grid, choice.data)
+    shift_view(ok, mode, grid, choice.data, bool(pending))

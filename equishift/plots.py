@@ -139,7 +139,7 @@ def _current_line(fig: go.Figure, ax: "PathAxis", current: Optional[int], color:
     at = ax.x_of(current)
     if at is None:
         return
-    fig.add_vline(x=at, line=dict(color=color, **CURRENT_LINE), row=row, col=col)
+    fig.add_vline(x=at, line=dict(color=color, **CURRENT_LINE), row=row, col=col, name="current shift")
     if ax.kind == "other":
         return
     xref, yref = fig._grid_ref[row - 1][col - 1][0].layout_keys

@@ -355,14 +355,12 @@ def _figures(loaded: Dict[str, Any], res: Dict[str, SweepResult], x: Dict[str, t
         log = view["err_log"]
 
         def make_error():
-            fig = plots.layer_error_map(base, anch, current=k, log=log)
-            fig.update_xaxes(title_text="shift index (sweep order, as in data/per_shift.csv)", row=2, col=1)
-            return fig
+            return plots.layer_error_map(base, anch, current=k, log=log)
         plan.append(("layer_error", "Feature equivariance error per layer", make_error,
-                     "The relative feature equivariance error ||F(Tx) − R F(x)|| / ||F(x)|| per layer (rows) and "
-                     "swept shift (columns, in sweep order)" + (" on a log10 scale (blank: exactly 0)"
-                                                                if log else " on a linear scale")
-                     + "; top: baseline, bottom: anchored; the dotted line marks the shown shift."))
+                     "The relative feature equivariance error ||F(Tx) − R F(x)|| / ||F(x)|| at every swept "
+                     "shift, one dy × dx map per layer" + (" on a log10 scale (blank: exactly 0)"
+                                                           if log else " on a linear scale")
+                     + "; top row: baseline, bottom row: anchored; × marks the shown shift."))
     method, layer = view["attr_method"], view["attr_layer"]
     label = ATTR_METHODS[method] + (f" (layer {layer})" if method == "gradcam" else "")
 

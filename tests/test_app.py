@@ -675,9 +675,12 @@ def test_a_slow_grid_is_swept_in_the_background(monkeypatch):
                         lambda self, key, fn: start(self, key, lambda progress: gate.wait(120) and fn(progress)))
     at = AppTest.from_file(APP, default_timeout=TIMEOUT)
     at.query_params["grid"] = "r6"  # 13 × 13 shifts, swept by no other test
+    at.query_params["shift"] = "5,-4"  # not on the stand-in grid: kept for the chosen one
     at.run()
     assert not at.exception and errors(at) == []
     assert live_data(at)["grid"]["n"] == 4 and len(top5_tables(at)) == 2  # one 4-px period, drawn now
+    assert shown_shift(at) == (1, -2) and at.query_params["shift"] == "5,-4"
+    assert not any("link asks" in w.value for w in at.warning)
     waiting = [p.proto.text for p in at.get("progress")]
     assert any("swept in the background" in t and "±6 px" in t for t in waiting), waiting
     gate.set()
@@ -689,3 +692,4 @@ def test_a_slow_grid_is_swept_in_the_background(monkeypatch):
         assert not at.exception and errors(at) == []
     assert not any("swept in the background" in p.proto.text for p in at.get("progress"))
     assert len(top5_tables(at)) == 2
+    assert shown_shift(at) == (5, -4)  # the link's shift, now that its grid is drawn

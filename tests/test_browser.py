@@ -208,6 +208,45 @@ def test_the_view_and_the_open_tab_fit_one_screen(browser, server):
         pg.close()
 
 
+def test_live_tables_are_the_sweeps_numbers_for_any_number_of_classes(browser, server):
+    """The tables the browser draws at each shift are the rows of the sweep's table (dashboard.live.top5_at)
+    for that shift, also for a 3-class model (fewer rows than five) next to its anchorized copy; the
+    models come from the link itself."""
+    from urllib.parse import urlencode
+
+    from dashboard import live
+
+    opts = "img_size=32&patch_size=4&num_classes=3&depth=1&embed_dim=32&num_heads=2"
+    query = urlencode({"grid": GRID, "baseline_source": "timm name", "baseline_timm": "vit_tiny_patch16_224",
+                       "baseline_options": opts, "anchored_source": "Anchorize the baseline"})
+    pg = browser.new_page(viewport={"width": 1600, "height": 1000})
+    try:
+        pg.set_default_timeout(300_000)
+        pg.goto(f"{server}/?{query}")
+        pg.locator("canvas.es-canvas").first.wait_for()
+        _settled(pg, (0, 0))
+        canvas = pg.locator("canvas.es-canvas").first
+        canvas.focus()
+        for key in ("ArrowRight", "ArrowDown", "ArrowDown", "ArrowLeft", "ArrowLeft", "ArrowLeft"):
+            pg.keyboard.press(key)
+            shown = pg.evaluate("""() => { const r = window.__esLive, d = r.__es.data, t = window.__esTables.get(d.table_id);
+                return { table: t, grid: d.grid, shift: r.__es.shift,
+                         rows: Array.from(r.querySelectorAll('.es-side')).map(el => Array.from(el.querySelectorAll('tbody tr'))
+                               .map(tr => Array.from(tr.cells).map(c => c.textContent))) }; }""")
+            g = shown["grid"]
+            k = round((shown["shift"][0] - g["lo"]) / g["step"]) * g["n"] + round((shown["shift"][1] - g["lo"]) / g["step"])
+            for role, rows in zip(("baseline", "anchored"), shown["rows"]):
+                want = live.top5_at(shown["table"], role, k)
+                assert len(rows) == len(want) == 3, (role, rows)
+                for (name, star, p, d), got in zip(want, rows):
+                    assert got[0] == name + (" ★" if star else ""), (role, got, want)
+                    assert float(got[1].rstrip("%")) == pytest.approx(p, abs=1e-9), (role, got, want)
+                    assert float(got[2]) == pytest.approx(d, abs=1e-9), (role, got, want)
+        _settled(pg, (2, -2))
+    finally:
+        pg.close()
+
+
 def test_figure_markers_follow_the_drag(page):
     """On the orbit heatmaps, the current-shift × is drawn by the live view at the dragged shift (plotly's
     own data→pixel map), during the drag and after the server's rerun."""
