@@ -181,15 +181,6 @@ def _guarded(fn, what: str, *args) -> None:
 
 
 # --- tabs ------------------------------------------------------------------------------------------
-def _path_indices(res, shift, kind: str) -> torch.Tensor:
-    s = res.shifts
-    if kind == "row":
-        return (s[:, 0] == shift[0]).nonzero()[:, 0]
-    if kind == "column":
-        return (s[:, 1] == shift[1]).nonzero()[:, 0]
-    return plots.default_path(res)
-
-
 def _curves(v: View) -> None:
     c1, c2 = st.columns(2)
     kind = c1.radio("path through the orbit", ("row", "column", "diagonal"), horizontal=True, key="curve_path", persist_state=KEEP,
@@ -199,7 +190,9 @@ def _curves(v: View) -> None:
     value = c2.radio("value", ("prob", "logit"), horizontal=True, key="curve_value", persist_state=KEEP,
                      format_func={"prob": "probability", "logit": "logit"}.get)
     base, anch = _pair(v.sides)
-    path = _path_indices(base, v.shift, kind)  # the sweeps share one grid: one path serves both
+    from equishift.report import path_indices  # the report draws the same path: page = report
+
+    path = path_indices(base, v.shift, kind)  # the sweeps share one grid: one path serves both
     show(plots.logit_curve(base, anch, path=path, current=v.current, value=value), "logit-curves",
          key="fig_curves")
     if kind == "diagonal" and v.shift[0] != v.shift[1]:
