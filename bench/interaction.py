@@ -15,7 +15,8 @@
    - release, then key presses one at a time: time until the page is complete at the new shift (the
      server's controls show it and nothing on the page is stale), and the bytes the websocket received
      for that rerun. Target: ≤ 300 ms.
-3. Start to first full render: `streamlit run` as a subprocess, Playwright + the Debian chromium load
+3. Start to first full render, started as `bash run.sh dashboard` does (python -m dashboard.serve: warm)
+   and as a bare `streamlit run dashboard/app.py` (cold), as a subprocess: Playwright + the Debian chromium load
    the page as soon as /_stcore/health answers; time from process start until the page is complete
    (summary, both model columns and the open tab's figure drawn, no script running). Skipped when
    /usr/bin/chromium is absent; the AppTest cold run (fresh process: imports, model load, sweeps,
@@ -32,6 +33,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -92,16 +94,20 @@ def rerun_times(grid: str, repeats: int) -> dict:
     return out
 
 
-def first_render(grid: str) -> dict:
+def first_render(grid: str, warm: bool = True) -> dict:
+    """``warm``: started as `bash run.sh dashboard` starts it (python -m dashboard.serve: the default page
+    is computed before the server takes visitors); else a bare `streamlit run dashboard/app.py`."""
     from playwright.sync_api import sync_playwright
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "streamlit", "run", str(APP), "--server.headless", "true", "--server.address",
+    launcher = ["-m", "dashboard.serve"] if warm else ["-m", "streamlit", "run", str(APP)]
+    cmd = [sys.executable, *launcher, "--server.headless", "true", "--server.address",
            "127.0.0.1", "--server.port", str(port), "--browser.gatherUsageStats", "false"]
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = tempfile.TemporaryFile(mode="w+")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
         try:
             wait_healthy(url, proc, timeout=300, poll=0.05)
@@ -135,8 +141,11 @@ def first_render(grid: str) -> dict:
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+        log.seek(0)
+        warm_up = [line.strip() for line in log if "warm-up" in line]
+        log.close()
     return {"grid": grid or f"page default: {picked}", "server_healthy_s": healthy, "first_full_render_s": rendered,
-            "first_grid_shifts": first, "chosen_grid_render_s": chosen}
+            "first_grid_shifts": first, "chosen_grid_render_s": chosen, "warm_up": warm_up}
 
 
 CHROME_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
@@ -246,6 +255,7 @@ def main() -> None:
     ap.add_argument("--presses", type=int, default=10, help="key presses, each waited for")
     ap.add_argument("--first-grid", default="", help="?grid= for the first-render timing (default: none, the "
                                                      "grid the page picks for this machine)")
+    ap.add_argument("--first-render-only", action="store_true", help="only section 3")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     sys.path.insert(0, str(ROOT))
@@ -255,6 +265,8 @@ def main() -> None:
 
     print(f"device: {device_label()}; torch threads {torch.get_num_threads()}; load average "
           f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+    if args.first_render_only:
+        return _print_first_render(args, {}, {})
     res = rerun_times(args.grid, args.repeats)
     print(f"\n1. rerun after a shift change, sweep cached, grid '{res['grid']}' "
           f"(shifts {res['shift_range'][0]}..{res['shift_range'][1]} per axis), median of {args.repeats}:")
@@ -278,13 +290,22 @@ def main() -> None:
     print(f"   key press → page complete: median {lat['press_ms_median']:.0f} ms (max {lat['press_ms_max']:.0f}) "
           f"over {lat['presses']}, {lat['press_bytes_median'] / 1e3:.1f} kB received per rerun  → "
           f"{lat['press_ms_median'] / RELEASE_MS:.2f}× the {RELEASE_MS:.0f} ms target")
-    fr = first_render(args.first_grid)
-    print(f"\n3. `streamlit run` start → health {fr['server_healthy_s']:.1f} s → first full render in chromium "
-          f"{fr['first_full_render_s']:.1f} s (on {fr['first_grid_shifts']} shifts; "
-          f"{fr['first_full_render_s'] - fr['server_healthy_s']:.1f} s after healthy → "
-          f"{(fr['first_full_render_s'] - fr['server_healthy_s']) / FIRST_RENDER_S:.2f}× the {FIRST_RENDER_S:.0f} s "
-          f"target) → the chosen grid {fr['grid']} drawn at {fr['chosen_grid_render_s']:.1f} s")
-    print("\n" + json.dumps({"rerun": res, "browser": lat, "first_render": fr}))
+    _print_first_render(args, res, lat)
+
+
+def _print_first_render(args, res: dict, lat: dict) -> None:
+    first = {}
+    for warm, how in ((True, "`bash run.sh dashboard` (python -m dashboard.serve, warm)"),
+                      (False, "`streamlit run dashboard/app.py` (cold)")):
+        fr = first[how] = first_render(args.first_grid, warm=warm)
+        after = fr['first_full_render_s'] - fr['server_healthy_s']
+        print(f"\n3. {how}: start → health {fr['server_healthy_s']:.1f} s → first full render in chromium "
+              f"{fr['first_full_render_s']:.1f} s (on {fr['first_grid_shifts']} shifts; {after:.1f} s after "
+              f"healthy → {after / FIRST_RENDER_S:.2f}× the {FIRST_RENDER_S:.0f} s target) → the chosen grid "
+              f"{fr['grid']} drawn at {fr['chosen_grid_render_s']:.1f} s")
+        for line in fr["warm_up"]:
+            print(f"   server: {line}")
+    print("\n" + json.dumps({"rerun": res, "browser": lat, "first_render": first}))
 
 
 if __name__ == "__main__":

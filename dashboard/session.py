@@ -7,6 +7,7 @@ working (a side whose model failed is left out, a bad upload falls back to a sam
 from __future__ import annotations
 
 import hashlib
+import importlib
 import os
 import time
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from equishift.sweep import MAX_SHIFTS, SweepResult, sweep
 
 from dashboard import caveats, compute, live, sources, state
 
-__all__ = ["Side", "main"]
+__all__ = ["Side", "main", "warm_up"]
 
 # Estimated sweep time above which the page opens on a coarser grid (the user can still pick any).
 COARSE_AFTER_S = 10.0
@@ -150,11 +151,28 @@ def _prepare_inputs(sides: List[Side], choice, mode: str) -> None:
 
 
 # --- grid and sweeps -------------------------------------------------------------------------------
-def _grid_picker(ref: Side, mode: str, sha256: str) -> Tuple[state.GridSpec, float, List[state.GridSpec]]:
+def _grid_options(ref: Side, mode: str) -> List[state.GridSpec]:
+    """The grids offered for ``ref``'s input size and stride (big inputs: no full orbit)."""
     _, h, w = ref.x.shape[1:]
     stride = ref.loaded.stride
     options = state.grid_options(min(h, w), stride, mode, crop_margin(stride))
-    options = [g for g in options if len(g) <= MAX_SHIFTS] or options[:1]  # big inputs: no full orbit
+    return [g for g in options if len(g) <= MAX_SHIFTS] or options[:1]
+
+
+def _estimates(ref: Side, options: List[state.GridSpec]) -> Tuple[List[float], int]:
+    """Estimated seconds to sweep each grid with both models, and the page's default: the finest grid
+    estimated within COARSE_AFTER_S (else the coarsest)."""
+    sec = compute.forward_seconds(ref.loaded, ref.x)
+    # 2 models; recording attention and features costs ~1.3x a bare batched forward pass (measured)
+    est = [2 * 1.5 * sec * len(g) for g in options]
+    fits = [i for i, t in enumerate(est) if t <= COARSE_AFTER_S]
+    return est, (max(fits) if fits else 0)
+
+
+def _grid_picker(ref: Side, mode: str, sha256: str) -> Tuple[state.GridSpec, float, List[state.GridSpec]]:
+    _, h, w = ref.x.shape[1:]
+    stride = ref.loaded.stride
+    options = _grid_options(ref, mode)
     offered = list(options)
     try:
         asked = state.grid_from_param(st.query_params.get("grid"), options, mode)
@@ -163,11 +181,7 @@ def _grid_picker(ref: Side, mode: str, sha256: str) -> Tuple[state.GridSpec, flo
         asked = None
     if asked is not None and asked not in options:
         options.insert(0, asked)
-    sec = compute.forward_seconds(ref.loaded, ref.x)
-    # 2 models; recording attention and features costs ~1.3x a bare batched forward pass (measured)
-    est = [2 * 1.5 * sec * len(g) for g in options]
-    fits = [i for i, t in enumerate(est) if t <= COARSE_AFTER_S]
-    default = max(fits) if fits else 0
+    est, default = _estimates(ref, options)
     if asked is not None:
         default = options.index(asked)
     labels = [f"{g.label} · ~{fmt(t, '.0f')} s" if t >= 1 else g.label for g, t in zip(options, est)]
@@ -371,6 +385,42 @@ def _fmt(v) -> str:
 
 
 # --- the page -------------------------------------------------------------------------------------
+def warm_up(log=print) -> List[str]:
+    """What the first visitor's page computes, computed before the server takes visitors: the default
+    pair of models, the default sample's inputs and timing probe, and its sweeps on the page's default
+    grid (the process-wide caches then hold them). Returns the steps done; a failure is logged, and the
+    page computes that step itself later."""
+    importlib.import_module("dashboard.panels")  # plotly and the figure builders: part of the first wait
+
+    done: List[str] = []
+    path = sources.default_sample()
+    if path is None:
+        return done
+    data = path.read_bytes()
+    choice = sources.ImageChoice(data, path.name, hashlib.sha256(data).hexdigest(), False)
+    mode = next(iter(sources.SHIFT_MODES.values()))
+    try:
+        sides = [Side(role, spec, compute.get_model(spec)) for role, spec in
+                 (("baseline", sources.DEFAULT_BASELINE), ("anchored", sources.DEFAULT_ANCHORED))]
+        done.append("models")
+        _thumbnail(choice)
+        _prepare_inputs(sides, choice, mode)
+        ok = [s for s in sides if s.ok]
+        if not ok:
+            return done
+        options = _grid_options(ok[0], mode)
+        est, default = _estimates(ok[0], options)
+        grid = options[default]
+        for side in ok:
+            side.key = ("sweep", side.spec, choice.sha256, mode, grid.key)
+            side.result = compute.store().get_or_compute(side.key, _sweep_job(side, mode, grid))
+        done.append(f"sweeps ({grid.label})")
+        live_table(ok)
+    except Exception as e:  # noqa: BLE001 - the page reports problems itself; the server must start
+        log(f"equishift: warm-up stopped after {done or 'nothing'}: {_message(e)}")
+    return done
+
+
 def main() -> None:
     from dashboard import panels  # imported here so a plotting problem cannot break the sidebar
 

@@ -693,3 +693,20 @@ def test_a_slow_grid_is_swept_in_the_background(monkeypatch):
     assert not any("swept in the background" in p.proto.text for p in at.get("progress"))
     assert len(top5_tables(at)) == 2
     assert shown_shift(at) == (5, -4)  # the link's shift, now that its grid is drawn
+
+
+def test_warm_up_computes_what_the_default_page_needs(monkeypatch):
+    """`bash run.sh dashboard` starts the server through dashboard.serve, which computes the default page's
+    models and sweeps first: the first visitor's page then loads no model and runs no sweep."""
+    from dashboard import compute, session
+
+    steps = session.warm_up(log=lambda *a, **k: None)
+    assert steps[0] == "models" and steps[1].startswith("sweeps (")
+    warm_grid = steps[1][len("sweeps ("):-1]
+    work = []
+    monkeypatch.setattr(session, "sweep", lambda *a, **k: work.append("sweep"))
+    monkeypatch.setattr(compute, "load_model", lambda spec, *a, **k: work.append(f"load {spec}"))
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT).run()
+    assert not errors(at) and not at.exception
+    assert work == []
+    assert f"grid: {warm_grid}." in " ".join(c.value for c in at.caption)  # the grid the warm-up swept

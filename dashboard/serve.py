@@ -1,0 +1,53 @@
+"""Start the dashboard warm: ``python -m dashboard.serve [streamlit options]`` (what ``bash run.sh
+dashboard`` runs).
+
+Before the server takes visitors, this process imports the library and computes what the first page
+shows (``session.warm_up``: the default models, their sweeps of the default sample). Streamlit then runs in
+this same process, so its caches already hold them and the first visitor's page draws in a few seconds
+instead of waiting for imports, model loading and sweeps. ``streamlit run dashboard/app.py`` still works;
+it only starts cold. ``EQUISHIFT_WARM_UP=0`` skips the warm-up.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional
+
+APP = Path(__file__).resolve().parent / "app.py"
+_ROOT = APP.parents[1]
+
+
+def _quiet_bare_mode() -> None:
+    # Streamlit caches used before the server exists log "missing ScriptRunContext" for every call; the
+    # warm-up runs without a page on purpose.
+    for name in ("streamlit.runtime.scriptrunner_utils.script_run_context", "streamlit.runtime.caching"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def warm(log=print) -> None:
+    if str(_ROOT) not in sys.path:
+        sys.path.insert(0, str(_ROOT))
+    _quiet_bare_mode()
+    t0 = time.perf_counter()
+    log("equishift: warming up (loading the default models and sweeping the sample image) …", flush=True)
+    from dashboard import session
+
+    steps = session.warm_up(log=log)
+    log(f"equishift: warm-up done in {time.perf_counter() - t0:.1f} s ({', '.join(steps) or 'nothing'}).",
+        flush=True)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if os.environ.get("EQUISHIFT_WARM_UP", "1") != "0":
+        warm()
+    from streamlit.web import cli
+
+    return cli.main(["run", str(APP), *argv], prog_name="streamlit", standalone_mode=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
