@@ -26,7 +26,7 @@ from equishift.device import default_device
 from equishift.zoo import LoadedModel, load_model
 
 __all__ = ["get_model", "store", "derived_store", "cached", "Store", "nbytes", "sweep_slots", "sweep_slot",
-           "device_label", "forward_seconds", "Background", "background"]
+           "device_label", "forward_seconds", "Background", "background", "session_alive", "session_id"]
 
 
 @st.cache_resource(max_entries=6, show_spinner=False)
@@ -62,19 +62,64 @@ def nbytes(value: Any) -> int:
 class Store:
     """A thread-safe LRU of computed results shared by all sessions; values are treated as read-only.
 
-    Bounded twice: at most ``max_entries`` values and ``max_bytes`` in total (by ``nbytes``); the least
-    recently used go first, but the newest value always stays (a sweep larger than the budget is still
-    drawn, and only evicted by the next one). ``get_or_compute`` holds a per-key lock while computing, so
+    Bounded twice: at most ``max_entries`` values that no session shows (``pin``) and ``max_bytes`` in total
+    (by ``nbytes``, pinned values included); the least recently used go first, but the newest value always
+    stays (a sweep larger than the budget is still drawn, and only evicted by the next one). ``get_or_compute`` holds a per-key lock while computing, so
     two sessions asking for the same sweep at once compute it once; different keys compute in parallel.
     A failed computation stores nothing and leaves no lock behind (the next request tries again)."""
 
-    def __init__(self, max_entries: int = 24, max_bytes: Optional[int] = None):
+    def __init__(self, max_entries: int = 24, max_bytes: Optional[int] = None,
+                 is_alive: Optional[Callable[[Hashable], bool]] = None):
         self.max_entries = max_entries
         self.max_bytes = max_bytes
         self._data: "OrderedDict[Hashable, Tuple[Any, int]]" = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
         self._pending: Dict[Hashable, list] = {}  # key -> [lock, number of callers using it]
+        # owner (a session) -> (the keys it shows now, when it last said so); ``is_alive(owner)`` tells
+        # whether an owner still exists (a closed browser tab's pins are dropped)
+        self._pins: Dict[Hashable, Tuple[frozenset, float]] = {}
+        self._is_alive = is_alive
+
+    def pin(self, owner: Hashable, keys) -> None:
+        """``owner`` shows ``keys`` now (replacing what it pinned before). Eviction takes values nobody
+        shows first; only when those are gone, the values of the owner that pinned least recently. So one
+        session's new work never pushes out what another live session is looking at while unpinned values
+        remain — and the byte budget still holds."""
+        with self._lock:
+            self._pins[owner] = (frozenset(keys), time.monotonic())
+            if self._is_alive is not None:
+                for other in [o for o in self._pins if o != owner]:
+                    if not self._is_alive(other):
+                        del self._pins[other]
+
+    def release(self, owner: Hashable) -> None:
+        with self._lock:
+            self._pins.pop(owner, None)
+
+    def pinned(self) -> Dict[Hashable, frozenset]:
+        with self._lock:
+            return {o: keys for o, (keys, _) in self._pins.items()}
+
+    def _pinned_keys(self) -> set:
+        return set().union(*(keys for keys, _ in self._pins.values())) if self._pins else set()
+
+    def _unpinned_count(self) -> int:
+        pinned = self._pinned_keys()
+        return sum(1 for k in self._data if k not in pinned)
+
+    def _victim(self, newest: Hashable) -> Hashable:
+        """The key to evict (lock held): the least recently used one nobody pins, else the one pinned
+        longest ago (a pinned key's time is that of its most recent pin)."""
+        pinned: Dict[Hashable, float] = {}
+        for keys, t in self._pins.values():
+            for k in keys:
+                pinned[k] = max(t, pinned.get(k, t))
+        candidates = [k for k in self._data if k != newest]
+        free = [k for k in candidates if k not in pinned]
+        if free:
+            return free[0]
+        return min(candidates, key=lambda k: pinned[k])
 
     def get(self, key: Hashable) -> Optional[Any]:
         with self._lock:
@@ -110,9 +155,11 @@ class Store:
                 self._bytes -= self._data.pop(key)[1]
             self._data[key] = (value, size)
             self._bytes += size
-            while len(self._data) > 1 and (len(self._data) > self.max_entries or
-                                           (self.max_bytes is not None and self._bytes > self.max_bytes)):
-                _, (_, old_size) = self._data.popitem(last=False)
+            while len(self._data) > 1:
+                over_bytes = self.max_bytes is not None and self._bytes > self.max_bytes
+                if not over_bytes and self._unpinned_count() <= self.max_entries:
+                    break
+                _, old_size = self._data.pop(self._victim(key))
                 self._bytes -= old_size
 
     def get_or_compute(self, key: Hashable, compute: Callable[[], Any]) -> Any:
@@ -203,8 +250,23 @@ def _env_int(name: str, default: int) -> int:
 @st.cache_resource(show_spinner=False)
 def store() -> Store:
     """The process-wide store of sweeps (one per server, shared by sessions): the big, slow results.
-    At most 12 sweeps and $EQUISHIFT_CACHE_MB (default 1024) MB."""
-    return Store(max_entries=12, max_bytes=_env_int("EQUISHIFT_CACHE_MB", 1024) * 2 ** 20)
+    At most 12 sweeps besides those live sessions show, and $EQUISHIFT_CACHE_MIB (default 1024) MiB."""
+    return Store(max_entries=12, max_bytes=_env_int("EQUISHIFT_CACHE_MIB", 1024) * 2 ** 20, is_alive=session_alive)
+
+
+def session_alive(session_id: Hashable) -> bool:
+    """Whether a browser session still exists on this server (its pins in the store then still count)."""
+    from streamlit.runtime import Runtime
+
+    return Runtime.exists() and Runtime.instance().is_active_session(session_id)
+
+
+def session_id() -> Optional[str]:
+    """This script run's session id (None outside a page, e.g. the warm-up before the server starts)."""
+    from streamlit.runtime.scriptrunner import get_script_run_ctx
+
+    ctx = get_script_run_ctx(suppress_warning=True)
+    return ctx.session_id if ctx is not None else None
 
 
 @st.cache_resource(show_spinner=False)

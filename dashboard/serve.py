@@ -40,8 +40,18 @@ def warm(log=print) -> None:
         flush=True)
 
 
+def _log_to_console() -> None:
+    """equishift's INFO lines (each sweep the server computes: model, image, grid, seconds) on stderr."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s equishift: %(message)s", "%Y-%m-%d %H:%M:%S"))
+    logger = logging.getLogger("equishift")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    _log_to_console()
     if os.environ.get("EQUISHIFT_WARM_UP", "1") != "0":
         warm()
     from streamlit.web import cli

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import logging
 import os
 import time
 from dataclasses import dataclass
@@ -25,6 +26,8 @@ from equishift.sweep import MAX_SHIFTS, SweepResult, sweep
 
 from dashboard import caveats, compute, live, sources, state
 
+_LOG = logging.getLogger("equishift.dashboard")
+
 __all__ = ["Side", "main", "warm_up"]
 
 # Estimated sweep time above which the page opens on a coarser grid (the user can still pick any).
@@ -32,6 +35,18 @@ COARSE_AFTER_S = 10.0
 # A chosen grid not swept yet and estimated longer than this is swept in the background while the page is
 # drawn on the coarsest grid: the first render does not wait for it ($EQUISHIFT_FIRST_RENDER_S).
 FIRST_RENDER_S = 2.0
+
+
+# Grids whose sweep is estimated longer than this are not offered ($EQUISHIFT_MAX_SWEEP_S): the sweep slots
+# are shared by every session of the server.
+MAX_SWEEP_S = 300.0
+
+
+def max_sweep_s() -> float:
+    try:
+        return float(os.environ.get("EQUISHIFT_MAX_SWEEP_S", MAX_SWEEP_S))
+    except ValueError:
+        return MAX_SWEEP_S
 
 
 def _first_render_s() -> float:
@@ -182,8 +197,26 @@ def _grid_picker(ref: Side, mode: str, sha256: str) -> Tuple[state.GridSpec, flo
     if asked is not None and asked not in options:
         options.insert(0, asked)
     est, default = _estimates(ref, options)
+    # grids estimated over the server's budget are not offered (unless already swept): one visitor must
+    # not occupy the shared sweep slots for hours (a 224-px model's full orbit: ~50k shifts)
+    budget = max_sweep_s()
+    swept = [("sweep", ref.spec, sha256, mode, g.key) in compute.store() for g in options]
+    keep = [i for i, t in enumerate(est) if t <= budget or swept[i]] or [0]
+    over = [i for i in range(len(options)) if i not in keep]
+    if asked is not None and options.index(asked) in over:
+        st.warning(f"The link's grid ({asked.label}) would take about {fmt(est[options.index(asked)], '.0f')} s "
+                   f"on {compute.device_label()}, over this server's sweep budget of {fmt(budget, '.0f')} s; "
+                   f"showing a smaller grid.")
+        asked = None
     if asked is not None:
         default = options.index(asked)
+    default = max([i for i in keep if i <= default] or keep[:1])
+    if over:
+        st.sidebar.caption("Not offered: " + ", ".join(f"{options[i].label} (~{fmt(est[i], '.0f')} s)" for i in over)
+                           + f" — over this server's sweep budget of {fmt(budget, '.0f')} s "
+                             f"(`EQUISHIFT_MAX_SWEEP_S`).")
+    default = keep.index(default)
+    options, est = [options[i] for i in keep], [est[i] for i in keep]
     labels = [f"{g.label} · ~{fmt(t, '.0f')} s" if t >= 1 else g.label for g, t in zip(options, est)]
     choice = st.sidebar.selectbox("Shift grid", range(len(options)), index=default, format_func=labels.__getitem__,
                                   key=f"grid_{mode}_{h}_{stride}",
@@ -203,9 +236,15 @@ def _sweep_job(side: Side, mode: str, grid: state.GridSpec):
 
     def run(progress=None, on_wait=None):
         with compute.sweep_slot(on_wait=on_wait, slots=slots):  # a few sweeps at a time across all sessions
+            t0 = time.perf_counter()
             if mode == "crop":
-                return sweep(lm, canvas, shifts, mode, progress=progress, size=tuple(x.shape[-2:]))
-            return sweep(lm, x, shifts, mode, progress=progress)
+                out = sweep(lm, canvas, shifts, mode, progress=progress, size=tuple(x.shape[-2:]))
+            else:
+                out = sweep(lm, x, shifts, mode, progress=progress)
+        # operators see what the server computes (python -m dashboard.serve shows equishift's INFO lines)
+        _LOG.info("sweep %s %s %s %s: %d shifts in %.2f s", side.spec, side.key[2][:12] if side.key else "-",
+                  mode, grid.label, len(shifts), time.perf_counter() - t0)
+        return out
     return run
 
 
@@ -465,6 +504,9 @@ def main() -> None:
         if side.error:
             st.error(side.error)
     ok = [s for s in ok if s.result is not None]
+    sid = compute.session_id()
+    if sid is not None:  # what this page shows stays cached while other sessions sweep (see Store.pin)
+        compute.store().pin(sid, [s.key for s in ok])
     if not ok:
         return
     try:

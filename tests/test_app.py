@@ -710,3 +710,24 @@ def test_warm_up_computes_what_the_default_page_needs(monkeypatch):
     assert not errors(at) and not at.exception
     assert work == []
     assert f"grid: {warm_grid}." in " ".join(c.value for c in at.caption)  # the grid the warm-up swept
+
+
+def test_a_grid_over_the_sweep_budget_is_not_offered(monkeypatch):
+    """A grid whose sweep is estimated over the server's budget is not offered, and a link asking for it
+    (e.g. ?grid=full kept after switching to a 224-px model) is answered with a smaller grid and a warning:
+    one visitor cannot occupy the shared sweep slots for hours."""
+    from dashboard import compute
+
+    monkeypatch.setattr(compute, "forward_seconds", lambda loaded, x, batch=32: 0.01)  # 30.7 s for 1024
+    monkeypatch.setenv("EQUISHIFT_MAX_SWEEP_S", "10")
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT)
+    at.query_params["grid"] = "full"
+    at.query_params["shift_mode"] = "reflect"  # a mode no other test sweeps on the full orbit
+    at.run()
+    assert not at.exception and errors(at) == []
+    warned = [w.value for w in at.warning if "sweep budget" in w.value]
+    assert len(warned) == 1 and "full orbit" in warned[0] and "31 s" in warned[0], warned
+    assert live_data(at)["grid"]["n"] < 32  # drawn on a smaller grid
+    grid_box = at.sidebar.selectbox(key="grid_reflect_32_4")
+    assert not any("full orbit" in o for o in grid_box.options)
+    assert any("Not offered: full orbit" in c.value for c in at.sidebar.caption)

@@ -81,12 +81,16 @@ def page(browser, server):
 
 def _settled(pg, shift=None, timeout_ms: int = 300_000) -> None:
     """Wait until the page has finished a rerun: nothing on it left over from the previous run, no script
-    running, and, when ``shift`` is given, the server's own controls (the number inputs, which only a
-    rerun sets) showing it — proof that the page is the new state, not a stale one."""
+    running, and, when ``shift`` is given, proof that the page is the new state, not a stale one: both the
+    dy/dx inputs and the live view show it. Each alone is not proof — typed values show in the inputs
+    before any rerun, and a drag moves the live view before the server knows — but the other one only
+    changes when the server's rerun draws it."""
     cond = PAGE_IDLE_JS
     if shift is not None:
         cond = ("() => { const v = Array.from(document.querySelectorAll('[data-testid=stNumberInput] input'))"
-                f".map(e => Number(e.value)); return v.length >= 2 && v[0] === {shift[0]} && v[1] === {shift[1]}"
+                f".map(e => Number(e.value)); const r = window.__esLive;"
+                f" return v.length >= 2 && v[0] === {shift[0]} && v[1] === {shift[1]}"
+                f" && !!r && Number(r.dataset.dy) === {shift[0]} && Number(r.dataset.dx) === {shift[1]}"
                 f" && ({PAGE_IDLE_JS})(); }}")
     pg.wait_for_function(cond, timeout=timeout_ms)
     pg.wait_for_timeout(300)

@@ -237,6 +237,36 @@ def test_store_keeps_its_byte_budget_and_always_the_newest_value():
     assert "big" not in store and "small" in store and store.bytes == 1024
 
 
+def test_what_a_live_session_shows_is_evicted_last():
+    """Session A shows sweeps a1, a2 (pinned). Session B then computes many new values: the byte budget
+    holds and B's own older values go first, A's stay. Only when every value left is pinned does the
+    least recently pinned go; a closed session's pins no longer count."""
+    from dashboard.compute import Store
+
+    alive = {"A", "B"}
+    store = Store(max_entries=100, max_bytes=4 * 1024, is_alive=alive.__contains__)
+    for k in ("a1", "a2"):
+        store.get_or_compute(k, lambda: torch.zeros(256))  # 1 KiB each
+    store.pin("A", ["a1", "a2"])
+    for k in range(6):
+        store.get_or_compute(f"b{k}", lambda: torch.zeros(256))
+        store.pin("B", [f"b{k}"])
+        assert "a1" in store and "a2" in store and store.bytes <= 4 * 1024
+    assert [k for k in ("b3", "b4", "b5") if k in store] == ["b4", "b5"]
+    # every value pinned: B pinned most recently, so A's go first (one at a time, as needed)
+    store.pin("B", ["b4", "b5"])
+    store.pin("C", [])
+    store.get_or_compute("c", lambda: torch.zeros(256))
+    assert store.bytes <= 4 * 1024 and "a2" in store and "a1" not in store and {"b4", "b5", "c"} <= set(
+        k for k in ("b4", "b5", "c") if k in store)
+    # B closes its tab: its pins are dropped at the next pin, and its values are evicted before A's
+    alive.discard("B")
+    store.pin("A", ["a2"])
+    assert "B" not in store.pinned()
+    store.get_or_compute("a3", lambda: torch.zeros(256))
+    assert "a2" in store and "a3" in store and store.bytes <= 4 * 1024
+
+
 def test_store_counts_sweep_results_by_their_tensors():
     from dashboard.compute import nbytes
 
