@@ -200,6 +200,24 @@ def _frame_roll(work: nn.Module, target_module: nn.Module, x: torch.Tensor) -> T
     return round(total[0]), round(total[1])
 
 
+def _gradient_reaches(work: nn.Module, module: nn.Module, x: torch.Tensor, target: int) -> bool:
+    """Whether any gradient of the target score reaches ``module``'s output: an all-zero GradCAM is then
+    a real answer (every weighted activation negative), not a layer the score never reads."""
+    grads = []
+
+    def hook(mod, args, out):
+        if isinstance(out, torch.Tensor) and out.requires_grad:
+            out.register_hook(grads.append)
+
+    handle = module.register_forward_hook(hook)
+    try:
+        with torch.enable_grad():
+            work(_grad_input(x))[0, target].backward()
+    finally:
+        handle.remove()
+    return any(bool(g.ne(0).any()) for g in grads)
+
+
 def gradcam(model, image: torch.Tensor, target: Optional[int] = None, shift: Tuple[float, float] = (0, 0),
             mode: str = "circular", layer: Optional[str] = None,
             size: Optional[Tuple[int, int]] = None) -> Attribution:
@@ -217,6 +235,11 @@ def gradcam(model, image: torch.Tensor, target: Optional[int] = None, shift: Tup
     module, name = _tap_layer(work, layer, tuple(x.shape[-2:]))
     with torch.enable_grad():
         cam = LayerGradCam(work, module).attribute(_grad_input(x), target=t, relu_attributions=True)
+    if not bool((cam > 0).any()) and not _gradient_reaches(work, module, x, t):
+        raise EquishiftError(
+            f"GradCAM on {name} is zero everywhere: the class score does not depend on this layer's spatial "
+            f"map (a class-token ViT's head reads only the class token after its last block); choose an "
+            f"earlier layer or 'patch'")
     cam = LayerAttribution.interpolate(cam.detach(), tuple(x.shape[-2:]), interpolate_mode="nearest")[0, 0]
     dy, dx = _frame_roll(work, module, x)
     cam = torch.roll(cam, (dy, dx), dims=(-2, -1))

@@ -53,11 +53,11 @@ def test_anchored_models_give_maps_that_follow_the_shift(models, name, method):
         assert r > 0.9999 and iou == 1.0
 
 
-@pytest.mark.parametrize("name, layer", [("vit-a", "blocks.2"), ("twins-a", "blocks.1.0"), ("twins-a", "blocks.0.1")])
+@pytest.mark.parametrize("name, layer", [("vit-a", "blocks.1"), ("twins-a", "blocks.1.0"), ("twins-a", "blocks.0.1")])
 def test_token_layer_gradcam_is_in_the_input_frame_for_anchored_models(models, name, layer):
     model, x = models[name], image(4)
     ref = gradcam(model, x, layer=layer)
-    assert ref.map.shape == (32, 32) and ref.layer == layer and ref.map.min() >= 0
+    assert ref.map.shape == (32, 32) and ref.layer == layer and ref.map.min() >= 0 and ref.map.max() > 0
     for s in [(9, 3)]:
         att = gradcam(model, x, shift=s, layer=layer)
         assert torch.allclose(att.aligned(), ref.map, atol=1e-4 * float(ref.map.max()) + 1e-7), s
@@ -100,3 +100,15 @@ def test_explicit_target_and_bad_input(models):
         saliency(models["vit"], image(7), mode="nope")
     with pytest.raises(EquishiftError, match="image must be"):
         saliency(models["vit"], torch.zeros(2, 3, 32, 32))
+
+
+def test_gradcam_on_a_layer_the_score_never_reads_is_a_named_error(models):
+    """A class-token ViT's head reads only the class token after the last block, so no gradient reaches
+    the last block's patch tokens: GradCAM there would be an all-zero map that looks like an answer."""
+    model, x = models["vit"], image(6)
+    if getattr(model, "global_pool", None) != "token":
+        pytest.skip("the helper ViT pools tokens; the case needs a class-token head")
+    last = f"blocks.{len(model.blocks) - 1}"
+    with pytest.raises(EquishiftError, match=f"GradCAM on {last} is zero everywhere"):
+        gradcam(model, x, layer=last)
+    assert gradcam(model, x, layer=f"blocks.{len(model.blocks) - 2}").map.max() > 0  # an earlier block is read
