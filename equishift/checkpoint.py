@@ -52,8 +52,11 @@ _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "module", "net", "ne
 _PREFIXES = ("module.", "_orig_mod.")
 _MAX_SAFETENSORS_HEADER = 100 * 2**20   # safetensors' own cap on the JSON header
 # A state dict's pickle holds names and storage ids only (the tensors are separate records): ~100 bytes per
-# tensor, under 1 MiB for 10,000 tensors. Scanning costs ~0.5 s per MiB, so a bigger pickle is refused.
-MAX_PICKLE_BYTES = 4 * 2**20
+# tensor, ~1 MiB for 10,000 tensors. Scanning costs 0.5-2 s per MiB, so a bigger pickle is refused.
+MAX_PICKLE_BYTES = 2 * 2**20
+# ... and ~20 opcodes per tensor (a training checkpoint's optimizer state ~50 per parameter): 200,000
+# opcodes is ten times a ViT-L training checkpoint, and scans in 1-3 s however small each opcode is.
+MAX_PICKLE_OPS = 200_000
 _MAX_ZIP_RATIO = 100     # torch.save stores records uncompressed; a member inflating 100× is a zip bomb
 _SAFE_HINT = "save the model's state_dict with safetensors (equishift.checkpoint.save_weights)"
 
@@ -392,9 +395,9 @@ def pickle_globals(data: Union[bytes, BinaryIO], name: str = "checkpoint", *, ma
         try:
             found |= _globals_of_one_pickle(stream)
         except _PickleTooLarge:
-            raise CheckpointError(f"{name}: a pickle of more than {_human(MAX_PICKLE_BYTES)}, over the limit "
-                                  "for a state dict's pickle (MAX_PICKLE_BYTES); refused unread; "
-                                  f"{_SAFE_HINT}") from None
+            raise CheckpointError(f"{name}: a pickle of more than {_human(MAX_PICKLE_BYTES)} or "
+                                  f"{MAX_PICKLE_OPS:,} opcodes, over the limit for a state dict's pickle "
+                                  f"(MAX_PICKLE_BYTES, MAX_PICKLE_OPS); refused unread; {_SAFE_HINT}") from None
         except Exception as e:  # pickletools raises ValueError and others on garbage
             if index == 0:
                 raise CheckpointError(f"{name}: truncated or corrupt pickle stream ({_short(e)})") from None
@@ -432,7 +435,7 @@ def _bounded_ops(stream: BinaryIO) -> Iterator[Tuple[str, object]]:
     costs ~0.5 s per MiB, and a state dict's pickle is far smaller."""
     start = stream.tell()
     for i, item in enumerate(_resolved_ops(stream)):
-        if i % 4096 == 0 and stream.tell() - start > MAX_PICKLE_BYTES:
+        if i % 4096 == 0 and (i > MAX_PICKLE_OPS or stream.tell() - start > MAX_PICKLE_BYTES):
             raise _PickleTooLarge()
         yield item
 

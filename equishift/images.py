@@ -18,8 +18,13 @@ same messages. The rules, in order:
    ``ImageError``. For a JPEG/GIF/TIFF/BMP header between 1× and 2× PIL's limit PIL may emit its
    ``DecompressionBombWarning`` before we refuse the file: silencing it would need ``warnings``' global
    filters, which other threads share.
-4. Decode fully (truncated or corrupt files fail here, PNG chunk CRCs are verified first), then apply the
-   EXIF orientation (``ImageOps.exif_transpose``), then convert to RGB:
+4. Cost of the decode, from the header: only regular files are read (a FIFO, device or folder is refused
+   from ``stat``); the peak memory (``peak_bytes``: decoded frame + RGB result, or the largest TIFF tile
+   or strip buffer) is refused above ``max_decode_bytes``; large images (``ISOLATE_PIXELS``,
+   ``ISOLATE_BYTES``) are decoded in a worker process with a time limit and an address-space limit.
+5. Decode fully (truncated or corrupt files fail here, PNG chunk CRCs are verified first), convert to RGB
+   one band of rows at a time, then apply the EXIF orientation, read from the first IFD of the raw EXIF
+   bytes (PIL's ``exif_transpose`` parses and rewrites the whole block: quadratic in its size):
    - GIF (and animated PNG/WebP): the first frame;
    - transparency (RGBA, LA, PA, palette or colour-key transparency) is composited over ``BACKGROUND``
      (white);
@@ -56,7 +61,9 @@ __all__ = ["SUPPORTED_FORMATS", "DEFAULT_MAX_PIXELS", "DEFAULT_MAX_BYTES", "DEFA
            "invert", "inverted_png"]
 
 SUPPORTED_FORMATS: Tuple[str, ...] = ("PNG", "JPEG", "WEBP", "BMP", "TIFF", "GIF")
-DEFAULT_MAX_PIXELS = 40_000_000    # a 48 MP phone photo is refused, 12/24 MP accepted; ~160 MB decoded
+# A 48 MP phone photo is refused, 12/24 MP accepted. The 8-bit RGB result of a 40 MP image is 160 MB (PIL
+# keeps RGB at 4 bytes per pixel); decoding it peaks at ~200-330 MB (measured: bench/hostile_inputs.py).
+DEFAULT_MAX_PIXELS = 40_000_000
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024
 # Peak memory of one decode, estimated from the header before anything is allocated (``peak_bytes``):
 # a 40 MP RGB image with an EXIF rotation needs 2 × 160 MB, a 40 MP 16-bit grey one 80 + 160 MB.
@@ -328,7 +335,6 @@ def _short(e: BaseException) -> str:
 # Bytes per pixel of PIL's storage for each mode (PIL keeps RGB, LA and PA as 4 bytes per pixel).
 _STORAGE_BYTES = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16L": 2, "I;16B": 2, "I;16N": 2}
 _BAND_PIXELS = 1 << 20        # modes are converted to RGB one band of rows (~1 MP) at a time
-_MAX_EXIF_BYTES = 1 << 20     # EXIF beyond this is not read at all (orientation then stays as stored)
 _MAX_IFD_ENTRIES = 512
 
 
@@ -383,8 +389,8 @@ def _orientation(im: Image.Image) -> int:
     if tags is not None:                    # TIFF: the tag of the first IFD, already parsed by open()
         value = tags.get(0x0112, 1)
         return value if isinstance(value, int) and 1 <= value <= 8 else 1
-    raw = im.info.get("exif")
-    if not isinstance(raw, (bytes, bytearray)) or len(raw) > _MAX_EXIF_BYTES:
+    raw = im.info.get("exif")      # only IFD0's entries are read: the cost does not grow with the size
+    if not isinstance(raw, (bytes, bytearray)):
         return 1
     return exif_orientation(bytes(raw))
 
