@@ -71,6 +71,10 @@ DEFAULT_MAX_DECODE_BYTES = 512 * 1024 * 1024
 DEFAULT_TIME_LIMIT_S = 10.0        # wall clock of an isolated decode (a 40 MP PNG takes ~1-2 s)
 ISOLATE_PIXELS = 4_000_000         # load_image(isolate=None) decodes images this large in a worker process
 ISOLATE_BYTES = 8 * 1024 * 1024    # ... and files this large, whatever their header says
+# A progressive JPEG decodes every pixel once per scan, and nothing bounds the number of scans: beyond
+# this size (pixels or bytes) it is decoded in the worker too.
+ISOLATE_PROGRESSIVE = 256 * 1024
+MAX_PNG_CHUNKS = 100_000
 WORKER_BASE_BYTES = 1024 * 1024 * 1024   # the worker's address space beyond the decode: Python, NumPy, PIL
 BACKGROUND = (255, 255, 255)       # transparency is composited over white
 
@@ -256,8 +260,12 @@ def _human(n: int) -> str:
 
 def _check_png_chunks(data: bytes, name: str) -> None:
     """Walk the PNG chunks: a truncated file or a bad CRC is reported by name (PIL skips some CRCs)."""
-    pos = 8
+    pos, chunks = 8, 0
     while pos < len(data):
+        chunks += 1
+        if chunks > MAX_PNG_CHUNKS:   # each chunk costs Python work here and in PIL: a count bounds it
+            raise ImageError(f"{name}: PNG has more than {MAX_PNG_CHUNKS:,} chunks (MAX_PNG_CHUNKS); an encoder "
+                             "writes a few hundred at most, re-save it")
         if pos + 8 > len(data):
             raise ImageError(f"{name}: PNG is truncated (cut inside a chunk header); the file is incomplete")
         length, ctype = struct.unpack(">I4s", data[pos:pos + 8])
@@ -556,12 +564,16 @@ def load_image(source: ImageSource, *, max_pixels: int = DEFAULT_MAX_PIXELS,
     ``isolate``: decode in a worker process limited to ``time_limit_s`` seconds and an address space of
     ``max_decode_bytes`` plus the interpreter's own (``WORKER_BASE_BYTES``). None (the default) isolates
     images whose header declares ``ISOLATE_PIXELS`` or more pixels or whose file has ``ISOLATE_BYTES`` or
-    more, where a process start (~0.1–0.4 s) is small next to the decode; smaller images decode here.
+    more, where a process start (~0.1–0.4 s) is small next to the decode, and progressive JPEGs of
+    ``ISOLATE_PROGRESSIVE`` pixels or bytes (their scan count is unbounded); smaller images decode here.
 
     ``name``: what messages call the image (e.g. an upload's file name when ``source`` is its bytes)."""
     data, name, fmt, im, _ = _prepare(source, max_pixels, max_bytes, max_decode_bytes, name)
     if isolate is None:
-        isolate = im.size[0] * im.size[1] >= ISOLATE_PIXELS or len(data) >= ISOLATE_BYTES
+        pixels = im.size[0] * im.size[1]
+        isolate = (pixels >= ISOLATE_PIXELS or len(data) >= ISOLATE_BYTES
+                   or (fmt == "JPEG" and bool(im.info.get("progressive"))
+                       and max(pixels, len(data)) >= ISOLATE_PROGRESSIVE))
     if isolate and _can_isolate():
         im.close()
         return _decode_in_worker(data, name, max_pixels, max_bytes, max_decode_bytes, time_limit_s)

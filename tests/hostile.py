@@ -143,6 +143,31 @@ def _png_rgba_zeros(folder: Path) -> str:
     return _write(folder, "rgba.png", _zero_png(6000, 6000, 8, 6))
 
 
+def _many_chunks(folder: Path) -> str:
+    """A valid 8×8 PNG with a million empty ancillary chunks before its pixels (12 MB)."""
+    rows = [bytes(24)] * 8
+    return _write(folder, "chunks.png", _png(8, 8, rows, before_idat=_chunk(b"abCd", b"") * 1_000_000))
+
+
+def _blocks16(seed: int):
+    """640×480 RGB of flat 16×16 blocks: JPEG keeps it within a few levels."""
+    import numpy as np
+
+    small = np.random.default_rng(seed).integers(0, 256, (30, 40, 3), dtype=np.uint8)
+    return np.repeat(np.repeat(small, 16, 0), 16, 1)
+
+
+def _progressive_jpeg(folder: Path) -> str:
+    import io
+
+    from PIL import Image
+
+    im = Image.fromarray(_blocks16(11))
+    buf = io.BytesIO()
+    im.save(buf, "JPEG", quality=95, subsampling=0, progressive=True)
+    return _write(folder, "progressive.jpg", buf.getvalue())
+
+
 def _fifo(folder: Path) -> str:
     path = folder / "pipe.png"
     os.mkfifo(path)
@@ -263,6 +288,10 @@ def hostile_cases() -> List[HostileCase]:
         HostileCase("decode-cost", "png16_gray_39.9MP_zeros_in_process", "image", _png16_zeros,
                     check="7980x5000 zeros", kwargs={"isolate": False}),
         HostileCase("decode-cost", "png_rgba_36MP_zeros", "image", _png_rgba_zeros, check="6000x6000 white"),
+        HostileCase("decode-cost", "png_with_a_million_empty_chunks", "image", _many_chunks,
+                    error="more than 100,000 chunks"),
+        HostileCase("decode-cost", "progressive_jpeg_decoded_in_the_worker", "image", _progressive_jpeg,
+                    check="640x480 jpeg"),
         HostileCase("decode-cost", "decode_over_time_limit", "image", _png16_zeros,
                     error="decode time limit", kwargs={"isolate": True, "time_limit_s": 0.05}),
         HostileCase("decode-cost", "decode_over_memory_limit", "image", _png16_zeros,
@@ -322,6 +351,10 @@ def _check(case: HostileCase, result) -> str:
             assert np.array_equal(np.asarray(result), np.rot90(src, turns)), "wrong pixels or rotation"
         elif case.check.endswith("zeros"):
             assert f"{w}x{h}" == case.check.split()[0] and result.getextrema() == ((0, 0),) * 3
+        elif case.check.endswith("jpeg"):    # lossy: within JPEG's error of the source, decoded by a worker
+            src = _blocks16(11).astype(np.int16)
+            assert (w, h) == (640, 480) and np.abs(np.asarray(result, dtype=np.int16) - src).mean() < 2.0
+            assert resource.getrusage(resource.RUSAGE_CHILDREN).ru_utime > 0, "no worker ran"
         elif case.check.endswith("white"):   # transparent black over the white background
             assert f"{w}x{h}" == case.check.split()[0] and result.getextrema() == ((255, 255),) * 3
         return f"loads, {w}×{h} RGB"
@@ -433,6 +466,7 @@ _RESULTS = {"64x32 rotated 6": "loads, 32×64 RGB, turned upright (EXIF orientat
             "64x32 rotated 8": "loads, 32×64 RGB, turned upright (EXIF orientation 8)",
             "7980x5000 zeros": "loads, 7980×5000 RGB (black)",
             "6000x6000 white": "loads, 6000×6000 RGB (transparent → white)",
+            "640x480 jpeg": "loads, 640×480 RGB (in the worker process)",
             "fp8 upcast": "loads (float8 tensors kept; `apply_weights` upcasts them)"}
 _TARGETS = {"image": "`load_image`", "weights": "`load_weights`", "spec": "`load_model`"}
 
