@@ -14,7 +14,6 @@ from typing import Dict, List, Optional, Tuple
 import streamlit as st
 
 from equishift import caveats as lib
-from equishift.images import load_image
 
 from dashboard import compute, sources
 
@@ -31,7 +30,7 @@ def side_caveats(side, choice: Optional[sources.ImageChoice]) -> List[lib.Caveat
         x = side.x
         if choice is not None:
             def input_caveats():
-                return lib.for_input(lm, x=x, image=load_image(choice.data))
+                return lib.for_input(lm, x=x, image=sources.decoded_image(choice))
             out += compute.cached(("caveats-input", side.spec, choice.sha256), input_caveats)
         else:
             out += lib.for_input(lm, x=x)

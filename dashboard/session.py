@@ -17,10 +17,10 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 import streamlit as st
 import torch
+from PIL import Image
 
 from equishift.errors import EquishiftError
 from equishift.formatting import fmt
-from equishift.images import load_image
 from equishift.shifts import shift_batch
 from equishift.sweep import MAX_SHIFTS, SweepResult, sweep
 
@@ -104,13 +104,16 @@ THUMB_PX = 384  # the original is shown at most this large; only this small copy
 
 def _thumbnail(choice: sources.ImageChoice):
     """A small copy of the decoded image, cached per image. Decoding also validates the file: a bad
-    upload raises here. The full-size image is never kept (a 40 MP upload would be 160 MB); it is decoded
-    again only when a model's input for it is not cached yet."""
+    upload raises here. The image is decoded once (``sources.decoded_image``); each model's input starts
+    from that decode."""
     def make():
-        img = load_image(choice.data)
-        size = img.size
-        img.thumbnail((THUMB_PX, THUMB_PX))
-        return img, size
+        full = sources.decoded_image(choice)
+        w, h = full.size
+        scale = min(THUMB_PX / w, THUMB_PX / h)
+        if scale >= 1:
+            return full.copy(), full.size
+        size = (max(1, round(w * scale)), max(1, round(h * scale)))
+        return full.resize(size, Image.Resampling.BICUBIC, reducing_gap=2.0), full.size
     return compute.cached(("thumbnail", choice.sha256), make)
 
 
@@ -151,11 +154,11 @@ def _prepare_inputs(sides: List[Side], choice, mode: str) -> None:
         lm = side.loaded
         try:
             side.x = compute.cached(("input", side.spec, choice.sha256, 0),
-                                    lambda: lm.preprocess(load_image(choice.data)))
+                                    lambda: lm.preprocess(sources.decoded_image(choice)))
             if mode == "crop":
                 m = crop_margin(lm.stride)
                 side.canvas = compute.cached(("input", side.spec, choice.sha256, m),
-                                             lambda: lm.preprocess(load_image(choice.data), margin=m))
+                                             lambda: lm.preprocess(sources.decoded_image(choice), margin=m))
         except Exception as e:  # noqa: BLE001
             side.error = f"Cannot prepare the image for `{side.spec}`: {_message(e)}"
     ok = [s for s in sides if s.ok]

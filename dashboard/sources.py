@@ -1,8 +1,8 @@
 """Sidebar choices turned into what the library takes: model specs, a shift mode, image bytes.
 
-Nothing here loads a model or decodes an image (except, when "Invert the image" is on, to make the
-negative); it only builds spec strings (equishift.zoo's grammar) and hands back raw bytes, so every failure
-happens later in one place and is shown as an ``st.error``.
+Nothing here loads a model; it builds spec strings (equishift.zoo's grammar) and hands back raw bytes, so
+every failure happens later in one place and is shown as an ``st.error``. The one decode of an image is
+``decoded_image``: the thumbnail, each model's input and the caveats all start from its result.
 """
 from __future__ import annotations
 
@@ -20,11 +20,12 @@ from typing import List, Optional, Tuple
 import streamlit as st
 
 from equishift.errors import EquishiftError
-from equishift.images import inverted_png
+from equishift.images import invert, load_image
 from equishift.zoo import list_models
 
 __all__ = ["DEFAULT_BASELINE", "DEFAULT_ANCHORED", "SHIFT_MODES", "UPLOAD_TYPES", "ImageChoice",
-           "sample_images", "default_sample", "model_picker", "mode_picker", "image_picker", "invert_key", "toggle_invert"]
+           "sample_images", "default_sample", "model_picker", "mode_picker", "image_picker", "invert_key", "toggle_invert",
+           "decoded_image"]
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_BASELINE = "zoo:fmnist-vit-baseline"
@@ -271,10 +272,29 @@ def toggle_invert(key: str) -> None:
     st.session_state[key] = not st.session_state.get(key, False)
 
 
+@st.cache_resource(max_entries=2, ttl=600, show_spinner=False)
+def _decoded(sha256: str, _data: bytes, _label: str):
+    """``_data`` decoded to 8-bit RGB once per content hash, shared by every view and session (a failure
+    is not cached: it raises again, naming the file). Two entries at most, dropped after 10 minutes unused:
+    a 40 MP image is 160 MB decoded."""
+    return load_image(_data, name=_label)
+
+
+def decoded_image(choice: "ImageChoice"):
+    """The chosen image decoded (``equishift.images.load_image``), once per content: treat it as read-only
+    (copy before changing it in place)."""
+    return _decoded(choice.sha256, choice.data, choice.label)
+
+
 @st.cache_resource(max_entries=4, show_spinner=False)
-def _inverted(sha256: str, _data: bytes) -> bytes:
-    """The negative of the file with this sha256 as PNG bytes, once per file (``_data`` is not hashed)."""
-    return inverted_png(_data)
+def _inverted(sha256: str, _data: bytes, _label: str = "the image") -> bytes:
+    """The negative of the file with this sha256 as PNG bytes, once per file (``_data`` is not hashed),
+    made from the file's one decode."""
+    import io
+
+    buf = io.BytesIO()
+    invert(_decoded(sha256, _data, _label)).save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def _invert_option(choice: ImageChoice) -> ImageChoice:
@@ -288,7 +308,7 @@ def _invert_option(choice: ImageChoice) -> ImageChoice:
     if not on:
         return choice
     try:
-        data = _inverted(choice.sha256, choice.data)
+        data = _inverted(choice.sha256, choice.data, choice.label)
     except EquishiftError:
         return choice  # unreadable: the page reports it when it decodes the file itself
     return ImageChoice(data, f"{choice.label} (inverted)", hashlib.sha256(data).hexdigest(), choice.uploaded,

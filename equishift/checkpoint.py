@@ -18,12 +18,14 @@ unexpected keys, shape mismatches); ``save_weights`` writes safetensors atomical
 """
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
 import pickle
 import pickletools
 import re
+import stat
 import struct
 import tempfile
 import warnings
@@ -35,7 +37,7 @@ from typing import BinaryIO, Dict, Iterable, Iterator, List, Mapping, Set, Tuple
 import torch
 from torch import nn
 
-from equishift.errors import CheckpointError
+from equishift.errors import CheckpointError, shorten
 
 __all__ = ["CheckpointWarning", "DEFAULT_MAX_BYTES", "load_weights", "load_checkpoint", "apply_weights",
            "save_weights", "pickle_globals"]
@@ -49,6 +51,13 @@ _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "module", "net", "ne
                  "state_dict_ema", "model_ema")
 _PREFIXES = ("module.", "_orig_mod.")
 _MAX_SAFETENSORS_HEADER = 100 * 2**20   # safetensors' own cap on the JSON header
+# A state dict's pickle holds names and storage ids only (the tensors are separate records): ~100 bytes per
+# tensor, ~1 MiB for 10,000 tensors. Scanning costs 0.5-2 s per MiB, so a bigger pickle is refused.
+MAX_PICKLE_BYTES = 2 * 2**20
+# ... and ~20 opcodes per tensor (a training checkpoint's optimizer state ~50 per parameter): 200,000
+# opcodes is ten times a ViT-L training checkpoint, and scans in 1-3 s however small each opcode is.
+MAX_PICKLE_OPS = 200_000
+_MAX_ZIP_RATIO = 100     # torch.save stores records uncompressed; a member inflating 100× is a zip bomb
 _SAFE_HINT = "save the model's state_dict with safetensors (equishift.checkpoint.save_weights)"
 
 
@@ -84,24 +93,39 @@ def load_checkpoint(path: PathLike, *, stand_ins: Mapping[str, type],
 
 
 def _name(path: PathLike) -> str:
-    p = Path(os.fspath(path))
-    return p.name or str(p)
+    p = os.fspath(path)
+    p = os.fsdecode(p) if isinstance(p, bytes) else p
+    return shorten(os.path.basename(p.rstrip("/")) or p or "(empty path)", 80)
 
 
 def _load_object(path: PathLike, max_bytes: int, stand_ins: Dict[str, type]) -> object:
-    path = Path(os.fspath(path))
-    name = path.name or str(path)
-    if not path.exists():
-        raise CheckpointError(f"{name}: checkpoint file not found ({path})")
-    if not path.is_file():
-        raise CheckpointError(f"{name}: is not a regular file ({path})")
-    size = path.stat().st_size
+    raw = os.fspath(path)
+    raw = os.fsdecode(raw) if isinstance(raw, bytes) else raw
+    name, shown = _name(raw), shorten(raw, 120)
+    if not raw:
+        raise CheckpointError("an empty path was given; pass the path of a weights file")
+    path = Path(raw)
+    try:
+        st = os.stat(raw)
+    except FileNotFoundError:
+        raise CheckpointError(f"{name}: checkpoint file not found ({shown})") from None
+    except OSError as e:
+        raise CheckpointError(f"{name}: cannot be read: {_os_problem(e)} ({shown})") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise CheckpointError(f"{name}: {_not_regular(st.st_mode)}, not a regular file ({shown})")
+    size = st.st_size
     if size == 0:
         raise CheckpointError(f"{name}: the file is empty (0 bytes), not a checkpoint")
     if size > max_bytes:
         raise CheckpointError(f"{name}: file is {_human(size)}, over the limit of {_human(max_bytes)} "
                               f"(max_bytes={max_bytes}); refused before reading")
-    with open(path, "rb") as f:
+    try:   # non-blocking, and checked again once open: a path swapped for a FIFO must not hang us
+        fd = os.open(raw, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    except OSError as e:
+        raise CheckpointError(f"{name}: cannot be read: {_os_problem(e)} ({shown})") from None
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise CheckpointError(f"{name}: is not a regular file (it changed while being opened)")
         head = f.read(16)
     if _looks_like_safetensors(head):
         return _load_safetensors(path, name, size)
@@ -111,6 +135,31 @@ def _load_object(path: PathLike, max_bytes: int, stand_ins: Dict[str, type]) -> 
         return _load_torch_legacy(path, name, stand_ins)
     raise CheckpointError(f"{name}: not a checkpoint ({_describe(head)}); expected a .safetensors file "
                           "or a torch.save state dict (.pt/.pth/.bin)")
+
+
+def _not_regular(mode: int) -> str:
+    if stat.S_ISDIR(mode):
+        return "is a folder"
+    if stat.S_ISFIFO(mode):
+        return "is a named pipe (FIFO)"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "is a device"
+    if stat.S_ISSOCK(mode):
+        return "is a socket"
+    return "is not a file"
+
+
+def _os_problem(e: OSError) -> str:
+    """An OSError in a few words, without the path it carries (which may be 5000 characters long)."""
+    if e.errno == errno.ENAMETOOLONG:
+        return "the path is too long for the file system (a name over 255 bytes or a path over 4096)"
+    if e.errno in (errno.EACCES, errno.EPERM):
+        return "permission denied"
+    if e.errno == errno.ENOTDIR:
+        return "a part of the path is not a folder"
+    if e.errno == errno.ELOOP:
+        return "too many levels of symbolic links"
+    return e.strerror or type(e).__name__
 
 
 def _looks_like_safetensors(head: bytes) -> bool:
@@ -147,9 +196,13 @@ def _load_safetensors(path: Path, name: str, size: int) -> Dict[str, torch.Tenso
         try:
             header = json.loads(f.read(n))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"{name}: corrupt safetensors header ({e})") from None
+            raise CheckpointError(f"{name}: corrupt safetensors header ({_short(e)})") from None
+        except RecursionError:
+            raise CheckpointError(f"{name}: corrupt safetensors header (its JSON is nested too deeply; a "
+                                  "valid header is 3 levels deep)") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{name}: corrupt safetensors header (not a JSON object)")
+    _check_safetensors_entries(header, name)
     ends = [v["data_offsets"][1] for k, v in header.items()
             if k != "__metadata__" and isinstance(v, dict) and isinstance(v.get("data_offsets"), list)
             and len(v["data_offsets"]) == 2 and isinstance(v["data_offsets"][1], int)]
@@ -161,6 +214,32 @@ def _load_safetensors(path: Path, name: str, size: int) -> Dict[str, torch.Tenso
         return load_file(str(path), device="cpu")
     except Exception as e:  # SafetensorError and friends: the header was plausible, the body is not
         raise CheckpointError(f"{name}: corrupt safetensors file ({_short(e)})") from None
+
+
+_SAFETENSORS_DTYPES = {"BOOL", "U8", "I8", "U16", "I16", "F16", "BF16", "U32", "I32", "F32", "U64", "I64",
+                       "F64", "C64", "F8_E4M3", "F8_E5M2", "F8_E8M0", "F4", "F6_E2M3", "F6_E3M2"}
+
+
+def _check_safetensors_entries(header: dict, name: str) -> None:
+    """Each entry is {dtype: str, shape: [int ...], data_offsets: [int, int]} and __metadata__ maps str to
+    str: safetensors' own format, checked here so that odd JSON (nested lists, floats, strings) is named."""
+    for key, entry in header.items():
+        shown = shorten(key, 60)
+        if key == "__metadata__":
+            if not isinstance(entry, dict) or not all(isinstance(v, str) for v in entry.values()):
+                raise CheckpointError(f"{name}: corrupt safetensors header (__metadata__ must map names to "
+                                      "strings)")
+            continue
+        if not (isinstance(entry, dict) and isinstance(entry.get("dtype"), str)
+                and isinstance(entry.get("shape"), list)
+                and all(type(d) is int and d >= 0 for d in entry["shape"])
+                and isinstance(entry.get("data_offsets"), list) and len(entry["data_offsets"]) == 2
+                and all(type(o) is int and o >= 0 for o in entry["data_offsets"])):
+            raise CheckpointError(f"{name}: corrupt safetensors header (entry {shown!r} is not "
+                                  "{dtype, shape: [int…], data_offsets: [begin, end]})")
+        if entry["dtype"] not in _SAFETENSORS_DTYPES:
+            raise CheckpointError(f"{name}: tensor {shown!r} has the unknown dtype "
+                                  f"{shorten(entry['dtype'], 20)!r}")
 
 
 def _load_torch_zip(path: Path, name: str, max_bytes: int, stand_ins: Dict[str, type]) -> object:
@@ -178,6 +257,7 @@ def _load_torch_zip(path: Path, name: str, max_bytes: int, stand_ins: Dict[str, 
             pkl = [n for n in names if n == "data.pkl" or n.endswith("/data.pkl")]
             if len(pkl) != 1:
                 raise CheckpointError(f"{name}: a zip file but not a torch.save checkpoint (no data.pkl)")
+            _check_zip_members(infos, pkl[0], name)
             payload = z.read(pkl[0])
     except CheckpointError:
         raise
@@ -185,6 +265,23 @@ def _load_torch_zip(path: Path, name: str, max_bytes: int, stand_ins: Dict[str, 
         raise CheckpointError(f"{name}: truncated or corrupt PyTorch checkpoint ({_short(e)})") from None
     _refuse_unsafe_globals(pickle_globals(payload, name), name, stand_ins)
     return _torch_load(path, name, stand_ins)
+
+
+def _check_zip_members(infos: List[zipfile.ZipInfo], pkl: str, name: str) -> None:
+    """Refuse from the declared sizes, before anything is inflated: a member whose declared size is far
+    above its compressed size (a zip bomb), and a pickle larger than a state dict's ever is. zipfile
+    never inflates a member past its declared size, so the declared sizes bound what reading costs."""
+    for info in infos:
+        if info.compress_type != zipfile.ZIP_STORED and info.file_size > 2**20 \
+                and info.file_size > _MAX_ZIP_RATIO * max(info.compress_size, 1):
+            raise CheckpointError(
+                f"{name}: member {shorten(info.filename, 60)!r} inflates from {_human(info.compress_size)} to "
+                f"{_human(info.file_size)} (over {_MAX_ZIP_RATIO}× compression, a zip bomb); refused unread")
+    size = next(i.file_size for i in infos if i.filename == pkl)
+    if size > MAX_PICKLE_BYTES:
+        raise CheckpointError(f"{name}: its pickle ({shorten(pkl, 60)}) is {_human(size)}, over the limit of "
+                              f"{_human(MAX_PICKLE_BYTES)} for a state dict's pickle (MAX_PICKLE_BYTES); "
+                              f"refused unread; {_SAFE_HINT}")
 
 
 def _load_torch_legacy(path: Path, name: str, stand_ins: Dict[str, type]) -> object:
@@ -215,7 +312,7 @@ def _legacy_storage_bytes(stream: BinaryIO) -> int:
         for _op in pickletools.genops(stream):
             pass
     total, storage_class, strings = 0, None, 0
-    for kind, arg in _resolved_ops(stream):
+    for kind, arg in _bounded_ops(stream):
         if kind in _STRING_OPS and arg == "storage":
             storage_class, strings = "", 0
         elif storage_class == "" and kind == "GLOBAL":
@@ -297,6 +394,10 @@ def pickle_globals(data: Union[bytes, BinaryIO], name: str = "checkpoint", *, ma
         stream.seek(-1, io.SEEK_CUR)
         try:
             found |= _globals_of_one_pickle(stream)
+        except _PickleTooLarge:
+            raise CheckpointError(f"{name}: a pickle of more than {_human(MAX_PICKLE_BYTES)} or "
+                                  f"{MAX_PICKLE_OPS:,} opcodes, over the limit for a state dict's pickle "
+                                  f"(MAX_PICKLE_BYTES, MAX_PICKLE_OPS); refused unread; {_SAFE_HINT}") from None
         except Exception as e:  # pickletools raises ValueError and others on garbage
             if index == 0:
                 raise CheckpointError(f"{name}: truncated or corrupt pickle stream ({_short(e)})") from None
@@ -325,10 +426,24 @@ def _resolved_ops(stream: BinaryIO) -> Iterator[Tuple[str, object]]:
             yield last
 
 
+class _PickleTooLarge(Exception):
+    pass
+
+
+def _bounded_ops(stream: BinaryIO) -> Iterator[Tuple[str, object]]:
+    """``_resolved_ops`` that stops with _PickleTooLarge past MAX_PICKLE_BYTES of the stream: the scan
+    costs ~0.5 s per MiB, and a state dict's pickle is far smaller."""
+    start = stream.tell()
+    for i, item in enumerate(_resolved_ops(stream)):
+        if i % 4096 == 0 and (i > MAX_PICKLE_OPS or stream.tell() - start > MAX_PICKLE_BYTES):
+            raise _PickleTooLarge()
+        yield item
+
+
 def _globals_of_one_pickle(stream: BinaryIO) -> Set[str]:
     found: Set[str] = set()
     recent: List[Tuple[str, object]] = []
-    for kind, arg in _resolved_ops(stream):
+    for kind, arg in _bounded_ops(stream):
         if kind in ("GLOBAL", "INST"):
             module, _, attr = str(arg).partition(" ")
             found.add(_python3_name(module, attr))
@@ -411,6 +526,11 @@ def _unwrap(obj: object, name: str) -> Dict[str, torch.Tensor]:
                               f"{', '.join(bad[:3])}; expected name → tensor (or a 'state_dict'/'model' "
                               "entry holding one)")
     state = {str(k): v for k, v in obj.items()}
+    odd = [k for k, v in state.items() if v.is_nested or v.layout != torch.strided]
+    if odd:
+        shown = ", ".join(shorten(k, 60) for k in odd[:3]) + (", ..." if len(odd) > 3 else "")
+        raise CheckpointError(f"{name}: {len(odd)} tensor(s) are nested or sparse ({shown}); a model's state "
+                              "dict holds plain dense tensors only")
     for prefix in _PREFIXES:
         if all(k.startswith(prefix) for k in state):
             state = {k[len(prefix):]: v for k, v in state.items()}
@@ -421,9 +541,15 @@ def _all_tensors(mapping: Mapping) -> bool:
     return all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in mapping.items())
 
 
+def _finite(v: torch.Tensor) -> bool:
+    try:
+        return bool(torch.isfinite(v).all())
+    except (NotImplementedError, RuntimeError):   # float8 and other narrow dtypes: check a float32 copy
+        return bool(torch.isfinite(v.float()).all())
+
+
 def _warn_non_finite(state: Mapping[str, torch.Tensor], name: str) -> None:
-    bad = [k for k, v in state.items() if v.is_floating_point() or v.is_complex()
-           if not bool(torch.isfinite(v).all())]
+    bad = [k for k, v in state.items() if v.is_floating_point() or v.is_complex() if not _finite(v)]
     if bad:
         shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
         warnings.warn(f"{name}: NaN or Inf values in {len(bad)} tensor(s): {shown}; the model's outputs "
@@ -447,7 +573,7 @@ def apply_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor], *, s
         raise CheckpointError(_mismatch_message(model, expected, missing, unexpected, mismatched, strict))
     try:
         model.load_state_dict(dict(state_dict), strict=strict)
-    except RuntimeError as e:
+    except (RuntimeError, NotImplementedError, TypeError) as e:
         raise CheckpointError(f"weights do not fit {type(model).__name__}: {_short(e)}") from None
 
 

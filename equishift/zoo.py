@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from .device import default_device
-from .errors import CheckpointError, ModelSpecError
+from .errors import CheckpointError, ModelSpecError, shorten
 
 __all__ = ["LoadedModel", "load_model", "list_models", "parse_spec", "zoo_dir", "add_arguments", "run"]
 
@@ -235,11 +235,26 @@ def _literal(text: str) -> Any:
     return text
 
 
+MAX_SPEC_CHARS = 4096   # a spec is a name, a few options and a path (PATH_MAX): never longer
+
+
+def _check_path_length(spec: str, path: str) -> None:
+    """A zoo name or card path the file system cannot hold is named here: ``Path.is_file`` raises a raw
+    OSError (ENAMETOOLONG) for it rather than returning False."""
+    if any(len(os.fsencode(part)) > 255 for part in path.split("/")) or len(os.fsencode(path)) > 4000:
+        raise ModelSpecError(f"{shorten(spec, 80)!r}: the zoo name or card path is too long for a file "
+                             "name (255 bytes per name, 4000 in all)")
+
+
 def parse_spec(spec: str) -> Spec:
     """``[anchored[MODE]:](zoo:NAME | timm:NAME[?pretrained|?seed=N|?k=v&k=v][@PATH])`` -> Spec. Random
     timm weights (no ``?pretrained``, no ``@PATH``) are drawn from ``seed`` (default 0)."""
     if not isinstance(spec, str) or not spec.strip():
-        raise ModelSpecError(f"a model spec must be a non-empty string, got {spec!r}; {_spec_help()}")
+        raise ModelSpecError(f"a model spec must be a non-empty string, got {shorten(repr(spec), 80)}; "
+                             f"{_spec_help()}")
+    if len(spec) > MAX_SPEC_CHARS:   # every message below quotes the spec: never echo a huge one
+        raise ModelSpecError(f"{shorten(spec, 80)!r}: a model spec of {len(spec):,} characters, over the limit "
+                             f"of {MAX_SPEC_CHARS:,} (MAX_SPEC_CHARS); {_spec_help()}")
     rest = spec.strip()
     anchoring = "none"
     if rest.startswith("anchored"):
@@ -258,11 +273,13 @@ def parse_spec(spec: str) -> Spec:
         if rest.startswith("anchored"):
             raise ModelSpecError(f"{spec!r}: a model can be anchored only once")
     if rest.endswith(".json") and not rest.startswith(("zoo:", "timm:")):
+        _check_path_length(spec, rest)
         return Spec("zoo", rest, anchoring)  # a card file anywhere: NAME.json next to NAME.safetensors
     source, sep, body = rest.partition(":")
     if not sep or source not in ("zoo", "timm", "paper") or not body:
         raise ModelSpecError(f"unknown model spec {spec!r}; {_spec_help()}")
     if source == "zoo":
+        _check_path_length(spec, body)
         return Spec("zoo", body, anchoring)
     if source == "paper":
         return _parse_paper(spec, body, anchoring)

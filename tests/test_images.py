@@ -236,3 +236,66 @@ def test_mutated_files_give_an_image_or_an_image_error(seed, edits, cut):
         assert str(e)
     else:
         assert image.mode == "RGB" and image.width * image.height >= 1
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP", "TIFF"])
+def test_own_exif_orientation_matches_pil(orientation, fmt):
+    """The orientation read from the raw EXIF bytes turns the pixels exactly as PIL's exif_transpose
+    (which parses and rewrites the whole EXIF block) for every orientation and format that carries it."""
+    from PIL import ImageOps
+
+    rgb = np.random.default_rng(orientation).integers(0, 256, (24, 40, 3), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buf = io.BytesIO()
+    kw = {"quality": 95, "subsampling": 0} if fmt == "JPEG" else ({"lossless": True} if fmt == "WEBP" else {})
+    Image.fromarray(rgb).save(buf, fmt, exif=exif, **kw)
+    with Image.open(io.BytesIO(buf.getvalue())) as im:
+        expected = np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
+    for isolate in (False, True):
+        got = np.asarray(load_image(buf.getvalue(), isolate=isolate))
+        assert got.shape == expected.shape and np.array_equal(got, expected), (fmt, orientation, isolate)
+
+
+def test_worker_and_in_process_decodes_are_identical():
+    """The worker process returns the same pixels as an in-process decode, for each conversion path."""
+    for case in CASES:
+        if case.ok and not case.load_kwargs:
+            a = np.asarray(load_image(case.data, isolate=False))
+            b = np.asarray(load_image(case.data, isolate=True))
+            assert np.array_equal(a, b), case.kind
+            if case.kind == "png_rgb":   # the one case checked for the time a worker costs
+                t0 = time.perf_counter()
+                load_image(case.data, isolate=False)
+                t1 = time.perf_counter()
+                load_image(case.data, isolate=True)
+                t2 = time.perf_counter()
+                assert t1 - t0 < t2 - t1 < 5.0
+
+
+def test_peak_estimate_bounds_the_decode():
+    """peak_bytes from the header: the decoded frame in its own storage plus the 4-byte RGB result
+    (16-bit: 2 + 4 bytes per pixel), or twice the result (the EXIF turn), whichever is larger."""
+    from equishift.images import peak_bytes
+
+    with Image.open(io.BytesIO(BY_KIND["png16_gray"].data)) as im:
+        assert peak_bytes(im) == 10 * 12 * max(2 + 4, 2 * 4)
+    with Image.open(io.BytesIO(BY_KIND["png_rgb"].data)) as im:
+        assert peak_bytes(im) == 40 * 24 * 8
+    with pytest.raises(ImageError, match="max_decode_bytes"):
+        load_image(BY_KIND["png_rgb"].data, max_decode_bytes=40 * 24 * 8 - 1)
+
+
+def test_non_regular_paths_are_refused_before_opening(tmp_path):
+    import os
+
+    os.mkfifo(tmp_path / "pipe.png")
+    t0 = time.perf_counter()
+    with pytest.raises(ImageError, match=r"pipe\.png: is a named pipe"):
+        load_image(tmp_path / "pipe.png")
+    with pytest.raises(ImageError, match="is a device"):
+        load_image("/dev/zero")
+    with pytest.raises(ImageError, match="path is too long") as e:
+        load_image(tmp_path / ("x" * 5000 + ".png"))
+    assert len(str(e.value)) < 400 and time.perf_counter() - t0 < 2.0
