@@ -27,7 +27,8 @@ import torch
 
 from equishift.errors import CheckpointError, EquishiftError, ModelSpecError
 
-__all__ = ["WeightsCase", "weights_cases", "weights_corpus", "CLASSES", "TINY", "TINY_OPTIONS"]
+__all__ = ["WeightsCase", "weights_cases", "weights_corpus", "run_case", "verdict", "expectation_table", "CLASSES",
+           "TINY", "TINY_OPTIONS"]
 
 CLASSES = ("spec", "options", "card", "upload")
 TINY = "vit_tiny_patch16_224"
@@ -42,6 +43,7 @@ class WeightsCase:
     error: Optional[type] = None               # the EquishiftError subclass expected; None: must load
     match: str = ""                            # a piece of the error message
     check: Optional[Callable[[Any], bool]] = None   # for a load: what run() returned is right
+    ok_text: str = "loads; what was loaded is checked"   # the expectation in words, when not an error
 
     @property
     def ok(self) -> bool:
@@ -113,11 +115,14 @@ def _spec_cases(tmp: Path) -> List[WeightsCase]:
 
         return lambda: _load(_timm_spec(name, options, path=path))
 
-    cases = [WeightsCase("spec", f"option {k}", (lambda k=k, v=v: _load(f"{T}?{k}={v}")), ModelSpecError,
+    cases = [WeightsCase("spec", f"option {k}={label}", (lambda k=k, v=v: _load(f"{T}?{k}={v}")), ModelSpecError,
                          "not allowed here")
-             for k, v in (("checkpoint_path", payload), ("checkpoint_path", "/etc/shadow"),
-                          ("pretrained_cfg_overlay", f"file={payload}"), ("pretrained_cfg", "x"), ("file", payload),
-                          ("cache_dir", d), ("hf_hub_id", "timm/x"), ("state_dict", "x"), ("my_model_path", payload))]
+             for k, v, label in (("checkpoint_path", payload, "a pickle with code"),
+                                 ("checkpoint_path", "/etc/shadow", "/etc/shadow"),
+                                 ("pretrained_cfg_overlay", f"file={payload}", "file=…"),
+                                 ("pretrained_cfg", "x", "x"), ("file", payload, "a pickle"), ("cache_dir", d, "a folder"),
+                                 ("hf_hub_id", "timm/x", "timm/x"), ("state_dict", "x", "x"),
+                                 ("my_model_path", payload, "a pickle"))]
     cases += [
         WeightsCase("spec", "empty path after @", lambda: _load(f"{T}?num_classes=10@"), ModelSpecError,
                     "'@' must be followed by a weights file path"),
@@ -141,7 +146,8 @@ def _spec_cases(tmp: Path) -> List[WeightsCase]:
                     check=_same_weights(good)),
         WeightsCase("spec", "timm:NAME?options@PATH (loads)", lambda: _load(f"{T}?{TINY_OPTIONS}@{good}"),
                     check=_same_weights(good)),
-        WeightsCase("spec", "payload never ran", lambda: marker.exists(), check=lambda ran: ran is False),
+        WeightsCase("spec", "payload never ran", lambda: marker.exists(), check=lambda ran: ran is False,
+                    ok_text="its marker file does not exist"),
     ]
     return cases
 
@@ -303,6 +309,9 @@ def _card_cases(tmp: Path) -> List[WeightsCase]:
 
 
 # --- upload store ------------------------------------------------------------------------------------
+STORED = "stored and returned: our regular file, holding the upload's bytes"
+
+
 def _upload_cases(tmp: Path) -> List[WeightsCase]:
     d = tmp / "uploads-root"
     data = b"uploaded weights " * 64
@@ -338,7 +347,7 @@ def _upload_cases(tmp: Path) -> List[WeightsCase]:
             plant(entry)
             return store(folder)
 
-        return WeightsCase("upload", name, run, check=holds_upload)
+        return WeightsCase("upload", name, run, check=holds_upload, ok_text=STORED)
 
     def other_bytes(entry: Path):
         (entry / "mine.safetensors").write_bytes(b"planted weights")
@@ -400,24 +409,30 @@ def _upload_cases(tmp: Path) -> List[WeightsCase]:
         planted("planted folder under the file name", folder_in_its_place),
         planted("planted link as the entry folder", entry_is_link),
         planted("entry with the same bytes (reused)", same_bytes_other_mode),
-        WeightsCase("upload", "upload folder mode 0777 is made private", loose_folder, check=holds_upload),
+        WeightsCase("upload", "upload folder mode 0777 is made private", loose_folder, check=holds_upload,
+                    ok_text=STORED),
         WeightsCase("upload", "upload folder is a link", folder_is_link, EquishiftError, "is not a folder"),
         WeightsCase("upload", "old shared path ignored", default_folder,
                     check=lambda r: r[0].read_bytes() == data and r[1] not in r[0].parents
                     and (r[1] / "mine.safetensors").read_bytes() == b"planted weights"
-                    and r[0].parent.parent.name.startswith("equishift-uploads-")),
+                    and r[0].parent.parent.name.startswith("equishift-uploads-"),
+                    ok_text="stored in a new private folder; the planted bytes are not read"),
         WeightsCase("upload", "clean_uploads removes the folder", clean,
-                    check=lambda r: not r[0].exists() and r[1] is None),
+                    check=lambda r: not r[0].exists() and r[1] is None, ok_text="the folder is gone"),
     ]
-    if os.getuid() == 0:  # only root can make a folder that belongs to someone else
-        def foreign():
+    def foreign():
+        """A folder of another user: made by chown as root; otherwise "/" (root's) serves, and nothing is
+        written, since the check comes first."""
+        if os.getuid() == 0:
             folder = d / "foreign"
             folder.mkdir(parents=True)
             os.chown(folder, 65534, 65534)
-            return store(folder)
+        else:
+            folder = Path("/")
+        return store(folder)
 
-        cases.append(WeightsCase("upload", "upload folder of another user", foreign, EquishiftError,
-                                 "belongs to another user"))
+    cases.append(WeightsCase("upload", "upload folder of another user", foreign, EquishiftError,
+                             "belongs to another user"))
     return cases
 
 
@@ -427,6 +442,18 @@ def weights_cases(tmp: Path, classes=CLASSES) -> List[WeightsCase]:
     tmp.mkdir(parents=True, exist_ok=True)
     build = {"spec": _spec_cases, "options": _options_cases, "card": _card_cases, "upload": _upload_cases}
     return [c for cls in classes for c in build[cls](tmp)]
+
+
+def expectation_table(cases: List[WeightsCase]) -> str:
+    """Markdown: class, case, expected behaviour (what tests/test_weights_corpus.py checks for each)."""
+    lines = ["| class | input | behaviour |", "|---|---|---|"]
+    for c in cases:
+        if c.ok:
+            want = c.ok_text
+        else:
+            want = f"`{c.error.__name__}`" + (f": “{c.match}”" if c.match else "")
+        lines.append(f"| {c.cls} | {c.name.replace('|', '/')} | {want.replace('|', '/')} |")
+    return "\n".join(lines)
 
 
 # --- running the cases: each in a forked child with a time and an address-space limit ----------------

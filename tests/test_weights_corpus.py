@@ -2,7 +2,8 @@
 store): each case is a named error or a correct load, within 10 s and 2 GB, no code run, nothing written
 outside the case folder. Each class runs in its own process (TMPDIR pointed at the case folder), each case
 in a forked child with an address-space limit and a kill timer; the options table of docs/security.md is
-generated from equishift.options."""
+generated from equishift.options, the corpus table from the cases' expectations
+(``python tests/test_weights_corpus.py --write`` rewrites both)."""
 from __future__ import annotations
 
 import hashlib
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from corpus_weights import CASE_BYTES, CASE_SECONDS, CLASSES
+from corpus_weights import CASE_BYTES, CASE_SECONDS, CLASSES, expectation_table, weights_cases
 
 ROOT = Path(__file__).resolve().parents[1]
 # Fewest cases each class must have run: a silently empty corpus must not pass.
@@ -59,13 +60,26 @@ def test_cards_written_by_training_and_import_pass_the_schema(tmp_path):
         read_card(write_tiny(tmp_path, f"t-{timm_class}", timm_class=timm_class, anchoring="full"))
 
 
-def test_options_table_in_docs_is_generated():
+SECURITY_DOC = ROOT / "docs" / "security.md"
+
+
+def doc_tables(tmp: Path) -> dict:
+    """marker name → the Markdown table docs/security.md must hold between its markers."""
     from equishift.options import options_table
 
-    text = (ROOT / "docs" / "security.md").read_text()
-    start, end = "<!-- section:options-table -->", "<!-- /section:options-table -->"
-    assert start in text and end in text
-    assert text.split(start)[1].split(end)[0].strip() == options_table().strip()
+    return {"options-table": options_table(), "weights-corpus-table": expectation_table(weights_cases(tmp))}
+
+
+def _between(text: str, name: str) -> str:
+    start, end = f"<!-- section:{name} -->", f"<!-- /section:{name} -->"
+    assert start in text and end in text, name
+    return text.split(start)[1].split(end)[0].strip()
+
+
+def test_security_doc_tables_are_current(tmp_path):
+    text = SECURITY_DOC.read_text()
+    for name, table in doc_tables(tmp_path).items():
+        assert _between(text, name) == table.strip(), f"run python tests/test_weights_corpus.py --write ({name})"
 
 
 def test_spec_parts_are_checked_without_building():
@@ -81,3 +95,17 @@ def test_spec_parts_are_checked_without_building():
             parse_spec(bad)
     # A .json path inside a paper spec is the checkpoint, not a card.
     assert parse_spec("paper:polyvit:vit_small_patch16_224@/x/ckpt.json").source == "paper"
+
+
+if __name__ == "__main__":
+    import tempfile
+
+    if "--write" in sys.argv:
+        text = SECURITY_DOC.read_text()
+        with tempfile.TemporaryDirectory() as tmp:
+            for name, table in doc_tables(Path(tmp)).items():
+                start, end = f"<!-- section:{name} -->", f"<!-- /section:{name} -->"
+                head, rest = text.split(start)
+                text = head + start + "\n" + table.strip() + "\n" + end + rest.split(end, 1)[1]
+        SECURITY_DOC.write_text(text)
+        print(f"wrote the tables of {SECURITY_DOC}")
