@@ -158,6 +158,34 @@ def check_options(options: Mapping[str, Any], where: str) -> None:
         key = bad[0] if bad else str(errors[0].path[0])
         raise ModelSpecError(f"{where}: option {key}={short(options.get(key), 40)} is out of range: "
                              f"{OPTIONS[key].describe()} allowed")
+    depths = plain.get("depths")
+    if isinstance(depths, list) and sum(depths) > MAX_TOTAL_DEPTH:
+        raise ModelSpecError(f"{where}: depths={short(depths, 60)} make {sum(depths)} blocks, over the limit of "
+                             f"{MAX_TOTAL_DEPTH}")
+    # Even the meta build takes seconds for thousands of wide blocks: what the options alone prove too big
+    # is refused before it.
+    floor = _params_lower_bound(plain)
+    if floor * 4 > MAX_PARAM_BYTES:
+        raise ModelSpecError(f"{where}: these options make at least {floor / 1e6:,.0f} M parameters "
+                             f"({_gib(floor * 4)} in float32), over the limit of {_gib(MAX_PARAM_BYTES)}; use a "
+                             "smaller model (depth, embed_dim)")
+
+
+MAX_TOTAL_DEPTH = 96  # blocks over all stages; the largest Swin and Twins of timm have 24
+
+
+def _params_lower_bound(kw: Mapping[str, Any]) -> int:
+    """Parameters the given options imply at least: each transformer block holds its attention projections
+    (4·d²) and its MLP (2·ratio·d²). Options not given count as zero, so the bound never over-counts."""
+    if isinstance(kw.get("depths"), list):
+        depths = kw["depths"]
+        dims = kw.get("embed_dims") if isinstance(kw.get("embed_dims"), list) else [kw.get("embed_dim", 0)] * len(depths)
+        ratios = kw.get("mlp_ratios") if isinstance(kw.get("mlp_ratios"), list) else [kw.get("mlp_ratio", 0)] * len(depths)
+    elif isinstance(kw.get("depth"), int):
+        depths, dims, ratios = [kw["depth"]], [kw.get("embed_dim", 0)], [kw.get("mlp_ratio", 0)]
+    else:
+        return 0
+    return int(sum(n * (4 + 2 * r) * d * d for n, d, r in zip(depths, dims, ratios)))
 
 
 # --- the size of a model, before it exists -----------------------------------------------------------
@@ -188,16 +216,17 @@ class _LargestTensor(torch.utils._python_dispatch.TorchDispatchMode):
         return out
 
 
-def estimate_size(build: Callable[[], nn.Module], input_size: Optional[Callable[[nn.Module], Sequence[int]]] = None
-                  ) -> Tuple[nn.Module, SizeEstimate]:
-    """Build with ``build()`` on the meta device and measure: parameter count (× 4 bytes, float32) and, when
-    ``input_size(model)`` gives (C, H, W), the largest tensor of a forward pass on one image. A model that
-    cannot run on meta tensors gets ``largest_activation_bytes=None``."""
+def estimate_size(build: Callable[[], nn.Module], input_size: Optional[Callable[[nn.Module], Sequence[int]]] = None,
+                  max_param_bytes: Optional[int] = None) -> Tuple[nn.Module, SizeEstimate]:
+    """Build with ``build()`` on the meta device and measure: parameters and buffers (× 4 bytes, float32)
+    and, when ``input_size(model)`` gives (C, H, W), the largest tensor of a forward pass on one image. A
+    model that cannot run on meta tensors gets ``largest_activation_bytes=None``; so does one over
+    ``max_param_bytes`` (no forward pass is tried: it is refused anyway)."""
     with torch.device("meta"):
         model = build()
     params = sum(p.numel() for p in model.parameters()) + sum(b.numel() for b in model.buffers())
     largest, op = None, ""
-    if input_size is not None:
+    if input_size is not None and (max_param_bytes is None or params * 4 <= max_param_bytes):
         try:
             c, h, w = (int(v) for v in input_size(model))
             probe = _LargestTensor()
@@ -214,7 +243,7 @@ def check_model_size(build: Callable[[], nn.Module], where: str,
                      max_param_bytes: int = MAX_PARAM_BYTES,
                      max_activation_bytes: int = MAX_ACTIVATION_BYTES) -> SizeEstimate:
     """``estimate_size``, then ModelSpecError naming ``where`` when over either limit."""
-    _, est = estimate_size(build, input_size)
+    _, est = estimate_size(build, input_size, max_param_bytes)
     if est.param_bytes > max_param_bytes:
         raise ModelSpecError(f"{where}: the model would hold {est.params / 1e6:,.0f} M parameters and buffers "
                              f"({_gib(est.param_bytes)} in float32), over the limit of {_gib(max_param_bytes)}; "

@@ -178,6 +178,8 @@ def _options_cases(tmp: Path) -> List[WeightsCase]:
         refused("option twice", "depth=1&depth=2", "more than once"),
         refused("in range, 51 G parameters", "embed_dim=8192&depth=64&num_heads=64",
                 "over the limit of 2.00 GiB"),
+        refused("in range, default depth: 9.7 G parameters (meta estimate)", "embed_dim=8192&num_heads=64",
+                "would hold 9,681 M parameters and buffers"),
         refused("in range, 768 GiB attention map", "img_size=1024&patch_size=2",
                 "over the limit of 1.00 GiB"),
         WeightsCase("options", "vit_huge (631 M parameters) by name", lambda: _load("timm:vit_huge_patch14_224"),
@@ -261,6 +263,12 @@ def _card_cases(tmp: Path) -> List[WeightsCase]:
         case("arch_config in range, 51 G parameters",
              card("ac-big", arch_config={**good["arch_config"], "embed_dim": 8192, "depth": 64, "num_heads": 64}),
              match="over the limit of 2.00 GiB"),
+        case("arch_config default depth: 9.7 G parameters (meta estimate)",
+             card("ac-meta", arch_config={k: v for k, v in good["arch_config"].items() if k != "depth"}
+                  | {"embed_dim": 8192, "num_heads": 64}), match="would hold"),
+        case("Twins arch_config, 8 stages of 64 blocks", card("ac-twins", timm_class="Twins", arch_config=dict(
+            img_size=32, patch_size=4, embed_dims=[8192] * 8, num_heads=[128] * 8, mlp_ratios=[16] * 8, depths=[64] * 8,
+            wss=[4] * 8, sr_ratios=[1] * 8, num_classes=3)), match="512 blocks, over the limit of 96"),
         case("input_size 1024² with patch 1", card("act", input_size=[3, 1024, 1024],
                                                    arch_config={**good["arch_config"], "img_size": 1024,
                                                                 "patch_size": 1}),
