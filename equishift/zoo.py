@@ -269,7 +269,7 @@ def parse_spec(spec: str) -> Spec:
         elif head.startswith("anchored[") and head.endswith("]"):
             anchoring = head[len("anchored["):-1]
             if anchoring not in ANCHOR_MODES:
-                raise ModelSpecError(f"{_show(spec)}: unknown anchoring mode {anchoring!r}; choose one of "
+                raise ModelSpecError(f"{_show(spec)}: unknown anchoring mode {short(anchoring, 40)}; choose one of "
                                      f"{', '.join(ANCHOR_MODES)}")
         else:
             raise ModelSpecError(f"{_show(spec)}: write 'anchored:' or 'anchored[MODE]:'; {_spec_help()}")
@@ -473,14 +473,17 @@ def _weights_file(name: str, root: Path, max_bytes: int = MAX_WEIGHT_BYTES) -> P
 def _sha256(path: Path, max_bytes: Optional[int] = None) -> str:
     """sha256 of a regular file, reading at most ``max_bytes`` (checked on the open file, before hashing)."""
     h = hashlib.sha256()
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError as e:
+        raise CheckpointError(f"{Path(path).name}: cannot open it ({e.strerror or type(e).__name__})") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or (max_bytes is not None and st.st_size > max_bytes):
+        os.close(fd)
+        why = "not a regular file" if not stat.S_ISREG(st.st_mode) else (
+            f"{st.st_size} bytes, over the limit of {max_bytes}")
+        raise CheckpointError(f"{Path(path).name}: {why}; refused before hashing")
     with os.fdopen(fd, "rb") as f:
-        st = os.fstat(f.fileno())
-        if not stat.S_ISREG(st.st_mode):
-            raise CheckpointError(f"{Path(path).name}: not a regular file; refused before hashing")
-        if max_bytes is not None and st.st_size > max_bytes:
-            raise CheckpointError(f"{Path(path).name}: {st.st_size} bytes, over the limit of {max_bytes}; "
-                                  "refused before hashing")
         read = 0
         for block in iter(lambda: f.read(1 << 20), b""):
             read += len(block)
