@@ -505,6 +505,9 @@ def run_case(case: WeightsCase, seconds: float = CASE_SECONDS, max_bytes: int = 
         os.close(read_fd)
         result: dict = {}
         start_rss = _status_bytes("VmRSS")
+        # One thread: the child of a process whose OpenMP pool has run would otherwise wait forever on
+        # pool threads that fork did not copy.
+        torch.set_num_threads(1)
         try:
             resource.setrlimit(resource.RLIMIT_AS, (base_vm + max_bytes, base_vm + max_bytes))
             try:
@@ -582,8 +585,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     import importlib
 
     cls, tmp = (argv or sys.argv[1:])[:2]
-    # One thread: a forked child of a process whose OpenMP pool has run would wait on threads it lacks.
-    torch.set_num_threads(1)
     # Imported before the forks: the children share them instead of importing them each time.
     for module in ("timm", "equishift.zoo", "equishift.paper") + (("dashboard.sources",) if cls in ("spec", "upload")
                                                                    else ()):
