@@ -83,12 +83,12 @@ def default_sample() -> Optional[Path]:
 
 
 def _timm_spec(name: str, options: str, pretrained: bool = False, path: Optional[str] = None) -> str:
-    """The spec of the timm boxes. The name and options boxes are parts of one spec string: an '@' (or a
-    '?' in the name) typed there would start a weights path of its own, so they are refused; the options
-    themselves are checked by equishift.zoo.parse_spec (whitelist and ranges) like any spec's."""
-    if any(c in name for c in "@?&=") or "@" in options:
-        raise EquishiftError("the timm name and constructor options boxes may not contain '@' (and the name no "
-                             "'?', '&' or '='): a weights file goes in its own box")
+    """The spec of the timm boxes. The name and options boxes are parts of one spec string: an '@' typed
+    there would start a weights path of its own (or an empty one), so it is refused. Options (also written
+    after the name, ``NAME?img_size=64``) are checked by equishift.zoo.parse_spec like any spec's."""
+    if "@" in name or "@" in options:
+        raise EquishiftError("the timm name and constructor options boxes may not contain '@': a weights file "
+                             "goes in its own box")
     query = "pretrained" if pretrained else options.strip().lstrip("?")
     return f"timm:{name.strip()}" + (f"?{query}" if query else "") + (f"@{path}" if path else "")
 
@@ -301,9 +301,9 @@ def _paper_spec(side: str) -> Optional[str]:
             return None
     if not name.strip() or not path:
         return None
-    if any(c in name for c in "@?&=") or "@" in options:
-        st.sidebar.error("the timm layout and constructor options boxes may not contain '@' (and the layout no "
-                         "'?', '&' or '='): the checkpoint goes in its own box")
+    if "@" in name or "@" in options:
+        st.sidebar.error("the timm layout and constructor options boxes may not contain '@': the checkpoint goes "
+                         "in its own box")
         return None
     query = f"?{options.strip()}" if options.strip() else ""
     return f"paper:{arch}:{name.strip()}{query}@{path}"
