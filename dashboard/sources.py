@@ -7,11 +7,14 @@ every failure happens later in one place and is shown as an ``st.error``. The on
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import os
 import re
 import shutil
+import stat
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,11 +24,12 @@ import streamlit as st
 
 from equishift.errors import EquishiftError
 from equishift.images import invert, load_image
+from equishift.options import short
 from equishift.zoo import list_models
 
 __all__ = ["DEFAULT_BASELINE", "DEFAULT_ANCHORED", "SHIFT_MODES", "UPLOAD_TYPES", "ImageChoice",
            "sample_images", "default_sample", "model_picker", "mode_picker", "image_picker", "invert_key", "toggle_invert",
-           "decoded_image"]
+           "decoded_image", "upload_dir", "clean_uploads"]
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_BASELINE = "zoo:fmnist-vit-baseline"
@@ -38,7 +42,6 @@ ANCHOR_MODES = ("full", "pos-only", "patch-only")
 _SOURCES = ("Zoo", "timm name", "Local checkpoint", "Upload safetensors", "Paper checkpoint")
 # Widgets whose value lives in the page URL too (?baseline_zoo=…&shift_mode=…): a view can be shared.
 LINK = "query-params"
-_UPLOAD_DIR = Path(tempfile.gettempdir()) / "equishift-uploads"
 
 
 @dataclass(frozen=True)
@@ -80,57 +83,157 @@ def default_sample() -> Optional[Path]:
 
 
 def _timm_spec(name: str, options: str, pretrained: bool = False, path: Optional[str] = None) -> str:
+    """The spec of the timm boxes. The name and options boxes are parts of one spec string: an '@' typed
+    there would start a weights path of its own (or an empty one), so it is refused. Options (also written
+    after the name, ``NAME?img_size=64``) are checked by equishift.zoo.parse_spec like any spec's."""
+    if "@" in name or "@" in options:
+        raise EquishiftError("the timm name and constructor options boxes may not contain '@': a weights file "
+                             "goes in its own box")
     query = "pretrained" if pretrained else options.strip().lstrip("?")
     return f"timm:{name.strip()}" + (f"?{query}" if query else "") + (f"@{path}" if path else "")
 
 
-def _saved_upload(data: bytes, name: str) -> str:
-    """Write an uploaded weights file as <sha256>/<its own name>: the same bytes give the same spec (a
-    cache hit), and error messages name the file the user uploaded.
+# --- the upload store --------------------------------------------------------------------------------
+# Uploaded weights are written to a folder of this server process: made by mkdtemp (mode 0700, a name
+# nobody can predict), checked on every use (a real folder, ours, private), and each file is checked
+# again before it is handed out (see _verified). A fixed shared path such as <tmp>/equishift-uploads
+# could be created, or filled, by another local user before the server starts.
+_UPLOAD_DIR: Optional[Path] = None
+_UPLOAD_LOCK = threading.Lock()
 
-    Each writer uses its own temporary file and an atomic rename, so two sessions uploading the same
-    file at once never read (or rename) each other's half-written copy. Folders not used for a day are
-    pruned (weights that are still loaded live in memory, not in the file)."""
-    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(name).name).lstrip(".") or "weights.safetensors"
-    folder = _UPLOAD_DIR / hashlib.sha256(data).hexdigest()[:32]
-    path = folder / safe
+
+def upload_dir() -> Path:
+    """The private upload folder of this process (created on first use)."""
+    global _UPLOAD_DIR
+    with _UPLOAD_LOCK:
+        if _UPLOAD_DIR is None:
+            _UPLOAD_DIR = Path(tempfile.mkdtemp(prefix="equishift-uploads-"))
+        d = Path(_UPLOAD_DIR)
+        d.mkdir(mode=0o700, parents=True, exist_ok=True)  # an OSError is reported by the caller, with the file
+        _check_private(d)
+        return d
+
+
+def _check_private(d: Path) -> None:
+    st = os.lstat(d)
+    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
+        raise EquishiftError(f"the upload folder {d} is not a folder (a link or a file); refused")
+    if st.st_uid != os.getuid():
+        raise EquishiftError(f"the upload folder {d} belongs to another user (uid {st.st_uid}); refused")
+    if st.st_mode & 0o077:
+        os.chmod(d, 0o700)  # ours: make it private before anything is written into it
+
+
+def _verified(path: Path, sha256: str, size: int) -> bool:
+    """True when ``path`` is a regular file (not a link) of this process's user holding exactly the bytes
+    whose hash is ``sha256``: only then may an existing entry stand in for the upload."""
     try:
-        if path.exists():
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:  # missing, a link (ELOOP), unreadable
+        return False
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid() or st.st_size != size:
+        os.close(fd)  # (a folder, a FIFO, someone else's file, other bytes)
+        return False
+    with os.fdopen(fd, "rb") as f:
+        h = hashlib.sha256()
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest() == sha256
+
+
+def _fresh_folder(folder: Path) -> None:
+    """``folder`` as a real folder of ours, whatever stood under its name (a link, a file) removed."""
+    try:
+        st = os.lstat(folder)
+    except FileNotFoundError:
+        folder.mkdir(mode=0o700, exist_ok=True)
+        st = os.lstat(folder)
+    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
+        folder.unlink()
+        folder.mkdir(mode=0o700)
+    elif st.st_uid != os.getuid():
+        raise OSError(errno.EPERM, f"{folder.name} belongs to another user")
+
+
+def _saved_upload(data: bytes, name: str) -> str:
+    """Write an uploaded weights file as <sha256>/<its own name> in the upload folder: the same bytes give
+    the same spec (a cache hit), and error messages name the file the user uploaded.
+
+    An entry already there is returned only after _verified (our regular file, these exact bytes);
+    anything else under that name is replaced. Each writer uses its own temporary file and an atomic
+    rename, so two sessions uploading the same file at once never read (or rename) each other's
+    half-written copy. Folders not used for a day are pruned (weights that are still loaded live in
+    memory, not in the file)."""
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(name).name).lstrip(".")[:200] or "weights.safetensors"
+    digest = hashlib.sha256(data).hexdigest()
+    try:
+        root = upload_dir()
+        folder = root / digest[:32]
+        path = folder / safe
+        if _verified(path, digest, len(data)):
             try:
                 os.utime(folder)  # in use: keep it through the next prune (best effort)
             except OSError:
                 pass
-            if path.exists():  # (a prune elsewhere may have just removed it: then write it again)
+            if _verified(path, digest, len(data)):  # (a prune elsewhere may have just removed it)
                 return str(path)
-        folder.mkdir(parents=True, exist_ok=True)
+        _fresh_folder(folder)
         fd, tmp = tempfile.mkstemp(dir=folder, prefix=".part-")
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path)  # a folder planted under the file's name
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
     except OSError as e:
-        raise EquishiftError(f"cannot store the uploaded file {name!r} in {_UPLOAD_DIR}: {e.strerror or e}") from e
+        where = _UPLOAD_DIR if _UPLOAD_DIR is not None else "the upload folder"
+        raise EquishiftError(f"cannot store the uploaded file {short(name, 80)} in {where}: {e.strerror or e}"
+                             ) from e
     _prune_uploads(keep=folder)
     return str(path)
 
 
-def _prune_uploads(keep: Path, max_age_s: float = 24 * 3600) -> None:
+def _prune_uploads(keep: Optional[Path] = None, max_age_s: float = 24 * 3600) -> None:
     """Remove upload folders untouched for ``max_age_s`` (best effort: a race with another session
     removing the same folder, or a file in use, is not an error)."""
     now = time.time()
     try:
-        folders = list(_UPLOAD_DIR.iterdir())
-    except OSError:
+        folders = list(upload_dir().iterdir())
+    except (OSError, EquishiftError):
         return
     for d in folders:
         try:
-            if d != keep and d.is_dir() and now - d.stat().st_mtime > max_age_s:
-                shutil.rmtree(d, ignore_errors=True)
+            st = os.lstat(d)
+            if d != keep and now - st.st_mtime > max_age_s:
+                if stat.S_ISDIR(st.st_mode):
+                    shutil.rmtree(d, ignore_errors=True)
+                else:
+                    d.unlink()
         except OSError:
             continue
+
+
+def clean_uploads(max_age_s: Optional[float] = None) -> None:
+    """Remove uploaded weights: all of them and the folder itself (``max_age_s=None``: when the server
+    stops), or the entries untouched for ``max_age_s`` seconds (a periodic clean-up). Models already
+    loaded are in memory and unaffected; a later upload makes a new folder."""
+    global _UPLOAD_DIR
+    if max_age_s is not None:
+        _prune_uploads(max_age_s=max_age_s)
+        return
+    with _UPLOAD_LOCK:
+        d, _UPLOAD_DIR = _UPLOAD_DIR, None
+    if d is not None:
+        try:
+            st = os.lstat(d)
+        except OSError:
+            return
+        if stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid():
+            shutil.rmtree(d, ignore_errors=True)
 
 
 def _source_spec(side: str, source: str, default_zoo: str) -> Optional[str]:
@@ -154,15 +257,16 @@ def _source_spec(side: str, source: str, default_zoo: str) -> Optional[str]:
     options = "" if pretrained else st.sidebar.text_input(
         "constructor options", value="", key=f"{side}_options", bind=LINK, placeholder="img_size=32&patch_size=4&num_classes=10",
         help="timm.create_model keyword arguments, key=value joined by &.")
-    if source == "timm name":
-        return _timm_spec(name, options, pretrained=pretrained)
-    if source == "Local checkpoint":
-        path = st.sidebar.text_input("weights file (.safetensors or weights-only .pth)", key=f"{side}_path")
-        return _timm_spec(name, options, path=path.strip()) if path.strip() else None
-    up = st.sidebar.file_uploader("weights (.safetensors)", type=["safetensors"], key=f"{side}_upload")
-    if up is None:
-        return None
     try:
+        if source == "timm name":
+            return _timm_spec(name, options, pretrained=pretrained)
+        if source == "Local checkpoint":
+            path = st.sidebar.text_input("weights file (.safetensors or weights-only .pth)", key=f"{side}_path")
+            return _timm_spec(name, options, path=path.strip()) if path.strip() else None
+        up = st.sidebar.file_uploader("weights (.safetensors)", type=["safetensors"], key=f"{side}_upload")
+        if up is None:
+            return None
+        _timm_spec(name, options)  # the boxes first: no upload is stored for a spec that cannot be
         return _timm_spec(name, options, path=_saved_upload(up.getvalue(), up.name))
     except EquishiftError as e:
         st.sidebar.error(str(e))
@@ -196,6 +300,10 @@ def _paper_spec(side: str) -> Optional[str]:
             st.sidebar.error(str(e))
             return None
     if not name.strip() or not path:
+        return None
+    if "@" in name or "@" in options:
+        st.sidebar.error("the timm layout and constructor options boxes may not contain '@': the checkpoint goes "
+                         "in its own box")
         return None
     query = f"?{options.strip()}" if options.strip() else ""
     return f"paper:{arch}:{name.strip()}{query}@{path}"

@@ -336,8 +336,16 @@ def paper_model(arch: str, timm_name: str, num_classes: int = 1000, **kwargs) ->
         raise ModelSpecError(f"unknown timm model {timm_name!r} for {arch}; e.g. {spec.timm_hint}")
     if not spec.name_filter(base):
         raise ModelSpecError(f"{arch} needs a timm name like {spec.timm_hint}; got {timm_name!r}")
+    from .options import check_model_size, check_options
+    from .zoo import _model_input_size
+
+    check_options(dict(kwargs, num_classes=num_classes), f"{arch}:{base}")
     try:
+        check_model_size(lambda: timm.create_model(base, pretrained=False, num_classes=num_classes, **kwargs),
+                         f"{arch}:{base}", input_size=_model_input_size)
         model = timm.create_model(base, pretrained=False, num_classes=num_classes, **kwargs)
+    except ModelSpecError:
+        raise
     except (TypeError, ValueError, RuntimeError, AssertionError) as e:
         raise ModelSpecError(f"timm cannot build {base!r}: {e}") from None
     if type(model).__name__ != spec.timm_class:

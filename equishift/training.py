@@ -389,8 +389,10 @@ def attach_metrics(card_path: Path, limit: Optional[int] = None, progress: bool 
     from . import evaluation
     from .zoo import load_model
 
+    from .cards import read_card
+
     card_path = Path(card_path)
-    card = json.loads(card_path.read_text())
+    card = read_card(card_path)  # the same checks as every card load (size, depth, schema)
     spec = f"zoo:{card['name']}" if card_path.parent.resolve() == MODELS_DIR.resolve() else str(card_path)
     loaded = load_model(spec)
     result = evaluation.evaluate(loaded, card["dataset"], "all", limit=limit, progress=progress)
@@ -463,6 +465,11 @@ def run(args: argparse.Namespace) -> int:
         raise ModelSpecError(f"--arch-config is not valid JSON: {e}")
     if not isinstance(arch_config, dict):
         raise ModelSpecError("--arch-config must be a JSON object of constructor kwargs")
+    from .options import check_options
+
+    # The card this run writes must load again: its arch_config is held to the same whitelist, so an
+    # option outside it is refused now rather than after the training.
+    check_options(arch_config, "--arch-config")
     cfg = TrainConfig(name=args.name, arch=args.arch, arch_config=arch_config, anchoring=args.anchoring,
                       init=args.init, dataset=args.dataset, epochs=args.epochs, batch_size=args.batch_size,
                       lr=args.lr, weight_decay=args.weight_decay, warmup_steps=args.warmup_steps,

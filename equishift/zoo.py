@@ -26,7 +26,9 @@ import difflib
 import hashlib
 import json
 import os
+import re
 import socket
+import stat
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +41,7 @@ from torch import nn
 
 from .device import default_device
 from .errors import CheckpointError, ModelSpecError, shorten
+from .options import check_model_size, check_options, short
 
 __all__ = ["LoadedModel", "load_model", "list_models", "parse_spec", "zoo_dir", "add_arguments", "run"]
 
@@ -235,7 +238,13 @@ def _literal(text: str) -> Any:
     return text
 
 
-MAX_SPEC_CHARS = 4096   # a spec is a name, a few options and a path (PATH_MAX): never longer
+MAX_SPEC_CHARS = 4096   # PATH_MAX on Linux: any real path fits, with its options
+_TIMM_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,199}")
+
+
+def _show(spec: Any) -> str:
+    """The spec as an error message quotes it: cut to 120 characters (a 1 MB spec is never echoed)."""
+    return short(spec, 120)
 
 
 def _check_path_length(spec: str, path: str) -> None:
@@ -248,55 +257,74 @@ def _check_path_length(spec: str, path: str) -> None:
 
 def parse_spec(spec: str) -> Spec:
     """``[anchored[MODE]:](zoo:NAME | timm:NAME[?pretrained|?seed=N|?k=v&k=v][@PATH])`` -> Spec. Random
-    timm weights (no ``?pretrained``, no ``@PATH``) are drawn from ``seed`` (default 0)."""
+    timm weights (no ``?pretrained``, no ``@PATH``) are drawn from ``seed`` (default 0).
+
+    Constructor options are checked against ``equishift.options.OPTIONS`` here (names, types, ranges);
+    the size of the model they make is checked when it is built."""
     if not isinstance(spec, str) or not spec.strip():
-        raise ModelSpecError(f"a model spec must be a non-empty string, got {shorten(repr(spec), 80)}; "
-                             f"{_spec_help()}")
-    if len(spec) > MAX_SPEC_CHARS:   # every message below quotes the spec: never echo a huge one
-        raise ModelSpecError(f"{shorten(spec, 80)!r}: a model spec of {len(spec):,} characters, over the limit "
-                             f"of {MAX_SPEC_CHARS:,} (MAX_SPEC_CHARS); {_spec_help()}")
+        raise ModelSpecError(f"a model spec must be a non-empty string, got {_show(spec)}; {_spec_help()}")
+    if len(spec) > MAX_SPEC_CHARS:
+        raise ModelSpecError(f"model spec {_show(spec)} is {len(spec)} characters, over the limit of "
+                             f"{MAX_SPEC_CHARS} (MAX_SPEC_CHARS)")
     rest = spec.strip()
     anchoring = "none"
     if rest.startswith("anchored"):
         head, sep, rest = rest.partition(":")
         if not sep:
-            raise ModelSpecError(f"{spec!r}: 'anchored' must be followed by ':' and a spec; {_spec_help()}")
+            raise ModelSpecError(f"{_show(spec)}: 'anchored' must be followed by ':' and a spec; {_spec_help()}")
         if head == "anchored":
             anchoring = "full"
         elif head.startswith("anchored[") and head.endswith("]"):
             anchoring = head[len("anchored["):-1]
             if anchoring not in ANCHOR_MODES:
-                raise ModelSpecError(f"{spec!r}: unknown anchoring mode {anchoring!r}; choose one of "
+                raise ModelSpecError(f"{_show(spec)}: unknown anchoring mode {short(anchoring, 40)}; choose one of "
                                      f"{', '.join(ANCHOR_MODES)}")
         else:
-            raise ModelSpecError(f"{spec!r}: write 'anchored:' or 'anchored[MODE]:'; {_spec_help()}")
+            raise ModelSpecError(f"{_show(spec)}: write 'anchored:' or 'anchored[MODE]:'; {_spec_help()}")
         if rest.startswith("anchored"):
-            raise ModelSpecError(f"{spec!r}: a model can be anchored only once")
-    if rest.endswith(".json") and not rest.startswith(("zoo:", "timm:")):
+            raise ModelSpecError(f"{_show(spec)}: a model can be anchored only once")
+    if rest.endswith(".json") and not rest.startswith(("zoo:", "timm:", "paper:")):
         _check_path_length(spec, rest)
         return Spec("zoo", rest, anchoring)  # a card file anywhere: NAME.json next to NAME.safetensors
     source, sep, body = rest.partition(":")
     if not sep or source not in ("zoo", "timm", "paper") or not body:
-        raise ModelSpecError(f"unknown model spec {spec!r}; {_spec_help()}")
+        raise ModelSpecError(f"unknown model spec {_show(spec)}; {_spec_help()}")
     if source == "zoo":
         _check_path_length(spec, body)
         return Spec("zoo", body, anchoring)
     if source == "paper":
         return _parse_paper(spec, body, anchoring)
-    name, _, path = body.partition("@")
+    name, at, path = body.partition("@")
     name, _, query = name.partition("?")
+    if at and not path.strip():
+        # "timm:NAME?…@" reads as "weights from a file": loading random weights instead would pass
+        # unnoticed (the page shows predictions either way).
+        raise ModelSpecError(f"{_show(spec)}: '@' must be followed by a weights file path; drop the '@' for "
+                             f"random weights")
     pretrained, kwargs = _query(spec, query)
     if pretrained and path:
-        raise ModelSpecError(f"{spec!r}: choose either '?pretrained' or '@PATH', not both")
+        raise ModelSpecError(f"{_show(spec)}: choose either '?pretrained' or '@PATH', not both")
     if not name:
-        raise ModelSpecError(f"{spec!r}: missing the timm model name; {_spec_help()}")
+        raise ModelSpecError(f"{_show(spec)}: missing the timm model name; {_spec_help()}")
+    if not _TIMM_NAME.fullmatch(name):
+        raise ModelSpecError(f"{_show(spec)}: {short(name, 60)} is not a timm model name (letters, digits, "
+                             f"'_', '.', '-'; at most 200)")
     seeds = [v for k, v in kwargs if k == "seed"]
     kwargs = [(k, v) for k, v in kwargs if k != "seed"]
+    check_options(_unique(spec, kwargs), _show(spec))
     if len(seeds) > 1 or seeds and (not isinstance(seeds[0], int) or isinstance(seeds[0], bool) or seeds[0] < 0):
-        raise ModelSpecError(f"{spec!r}: seed must be one non-negative integer, got {', '.join(map(str, seeds))}")
+        raise ModelSpecError(f"{_show(spec)}: seed must be one non-negative integer, got {', '.join(map(str, seeds))}")
     if seeds and (pretrained or path):
-        raise ModelSpecError(f"{spec!r}: ?seed= chooses random weights; it cannot go with '?pretrained' or '@PATH'")
+        raise ModelSpecError(f"{_show(spec)}: ?seed= chooses random weights; it cannot go with '?pretrained' or '@PATH'")
     return Spec("timm", name, anchoring, pretrained, path or None, tuple(kwargs), seeds[0] if seeds else 0)
+
+
+def _unique(spec: str, kwargs: List[Tuple[str, Any]]) -> Dict[str, Any]:
+    keys = [k for k, _ in kwargs]
+    twice = sorted({k for k in keys if keys.count(k) > 1})
+    if twice:
+        raise ModelSpecError(f"{_show(spec)}: option(s) {', '.join(twice)} given more than once")
+    return dict(kwargs)
 
 
 def _query(spec: str, query: str) -> Tuple[bool, List[Tuple[str, Any]]]:
@@ -309,7 +337,8 @@ def _query(spec: str, query: str) -> Tuple[bool, List[Tuple[str, Any]]]:
         elif eq and key.isidentifier():
             kwargs.append((key, _literal(value)))
         else:
-            raise ModelSpecError(f"{spec!r}: cannot read {item!r}; write '?pretrained' or '?key=value&…'")
+            raise ModelSpecError(f"{_show(spec)}: cannot read {short(item, 60)}; write '?pretrained' or "
+                                 "'?key=value&…'")
     return pretrained, kwargs
 
 
@@ -322,15 +351,19 @@ def _parse_paper(spec: str, body: str, anchoring: str) -> Spec:
     head, _, query = head.partition("?")
     pretrained, kwargs = _query(spec, query)
     if pretrained:
-        raise ModelSpecError(f"{spec!r}: '?pretrained' does not apply to a paper checkpoint (its weights are @PATH)")
+        raise ModelSpecError(f"{_show(spec)}: '?pretrained' does not apply to a paper checkpoint (its weights are @PATH)")
     arch, colon, name = head.partition(":")
     if anchoring != "none":
-        raise ModelSpecError(f"{spec!r}: a paper checkpoint is anchored already; drop the anchored: prefix")
+        raise ModelSpecError(f"{_show(spec)}: a paper checkpoint is anchored already; drop the anchored: prefix")
     if not colon or not name or not at or not path:
-        raise ModelSpecError(f"{spec!r}: write paper:ARCH:TIMM_NAME@PATH, e.g. "
+        raise ModelSpecError(f"{_show(spec)}: write paper:ARCH:TIMM_NAME@PATH, e.g. "
                              f"paper:polyvit:vit_small_patch16_224@ckpt_epoch_299.pth")
     if arch not in ARCHS:
-        raise ModelSpecError(f"{spec!r}: unknown paper architecture {arch!r}; choose one of {', '.join(ARCHS)}")
+        raise ModelSpecError(f"{_show(spec)}: unknown paper architecture {short(arch, 40)}; choose one of "
+                             f"{', '.join(ARCHS)}")
+    if not _TIMM_NAME.fullmatch(name):
+        raise ModelSpecError(f"{_show(spec)}: {short(name, 60)} is not a timm model name")
+    check_options(_unique(spec, kwargs), _show(spec))
     return Spec("paper", f"{arch}:{name}", "none", False, path, tuple(kwargs))
 
 
@@ -387,12 +420,12 @@ def _anchor(model: nn.Module, card: Dict[str, Any], mode: str, spec: str):
     from .anchoring import anchorize, anchoring_mode
 
     if anchoring_mode(model) != "none":
-        raise ModelSpecError(f"{spec!r}: the model is already anchored ({anchoring_mode(model)}); "
+        raise ModelSpecError(f"{_show(spec)}: the model is already anchored ({anchoring_mode(model)}); "
                              f"drop the anchored: prefix")
     try:
         model = anchorize(model, mode, pos_init="zeros")
     except (TypeError, ValueError) as e:
-        raise ModelSpecError(f"{spec!r}: {e}") from None
+        raise ModelSpecError(f"{_show(spec)}: {e}") from None
     from .anchoring import anchor_options, anchor_sites
 
     card = dict(card, anchoring=mode, untrained=True, anchoring_untrained=True,
@@ -405,31 +438,74 @@ def _anchor(model: nn.Module, card: Dict[str, Any], mode: str, spec: str):
 
 
 def _read_card(name: str, root: Path) -> Dict[str, Any]:
+    """The card ``root/NAME.json``, validated (``equishift.cards``: size, depth, schema)."""
+    from .cards import read_card
+
     card_path = root / f"{name}.json"
-    if "/" in name or "\\" in name or name.startswith(".") or not card_path.is_file():
-        found = list_models(root)
-        raise ModelSpecError(f"unknown zoo model {name!r} (looked in {root}); available: "
-                             + (", ".join(found) or "none — the zoo folder is empty"))
     try:
-        card = json.loads(card_path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ModelSpecError(f"model card {card_path} is not valid JSON: {e}") from None
-    missing = [k for k in ("timm_class", "arch_config", "classes", "input_size", "mean", "std")
-               if k not in card]
-    if missing:
-        raise ModelSpecError(f"model card {card_path} lacks {', '.join(missing)}")
-    if card["timm_class"] not in TIMM_CLASSES:
-        raise ModelSpecError(f"model card {card_path}: timm_class must be one of {', '.join(TIMM_CLASSES)}, "
-                             f"got {card['timm_class']!r}")
-    return card
+        # exists, not is_file: a FIFO or a device under a card's name is named as such by read_card
+        exists = card_path.exists()
+    except OSError:  # a name over the file system's limit (ENAMETOOLONG), a loop of links
+        exists = False
+    if "/" in name or "\\" in name or name.startswith(".") or not exists:
+        found = list_models(root)
+        shown = ", ".join(found[:20]) + (f" and {len(found) - 20} more" if len(found) > 20 else "")
+        raise ModelSpecError(f"unknown zoo model {short(name, 80)} (looked in {short(str(root), 200)}); available: "
+                             + (shown or "none — the zoo folder is empty"))
+    return read_card(card_path)
 
 
-def _sha256(path: Path) -> str:
+def _weights_file(name: str, root: Path, max_bytes: int = MAX_WEIGHT_BYTES) -> Path:
+    """``root/NAME.safetensors`` when it is a regular file of at most ``max_bytes``, reached without leaving
+    the zoo folder (a link is followed only to a regular file inside it): a link to /dev/zero or to a
+    huge file elsewhere is refused before anything is read."""
+    weights = root / f"{name}.safetensors"
+    try:
+        if weights.is_symlink():
+            target = weights.resolve(strict=True)
+            if not target.is_relative_to(root.resolve(strict=True)):
+                raise CheckpointError(f"zoo model {name!r}: {weights.name} is a link to a file outside the zoo "
+                                      f"folder {short(str(root), 200)}; refused")
+        st = weights.stat()
+    except FileNotFoundError:
+        raise CheckpointError(f"zoo model {name!r}: weights file {short(str(weights), 200)} is missing") from None
+    except (OSError, RuntimeError) as e:  # RuntimeError: a loop of links (resolve)
+        raise CheckpointError(f"zoo model {name!r}: cannot read {weights.name} ({getattr(e, 'strerror', None) or e})"
+                              ) from None
+    if not stat.S_ISREG(st.st_mode):
+        raise CheckpointError(f"zoo model {name!r}: {weights.name} is not a regular file")
+    if st.st_size > max_bytes:
+        raise CheckpointError(f"zoo model {name!r}: {weights.name} is {st.st_size / 2**20:.1f} MiB, over the limit "
+                              f"of {max_bytes / 2**20:.0f} MiB; refused before hashing")
+    return weights
+
+
+def _sha256(path: Path, max_bytes: Optional[int] = None) -> str:
+    """sha256 of a regular file, reading at most ``max_bytes`` (checked on the open file, before hashing)."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError as e:
+        raise CheckpointError(f"{Path(path).name}: cannot open it ({e.strerror or type(e).__name__})") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or (max_bytes is not None and st.st_size > max_bytes):
+        os.close(fd)
+        why = "not a regular file" if not stat.S_ISREG(st.st_mode) else (
+            f"{st.st_size} bytes, over the limit of {max_bytes}")
+        raise CheckpointError(f"{Path(path).name}: {why}; refused before hashing")
+    with os.fdopen(fd, "rb") as f:
+        read = 0
         for block in iter(lambda: f.read(1 << 20), b""):
+            read += len(block)
+            if max_bytes is not None and read > max_bytes:  # grew while being read
+                raise CheckpointError(f"{Path(path).name}: grew past {max_bytes} bytes while being hashed")
             h.update(block)
     return h.hexdigest()
+
+
+def _identity(path: Path) -> Tuple[int, int, int, int]:
+    st = path.stat()
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def _load_zoo(name: str, root: Path):
@@ -437,11 +513,11 @@ def _load_zoo(name: str, root: Path):
     from .checkpoint import apply_weights, load_weights
 
     card = _read_card(name, root)
-    weights = root / f"{name}.safetensors"
-    if not weights.is_file():
-        raise CheckpointError(f"zoo model {name!r}: weights file {weights} is missing")
-    want = card.get("weights_sha256")
-    if want and _sha256(weights) != want:
+    weights = _weights_file(name, root)
+    before = _identity(weights)
+    # The card's schema requires weights_sha256: the hash is what ties the card to these exact weights
+    # (see docs/security.md, "Zoo cards").
+    if _sha256(weights, MAX_WEIGHT_BYTES) != card["weights_sha256"]:
         raise CheckpointError(f"zoo model {name!r}: {weights.name} does not match the sha256 in its card "
                               f"(the file was modified or is corrupt)")
     model = _build_card_model(card, name)
@@ -450,9 +526,14 @@ def _load_zoo(name: str, root: Path):
         try:
             model = anchorize(model, mode, **card.get("anchor_options", {}))
         except (TypeError, ValueError) as e:
-            raise ModelSpecError(f"zoo model {name!r}: its card's anchoring cannot be rebuilt: {e}") from None
+            raise ModelSpecError(f"zoo model {name!r}: its card's anchoring cannot be rebuilt: {short(str(e), 200)}"
+                                 ) from None
         card["anchors"] = anchor_sites(model)
-    apply_weights(model, load_weights(weights, max_bytes=MAX_WEIGHT_BYTES), strict=True)
+    state = load_weights(weights, max_bytes=MAX_WEIGHT_BYTES)
+    if _identity(weights) != before:
+        # Replaced or rewritten between the hash and the load: what was loaded is not what was checked.
+        raise CheckpointError(f"zoo model {name!r}: {weights.name} changed while it was being loaded; try again")
+    apply_weights(model, state, strict=True)
     card = copy.deepcopy(card)
     card.setdefault("name", name)
     card.setdefault("arch", TIMM_CLASSES[card["timm_class"]])
@@ -467,30 +548,33 @@ def _load_zoo(name: str, root: Path):
 
 def _build_card_model(card: Dict[str, Any], name: str) -> nn.Module:
     """The card's architecture with fresh weights: a timm registry name (``timm_model``, e.g. an
-    imported paper checkpoint) or a whitelisted class built from ``arch_config``."""
+    imported paper checkpoint) or a whitelisted class built from ``arch_config``. The card's schema has
+    held ``arch_config`` to the option whitelist; the size is estimated on the meta device first."""
     import timm
     import timm.models
 
-    kwargs = card["arch_config"]
-    if not isinstance(kwargs, dict):
-        raise ModelSpecError(f"zoo model {name!r}: arch_config must be an object")
-    # Arguments that make timm read files or the network itself would bypass equishift.checkpoint.
-    refused = sorted(set(kwargs) & {"checkpoint_path", "pretrained", "pretrained_cfg", "pretrained_cfg_overlay",
-                                    "cache_dir"})
-    if refused:
-        raise ModelSpecError(f"zoo model {name!r}: arch_config may not set {', '.join(refused)}")
-    try:
-        if card.get("timm_model"):
-            if not isinstance(card["timm_model"], str) or not timm.is_model(card["timm_model"]):
-                raise ModelSpecError(f"zoo model {name!r}: unknown timm model {card['timm_model']!r}")
-            model = timm.create_model(card["timm_model"], pretrained=False, **kwargs)
-            if type(model).__name__ != card["timm_class"]:
-                raise ModelSpecError(f"zoo model {name!r}: {card['timm_model']} is a {type(model).__name__}, "
-                                     f"the card says {card['timm_class']}")
-            return model
+    kwargs = dict(card["arch_config"])
+    check_options(kwargs, f"zoo model {name!r}: arch_config")
+    timm_model = card.get("timm_model")
+    if timm_model and not timm.is_model(timm_model):
+        raise ModelSpecError(f"zoo model {name!r}: unknown timm model {short(timm_model, 60)}")
+
+    def build() -> nn.Module:
+        if timm_model:
+            return timm.create_model(timm_model, pretrained=False, **kwargs)
         return getattr(timm.models, card["timm_class"])(**kwargs)
-    except (TypeError, AssertionError, RuntimeError) as e:
-        raise ModelSpecError(f"zoo model {name!r}: timm cannot build it from its card: {e}") from None
+
+    try:
+        check_model_size(build, f"zoo model {name!r}", input_size=lambda m: card["input_size"])
+        model = build()
+    except (TypeError, AssertionError, RuntimeError, ValueError) as e:
+        if isinstance(e, ModelSpecError):
+            raise
+        raise ModelSpecError(f"zoo model {name!r}: timm cannot build it from its card: {short(str(e), 200)}") from None
+    if timm_model and type(model).__name__ != card["timm_class"]:
+        raise ModelSpecError(f"zoo model {name!r}: {timm_model} is a {type(model).__name__}, "
+                             f"the card says {card['timm_class']}")
+    return model
 
 
 def _timm_names_like(name: str) -> List[str]:
@@ -513,15 +597,34 @@ def _check_timm_name(s: Spec) -> None:
                                                                  else "; see timm.list_models()"))
 
 
+def _model_input_size(model: nn.Module) -> Tuple[int, int, int]:
+    """(C, H, W) the model is fed: timm's data config, with the patch embedding's own size when set
+    (``?img_size=`` changes the model, not its pretrained config)."""
+    from timm.data import resolve_data_config
+
+    from .archs import patch_embedding
+
+    size = list(resolve_data_config({}, model=model)["input_size"])
+    img_size = getattr(patch_embedding(model), "img_size", None)
+    if img_size is not None:
+        size = [size[0], *(int(v) for v in img_size)]
+    return int(size[0]), int(size[1]), int(size[2])
+
+
 def _create_timm(s: Spec, **extra):
     import timm
 
     _check_timm_name(s)
+    check_options(dict(s.kwargs), f"timm:{s.name}")
     kwargs = dict(s.kwargs, **extra)
     try:
+        check_model_size(lambda: timm.create_model(s.name, pretrained=False, **kwargs), f"timm:{s.name}",
+                         input_size=_model_input_size)
         return timm.create_model(s.name, pretrained=False, **kwargs)
+    except ModelSpecError:
+        raise
     except (TypeError, ValueError, RuntimeError, AssertionError) as e:
-        raise ModelSpecError(f"timm cannot build {s.name!r} with {kwargs}: {e}") from None
+        raise ModelSpecError(f"timm cannot build {s.name!r} with {short(kwargs, 200)}: {short(str(e), 200)}") from None
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
@@ -571,6 +674,14 @@ def _load_pretrained(s: Spec):
     from .checkpoint import load_weights
 
     _check_timm_name(s)
+    check_options(dict(s.kwargs), f"timm:{s.name}?pretrained")
+    try:
+        check_model_size(lambda: timm.create_model(s.name, pretrained=False, **dict(s.kwargs)),
+                         f"timm:{s.name}?pretrained", input_size=_model_input_size)
+    except ModelSpecError:
+        raise
+    except (TypeError, ValueError, RuntimeError, AssertionError) as e:
+        raise ModelSpecError(f"timm cannot build {s.name!r}: {short(str(e), 200)}") from None
     path = _hub_file(s)
     if path is None:
         if _offline() or not _hub_reachable():
@@ -647,12 +758,7 @@ def _timm_card(model: nn.Module, s: Spec, untrained: bool) -> Dict[str, Any]:
     from timm.data import resolve_data_config
 
     cfg = resolve_data_config({}, model=model)
-    from .archs import patch_embedding
-
-    img_size = getattr(patch_embedding(model), "img_size", None)
-    if img_size is not None:
-        # The pretrained config keeps the default size; ?img_size=… changes the model, not the config.
-        cfg["input_size"] = (cfg["input_size"][0], *(int(v) for v in img_size))
+    cfg["input_size"] = _model_input_size(model)
     from .sweep import architecture
 
     arch = architecture(model)
