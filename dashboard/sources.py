@@ -23,13 +23,13 @@ from typing import List, Optional, Tuple
 import streamlit as st
 
 from equishift.errors import EquishiftError
-from equishift.images import invert, load_image
+from equishift.images import DEFAULT_MAX_BYTES, invert, load_image
 from equishift.options import short
 from equishift.zoo import list_models
 
 __all__ = ["DEFAULT_BASELINE", "DEFAULT_ANCHORED", "SHIFT_MODES", "UPLOAD_TYPES", "ImageChoice",
            "sample_images", "default_sample", "model_picker", "mode_picker", "image_picker", "invert_key", "toggle_invert",
-           "decoded_image", "upload_dir", "clean_uploads"]
+           "decoded_image", "upload_dir", "clean_uploads", "clean_stale_uploads"]
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_BASELINE = "zoo:fmnist-vit-baseline"
@@ -99,6 +99,11 @@ def _timm_spec(name: str, options: str, pretrained: bool = False, path: Optional
 # again before it is handed out (see _verified). A fixed shared path such as <tmp>/equishift-uploads
 # could be created, or filled, by another local user before the server starts.
 _UPLOAD_DIR: Optional[Path] = None
+# Uploaded weights: at most 100 MiB (2^20 bytes). Streamlit's own limit (.streamlit/config.toml,
+# maxUploadSize = 105) is counted in decimal MB by the browser and in MiB by the server; 105 lets a file of
+# exactly 100 MiB through both, and this limit, named in MiB, is the one a user meets.
+UPLOAD_LIMIT_MIB = 100
+_UPLOAD_PREFIX = "equishift-uploads-"
 _UPLOAD_LOCK = threading.Lock()
 
 
@@ -106,8 +111,8 @@ def upload_dir() -> Path:
     """The private upload folder of this process (created on first use)."""
     global _UPLOAD_DIR
     with _UPLOAD_LOCK:
-        if _UPLOAD_DIR is None:
-            _UPLOAD_DIR = Path(tempfile.mkdtemp(prefix="equishift-uploads-"))
+        if _UPLOAD_DIR is None:  # the pid in the name lets a later server remove it if this one is killed
+            _UPLOAD_DIR = Path(tempfile.mkdtemp(prefix=f"{_UPLOAD_PREFIX}{os.getpid()}-"))
         d = Path(_UPLOAD_DIR)
         d.mkdir(mode=0o700, parents=True, exist_ok=True)  # an OSError is reported by the caller, with the file
         _check_private(d)
@@ -165,6 +170,9 @@ def _saved_upload(data: bytes, name: str) -> str:
     rename, so two sessions uploading the same file at once never read (or rename) each other's
     half-written copy. Folders not used for a day are pruned (weights that are still loaded live in
     memory, not in the file)."""
+    if len(data) > UPLOAD_LIMIT_MIB * 2 ** 20:
+        raise EquishiftError(f"{short(Path(name).name, 80)} is {len(data) / 2 ** 20:.1f} MiB, over the upload limit of "
+                             f"{UPLOAD_LIMIT_MIB} MiB; give a larger file by its path ('Local checkpoint')")
     safe = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(name).name).lstrip(".")[:200] or "weights.safetensors"
     digest = hashlib.sha256(data).hexdigest()
     try:
@@ -223,7 +231,8 @@ def clean_uploads(max_age_s: Optional[float] = None) -> None:
     loaded are in memory and unaffected; a later upload makes a new folder."""
     global _UPLOAD_DIR
     if max_age_s is not None:
-        _prune_uploads(max_age_s=max_age_s)
+        if _UPLOAD_DIR is not None:  # (nothing uploaded yet: no folder to make just to look into)
+            _prune_uploads(max_age_s=max_age_s)
         return
     with _UPLOAD_LOCK:
         d, _UPLOAD_DIR = _UPLOAD_DIR, None
@@ -234,6 +243,37 @@ def clean_uploads(max_age_s: Optional[float] = None) -> None:
             return
         if stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid():
             shutil.rmtree(d, ignore_errors=True)
+
+
+def clean_stale_uploads() -> List[Path]:
+    """Remove the upload folders of this user left in the temp dir by servers that no longer run (a server
+    killed outright cannot clean up after itself); returns them. A folder whose process still runs, or
+    that belongs to another user, is left alone."""
+    removed = []
+    for d in Path(tempfile.gettempdir()).glob(f"{_UPLOAD_PREFIX}*"):
+        m = re.fullmatch(rf"{_UPLOAD_PREFIX}(\d+)-\w+", d.name)
+        try:
+            st = os.lstat(d)
+        except OSError:
+            continue
+        if m is None or not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+            continue
+        pid = int(m.group(1))
+        if pid == os.getpid() or _process_exists(pid):
+            continue
+        shutil.rmtree(d, ignore_errors=True)
+        removed.append(d)
+    return removed
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. EPERM: it exists, under another user
+        return True
+    return True
 
 
 def _source_spec(side: str, source: str, default_zoo: str) -> Optional[str]:
@@ -263,7 +303,8 @@ def _source_spec(side: str, source: str, default_zoo: str) -> Optional[str]:
         if source == "Local checkpoint":
             path = st.sidebar.text_input("weights file (.safetensors or weights-only .pth)", key=f"{side}_path")
             return _timm_spec(name, options, path=path.strip()) if path.strip() else None
-        up = st.sidebar.file_uploader("weights (.safetensors)", type=["safetensors"], key=f"{side}_upload")
+        up = st.sidebar.file_uploader(f"weights (.safetensors, ≤ {UPLOAD_LIMIT_MIB} MiB)", type=["safetensors"],
+                                      key=f"{side}_upload")
         if up is None:
             return None
         _timm_spec(name, options)  # the boxes first: no upload is stored for a spec that cannot be
@@ -291,7 +332,8 @@ def _paper_spec(side: str) -> Optional[str]:
     if how == "path":
         path = st.sidebar.text_input("checkpoint file (ckpt_epoch_N.pth)", key=f"{side}_paper_path").strip()
     else:
-        up = st.sidebar.file_uploader("checkpoint (.pth)", type=["pth", "pt", "safetensors"], key=f"{side}_paper_up")
+        up = st.sidebar.file_uploader(f"checkpoint (.pth, ≤ {UPLOAD_LIMIT_MIB} MiB)", type=["pth", "pt", "safetensors"],
+                                      key=f"{side}_paper_up")
         if up is None:
             return None
         try:
@@ -354,7 +396,8 @@ def image_picker() -> Optional[ImageChoice]:
     if source == "Upload":
         # No type= filter: Streamlit would refuse other extensions with a bare "file type not allowed";
         # equishift.images decides from the bytes and names the problem (e.g. SVG, HEIC, a text file).
-        up = st.sidebar.file_uploader("image (PNG, JPEG, WebP, BMP, TIFF, GIF first frame)", key="image_upload")
+        up = st.sidebar.file_uploader(f"image (PNG, JPEG, WebP, BMP, TIFF, GIF first frame; ≤ {DEFAULT_MAX_BYTES // 2 ** 20} MiB)",
+                                      key="image_upload")
         if up is not None:
             data = up.getvalue()
             return _invert_option(ImageChoice(data, up.name, hashlib.sha256(data).hexdigest(), uploaded=True))

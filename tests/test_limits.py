@@ -193,6 +193,10 @@ def test_server_config_is_private_by_default():
     assert server["address"] == "127.0.0.1"
     assert server["enableXsrfProtection"] is True
     assert isinstance(server["maxUploadSize"], int) and 1 <= server["maxUploadSize"] <= 200
+    # the browser counts maxUploadSize in decimal MB: a file at the dashboard's own limit (MiB) gets through
+    from dashboard.sources import UPLOAD_LIMIT_MIB
+
+    assert server["maxUploadSize"] * 10 ** 6 >= UPLOAD_LIMIT_MIB * 2 ** 20
     assert cfg["browser"]["gatherUsageStats"] is False
     # ... and Streamlit reads the file that way (a typo in a key would leave its default in place)
     opts = _streamlit_options()
@@ -255,6 +259,75 @@ def test_real_server_listens_on_loopback_only_and_checks_xsrf(tmp_path):
         except subprocess.TimeoutExpired:
             proc.kill()
         log.close()
+
+
+@pytest.mark.slow
+def test_uploaded_weights_do_not_outlive_the_server(tmp_path):
+    """`python -m dashboard.serve` (what run.sh starts): a folder left by a server that was killed is
+    removed at start, its own upload folder is private (0700) while it runs, and gone once it stops."""
+    import stat as stat_
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f"equishift-uploads-{dead.pid}-abc123"
+    (stale / "ab").mkdir(parents=True)
+    (stale / "ab" / "w.safetensors").write_bytes(b"x" * 100)
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMLIT_")}
+    env.update(HF_HUB_OFFLINE="1", TMPDIR=str(tmp_path), EQUISHIFT_WARM_UP="0")
+    log = open(tmp_path / "server.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "dashboard.serve", "--server.port", str(port)], cwd=ROOT,
+                            env=env, stdout=log, stderr=log)
+    try:
+        wait_healthy(f"http://127.0.0.1:{port}", proc, timeout=90)
+        assert not stale.exists()
+        own = list(tmp_path.glob(f"equishift-uploads-{proc.pid}-*"))
+        assert len(own) == 1 and stat_.S_IMODE(own[0].stat().st_mode) == 0o700
+        (own[0] / "cd").mkdir()
+        (own[0] / "cd" / "w.safetensors").write_bytes(b"y" * 100)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+    assert not own[0].exists(), (tmp_path / "server.log").read_text()[-2000:]
+
+
+def test_weights_over_the_upload_limit_are_refused_in_mib(tmp_path, monkeypatch):
+    import tempfile
+
+    from dashboard import sources
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(sources, "_UPLOAD_DIR", None)
+    monkeypatch.setattr(sources, "UPLOAD_LIMIT_MIB", 1)
+    sources._saved_upload(b"w" * 2 ** 20, "exactly-1-MiB.safetensors")  # at the limit: stored
+    with pytest.raises(sources.EquishiftError, match=r"'big\.safetensors' is 1\.5 MiB, over the upload limit of 1 MiB"):
+        sources._saved_upload(b"w" * (3 * 2 ** 19), "big.safetensors")
+    sources.clean_uploads()
+
+
+def test_the_periodic_clean_up_removes_only_old_uploads(tmp_path, monkeypatch):
+    import tempfile
+
+    from dashboard import sources
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(sources, "_UPLOAD_DIR", None)
+    sources.clean_uploads(max_age_s=0)
+    assert list(tmp_path.iterdir()) == []  # nothing uploaded yet: no folder made just to look into
+    root = sources.upload_dir()
+    old, new = root / "old", root / "new"
+    for d in (old, new):
+        d.mkdir()
+        (d / "w.safetensors").write_bytes(b"z")
+    os.utime(old, (1, 1))
+    sources.clean_uploads(max_age_s=3600)
+    assert not old.exists() and new.exists()
+    sources.clean_uploads()
+    assert not root.exists()
 
 
 # --- weights from the Hugging Face cache -------------------------------------------------------------
