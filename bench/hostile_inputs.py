@@ -1,4 +1,6 @@
-"""Worst time and peak memory per class of hostile input (the corpus of tests/hostile.py).
+"""Worst time and peak memory per class of hostile input: the corpus of tests/hostile.py (image decode
+cost, paths that are not files, errors that must be named) and that of tests/corpus_weights.py (ways
+around the weights checks: specs, constructor options, zoo cards, the upload store).
 
     nice -n 15 .venv/bin/python bench/hostile_inputs.py [--cases]
 
@@ -15,8 +17,10 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # dashboard.sources, for the upload-store cases
 
 from hostile import CLASSES, TIME_LIMIT_S, hostile_cases, run_isolated  # noqa: E402
+import corpus_weights  # noqa: E402
 
 
 def main(show_cases: bool) -> int:
@@ -42,6 +46,32 @@ def main(show_cases: bool) -> int:
             if not named or o.seconds >= TIME_LIMIT_S:
                 bad += 1
                 print(f"  NOT AS EXPECTED: {o.case.kind}: {o.outcome} after {o.seconds:.2f} s: {o.message[:200]}")
+    return (1 if bad else 0) | _weights(show_cases)
+
+
+def _weights(show_cases: bool) -> int:
+    """The weights-path corpus, each case in a forked child with the same time and memory caps."""
+    bad = 0
+    with tempfile.TemporaryDirectory(prefix="equishift-weights-") as d:
+        cases = corpus_weights.weights_cases(Path(d))
+        results = {key: [] for key in corpus_weights.CLASSES}
+        for case in cases:
+            r = corpus_weights.run_case(case)
+            results[case.cls].append((case, r))
+            problem = corpus_weights.verdict(case, r)
+            if show_cases:
+                print(f"  {case.name:42s} {r['outcome']:8s} {r['seconds']:7.3f} s {r['peak_bytes'] / 2**20:8.1f} MiB  "
+                      f"{r['message'][:70]}", flush=True)
+            if problem is not None:
+                bad += 1
+                print(f"  NOT AS EXPECTED: {case.name}: {problem}")
+    for key, rs in results.items():
+        if not rs:
+            continue
+        slow = max(rs, key=lambda cr: cr[1]["seconds"])
+        big = max(rs, key=lambda cr: cr[1]["peak_bytes"])
+        print(f"{'weights/' + key:16s} {len(rs):5d} {slow[1]['seconds']:9.3f} s {slow[0].name:42s} "
+              f"{big[1]['peak_bytes'] / 2**20:8.1f} MiB {big[0].name}")
     return 1 if bad else 0
 
 
