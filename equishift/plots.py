@@ -265,7 +265,14 @@ def logit_curve(baseline: SweepResult, anchored: Optional[SweepResult] = None, p
     if value not in ("prob", "logit"):
         raise EquishiftError(f"value must be 'prob' or 'logit', got {value!r}")
     pairs = _pair(baseline, anchored)
-    cls = list(classes) if classes is not None else sorted({r.ref_pred for _, r in pairs})
+    heads = {int(r.probs.shape[1]) for _, r in pairs}
+    shared = len(heads) == 1  # two heads of different sizes share no class index (a 10- and a 3-class model)
+
+    def classes_of(res) -> List[int]:
+        if classes is not None:  # those the model has
+            return [int(c) for c in classes if 0 <= int(c) < res.probs.shape[1]]
+        return sorted({r.ref_pred for _, r in pairs}) if shared else [res.ref_pred]
+
     fig = make_subplots(rows=1, cols=len(pairs), shared_yaxes=True, subplot_titles=[n for n, _ in pairs])
     lo, hi = (0.0, 1.0) if value == "prob" else (np.inf, -np.inf)
     palette = ["#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#7f7f7f"]
@@ -274,13 +281,15 @@ def logit_curve(baseline: SweepResult, anchored: Optional[SweepResult] = None, p
         idx = ax.idx
         vals = (res.probs if value == "prob" else res.logits)[idx]
         hover = [_shift_text(res, int(k)) for k in idx]
+        cls = classes_of(res)
         for j, c in enumerate(cls):
             fig.add_trace(go.Scatter(
                 x=ax.x, y=clean(vals[:, c].tolist()), mode="lines+markers", name=_class_name(res, c),
-                legendgroup=str(c), showlegend=col == 1, line=dict(color=palette[j % len(palette)]),
+                legendgroup=str(c) if shared else f"{col}:{c}", showlegend=col == 1 or not shared,
+                line=dict(color=palette[j % len(palette)]),
                 text=hover, hovertemplate="%{text}<br>%{y:.4f}<extra>" + _class_name(res, c) + "</extra>",
             ), row=1, col=col)
-        if value == "logit":
+        if value == "logit" and cls:
             lo, hi = min(lo, float(vals[:, cls].min())), max(hi, float(vals[:, cls].max()))
         at = ax.x_of(current)
         if at is not None:
@@ -292,6 +301,8 @@ def logit_curve(baseline: SweepResult, anchored: Optional[SweepResult] = None, p
                           row=1, col=col)
         fig.update_xaxes(title_text=ax.title, row=1, col=col, **ax.axis)
     if yrange is None:
+        if not np.isfinite(lo) or not np.isfinite(hi):  # (no class of the request in either model)
+            lo, hi = 0.0, 1.0
         pad = 0.05 * (hi - lo) if value == "logit" else 0.02
         yrange = (lo - pad, hi + pad)
     fig.update_yaxes(range=list(yrange), title_text="softmax probability" if value == "prob" else "logit",

@@ -20,7 +20,6 @@ sys.path.insert(0, str(Path(__file__).parent))
 from app_harness import errors, open_page, tiny_zoo, top5_tables  # noqa: E402
 from corpus_weights import TINY, _Payload  # noqa: E402
 
-# 10 classes like the tiny zoo baseline (a 3-class model next to it trips the Logit curves tab: IndexError)
 TINY_OPTIONS = "img_size=32&patch_size=4&embed_dim=32&depth=1&num_heads=2&num_classes=10"
 PAGE_SECONDS = 10.0   # a refusal is decided before any model is built (or on the meta device)
 
@@ -77,8 +76,11 @@ def test_options_box_refusals(options_page, payload, options, words):
 
 
 def test_options_box_in_range_loads(options_page):
+    """In-range options load; a 3-class head beside the 10-class baseline draws every panel of the open
+    tab (the logit curves: each model's own top-1)."""
     at = options_page
-    at.sidebar.text_input(key="anchored_options").set_value(TINY_OPTIONS).run()
+    at.sidebar.text_input(key="anchored_options").set_value(TINY_OPTIONS.replace("num_classes=10",
+                                                                                 "num_classes=3")).run()
     assert not at.exception and errors(at) == [], errors(at)
     assert len(top5_tables(at)) == 2
 

@@ -401,3 +401,23 @@ def test_map_grids_are_sized_for_the_page_width_they_are_given(pair):
         wide, narrow = build(), build(width=700)
         assert wide.layout.width is None and narrow.layout.width == 700
         assert narrow.layout.height < wide.layout.height
+
+
+def test_logit_curve_of_models_with_different_heads_plots_each_its_own_top1():
+    """A 10-class baseline beside a 3-class anchored model: class indices of two heads mean different
+    things, so each panel shows its own model's unshifted top-1 (and asked-for classes only where they
+    exist) — never an index past a head (it raised IndexError in the dashboard)."""
+    x = image(23)
+    s = grid(range(3), range(3))
+    ten, three = sweep(vit(num_classes=10), x, s), sweep(anchored(vit(seed=1, num_classes=3)), x, s)
+    fig = plots.logit_curve(ten, three)
+    lines = [t for t in fig.data if t.mode == "lines+markers"]
+    assert [(t.xaxis, t.name) for t in lines] == [("x", plots._class_name(ten, ten.ref_pred)),
+                                                  ("x2", plots._class_name(three, three.ref_pred))]
+    for t, res in zip(lines, (ten, three)):
+        np.testing.assert_allclose(t.y, res.probs[plots.path_axis(res, plots._path(res, None)).idx, res.ref_pred],
+                                   rtol=1e-6)
+    asked = plots.logit_curve(ten, three, classes=[1, 7], value="logit")
+    names = [(t.xaxis, t.name) for t in asked.data if t.mode == "lines+markers"]
+    assert names == [("x", plots._class_name(ten, 1)), ("x", plots._class_name(ten, 7)),
+                     ("x2", plots._class_name(three, 1))]
