@@ -273,9 +273,11 @@ def _path_ticks(fig, res: SweepResult, idx: torch.Tensor, title: str) -> None:
 # --- figures -----------------------------------------------------------------------------------
 def _figures(loaded: Dict[str, Any], res: Dict[str, SweepResult], x: Dict[str, torch.Tensor], mode: str,
              size, k: int, view: Dict[str, Any], context: str,
-             progress: Optional[Callable[[str, int, int], None]] = None) -> List[Tuple[str, str, Any, str]]:
+             progress: Optional[Callable[[str, int, int], None]] = None,
+             skipped: Optional[List[Dict[str, str]]] = None) -> List[Tuple[str, str, Any, str]]:
     """(name, heading, figure, caption) of every figure, all at shift index ``k`` with ``view``'s choices.
-    ``context`` (models, mode, grid, shift) ends every caption."""
+    ``context`` (models, mode, grid, shift) ends every caption. With ``skipped`` (a list), a figure whose
+    builder raises EquishiftError is left out and listed there with the reason; without, it raises."""
     from .attribution import METHODS, compare
 
     base, anch = res["baseline"], res["anchored"]
@@ -385,7 +387,13 @@ def _figures(loaded: Dict[str, Any], res: Dict[str, SweepResult], x: Dict[str, t
     for i, (name, heading, make, caption) in enumerate(plan):
         if progress is not None:
             progress("figures", i, len(plan))
-        fig = make()
+        try:
+            fig = make()
+        except EquishiftError as e:  # one view choice that cannot be drawn (e.g. GradCAM on a layer the
+            if skipped is None:      # score never reads) must not cost the rest of the report
+                raise
+            skipped.append({"figure": name, "heading": heading, "reason": str(e)})
+            continue
         _static_axes(fig)
         out.append((name, heading, fig, f"{caption} {context}"))
     if progress is not None:
@@ -585,6 +593,9 @@ def _html(figs: List[Tuple[str, str, Any, str]], summary: Dict[str, Any], meta: 
         parts += [f"<figure id='{escape(name)}'><h3>Figure {i}. {escape(heading)}</h3>",
                   fig.to_html(full_html=False, include_plotlyjs=False),
                   f"<figcaption><b>Figure {i}.</b> {escape(caption)}</figcaption></figure>"]
+    for item in meta.get("figures_not_drawn") or []:
+        parts.append(f"<p class='not-drawn'><b>Not drawn: {escape(item['heading'])}</b> — "
+                     f"{escape(item['reason'])}</p>")
     parts += ["<h2>Metadata</h2>", "".join(meta_table),
               "<script type='application/json' id='equishift-summary'>"
               f"{json.dumps(clean(summary), ensure_ascii=False)}</script>",
@@ -730,7 +741,9 @@ def build_report(baseline, anchored, image, out: Optional[Union[str, Path]] = No
     try:
         (folder / "figures").mkdir(parents=True, exist_ok=True)
         (folder / "data").mkdir(parents=True, exist_ok=True)
-        figs = _figures(loaded, res, x, mode, size, k, choices, context, progress)
+        skipped: List[Dict[str, str]] = []
+        figs = _figures(loaded, res, x, mode, size, k, choices, context, progress, skipped=skipped)
+        meta["figures_not_drawn"] = skipped
         problem = (_export_static({name: fig for name, _, fig, _ in figs}, folder / "figures", progress)
                    if static else "static export not requested")
         if problem is not None:

@@ -288,7 +288,7 @@ def test_figures_show_the_given_shift_with_the_given_choices(swept, tmp_path, mo
     cams = []
     real_cam = attribution.METHODS["gradcam"]
     monkeypatch.setitem(attribution.METHODS, "gradcam", lambda *a, **k: cams.append(k) or real_cam(*a, **k))
-    layer = results[0].layers[1]
+    layer = results[0].layers[0]  # (the last block of these class-token ViTs is not read by the head)
     att_layer = list(results[0].attention)[0]
     view = {"curve_path": "column", "curve_value": "logit", "att_layers": [att_layer], "att_heads": "all",
             "att_align": False, "err_log": False, "attr_method": "gradcam", "attr_layer": layer}
@@ -315,7 +315,7 @@ def test_figures_show_the_given_shift_with_the_given_choices(swept, tmp_path, mo
     assert "focus shift" not in html
     names = _html_figure_names(html)
     assert "attention_as_seen" in names and "attention_aligned" not in names
-    assert f"attribution_gradcam" in names and "attribution_saliency" not in names
+    assert "attribution_gradcam" in names and "attribution_saliency" not in names
     # a shift outside the grid is refused, not replaced
     with pytest.raises(EquishiftError, match="not in the swept grid"):
         report.build_report(base, anch, img, tmp_path / "x", static=False, results=results, shift=(5, 0))
@@ -412,3 +412,18 @@ def test_dashboard_report_key_follows_the_shift_and_the_tab_choices():
     assert key != export._report_key(sides, "circular", (1, 2), chosen)
     assert key != export._report_key(sides, "circular", (2, 1), {**chosen, "err_log": False})
     assert key != export._report_key(sides, "zero", (2, 1), chosen)
+
+
+def test_a_figure_that_cannot_be_drawn_is_named_and_the_rest_of_the_report_kept(swept, tmp_path):
+    """GradCAM on the last block of a class-token ViT (a layer the score never reads) cannot be drawn: the
+    report leaves that figure out, says why in report.html and metadata.json, and keeps every other."""
+    base, anch, img, results = swept
+    last = results[0].layers[-1]
+    view = {"attr_method": "gradcam", "attr_layer": last}
+    out = report.build_report(base, anch, img, tmp_path / "r", static=False, results=results, view=view)
+    meta = json.loads((out / "metadata.json").read_text())
+    assert [f["figure"] for f in meta["figures_not_drawn"]] == ["attribution_gradcam"]
+    assert "zero everywhere" in meta["figures_not_drawn"][0]["reason"]
+    html = (out / "report.html").read_text()
+    assert "Not drawn: Attribution: GradCAM (layer " + last in html
+    assert html.count("<figure id=") >= 5 and "id='attribution_gradcam'" not in html
