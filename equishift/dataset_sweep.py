@@ -89,6 +89,12 @@ class ImageSet:
         return self.fmnist is not None or self.folders is not None
 
     @property
+    def nbytes(self) -> int:
+        if self.fmnist is not None:
+            return int(self.fmnist.images.numel() + 8 * len(self))
+        return sum(len(b) for b in self.blobs or [])
+
+    @property
     def class_folders(self) -> List[str]:
         if self.fmnist is not None:
             return list(self.fmnist.classes)
@@ -875,14 +881,14 @@ def analyse(models: Sequence[Any], data: ImageSet, kind: str = "period", *, mode
         names = list(dict.fromkeys(leaderboard_protocols(data.labelled, kind, mode) + list(extra_protocols)))
         n = len(data)
         for j, lm in enumerate(models):
-            if should_stop is not None and should_stop():
-                raise Cancelled(f"cancelled before the protocols of {lm.name}")
             key = dict(sweep_key(lm, data, kind, mode, radius), protocols=names, seed=seed)
             name = "protocols-" + _key_name(key)
             res = memory.get(name) if memory is not None else None
             if res is None and cache is not None:
                 res = cache.get_json(key)
             if res is None:
+                if should_stop is not None and should_stop():
+                    raise Cancelled(f"cancelled before the protocols of {lm.name}")
                 res = evaluate(lm, data.for_model(lm), names, batch_size=batch_size, seed=seed)
                 res["dataset"] = data.name
                 if cache is not None:
