@@ -51,20 +51,20 @@ def zoo():
         shutil.rmtree(cache, ignore_errors=True)
 
 
-def _script():
-    import sys as _sys
-
-    _sys.path.insert(0, _ROOT)  # noqa: F821 - set by the test through the script's globals
-    from dashboard import dataset_page
-
-    dataset_page.main()
+# The Dataset page alone (the app itself opens on the single-image page; AppTest cannot switch to a page
+# that is a function).
+SCRIPT = f"""
+import sys
+sys.path.insert(0, {str(ROOT)!r})
+from dashboard import dataset_page
+dataset_page.main()
+"""
 
 
 def _open(specs, more: str = "", n: int = N):
     from streamlit.testing.v1 import AppTest
 
-    src = f"_ROOT = {str(ROOT)!r}\n" + __import__("inspect").getsource(_script) + "\n_script()\n"
-    at = AppTest.from_string(src, default_timeout=300)
+    at = AppTest.from_string(SCRIPT, default_timeout=300)
     at.run()
     at.sidebar.selectbox(key="baseline_zoo").set_value(specs[0])
     at.sidebar.selectbox(key="anchored_zoo").set_value(specs[1])
