@@ -392,7 +392,8 @@ def _view_gallery(result: ds.DatasetResult, data: ds.ImageSet) -> None:
             truth = f" · true: {sw.classes[r['label']]}" if r["label"] >= 0 else ""
             st.caption(f"**{data.names[r['index']]}**{truth} · {flip} · drop {r['max_drop']:.2f}")
             st.markdown("\n".join(f"- {lab}: {p['unshifted']} → **{p['at_worst']}** "
-                                  f"(p {p['p_ref_at_worst']:.2f})" for lab, p in zip(labels, r["predictions"])))
+                                  f"(p₀ {p['p_ref_at_worst']:.2f})" for lab, p in zip(labels, r["predictions"])))
+            st.caption("unshifted → at the worst shift; p₀: probability of the unshifted class there")
             dy, dx = r["worst_shift"]
             href = single_image_link(data, r["index"], (dy, dx), sw.mode, size)
             st.markdown(f'<a href="{href}" target="_self" class="es-open-single" data-index="{r["index"]}" '
@@ -410,7 +411,12 @@ def _view_leaderboard(result: ds.DatasetResult) -> None:
 
 
 def _view_polyphase(result: ds.DatasetResult) -> None:
-    fig = dp.phase_frequency(result.sweeps)
+    over = st.radio("phase selected", ("unshifted", "all"), horizontal=True, key="ds_phase_over",
+                    format_func=lambda v: {"unshifted": "for the unshifted images",
+                                           "all": "over images × shifts"}[v],
+                    help="Over a whole circular period every phase comes up equally often by construction "
+                         "(each shift moves the choice along): the unshifted images show the data.")
+    fig = dp.phase_frequency(result.sweeps, over)
     if fig is None:
         st.info("None of these models is anchored: no polyphase statistics.")
         return

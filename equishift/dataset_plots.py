@@ -149,23 +149,24 @@ def leaderboard_scatter(rows: Sequence[Dict[str, Any]], x: str = "consistency-a"
             continue
         fig.add_trace(go.Scatter(
             x=[px["value"]], y=[py["value"]], mode="markers+text", name=r["model"], text=[r["model"]],
-            textposition="top center", marker=dict(size=12, color=MODEL_COLOURS[j % len(MODEL_COLOURS)]),
+            textposition="top left" if px["value"] > 0.6 else "top right", marker=dict(size=12, color=MODEL_COLOURS[j % len(MODEL_COLOURS)]),
             error_x=dict(type="data", symmetric=False, array=[px["ci95"][1] - px["value"]],
                          arrayminus=[px["value"] - px["ci95"][0]]),
             error_y=dict(type="data", symmetric=False, array=[py["ci95"][1] - py["value"]],
                          arrayminus=[py["value"] - py["ci95"][0]]),
             hovertemplate=f"{x} %{{x:.3f}}<br>{y} %{{y:.3f}}<extra>{r['model']}</extra>"))
     fig.update_layout(title=f"Accuracy vs consistency, 95% Wilson intervals<br><sup>{describe}</sup>",
-                      xaxis=dict(title=x.replace("_", " "), range=[0, 1.02]),
+                      xaxis=dict(title=x.replace("_", " "), range=[-0.02, 1.04]),
                       yaxis=dict(title=y.replace("_", " "), range=[0, 1.02]), height=460, margin=dict(t=90),
                       showlegend=False)
     return fig
 
 
-def phase_frequency(sweeps: Sequence[ds.ModelSweep]) -> Optional[go.Figure]:
-    """For every anchored module of every anchored model: how often each phase (row, col) was selected
-    over all images and shifts (a heatmap per module, frequencies on one scale). None when no model is
-    anchored."""
+def phase_frequency(sweeps: Sequence[ds.ModelSweep], over: str = "unshifted") -> Optional[go.Figure]:
+    """For every anchored module of every anchored model: how often each phase (row, col) was selected, a
+    heatmap per module on one scale. ``over='unshifted'``: for the unshifted images (where the data's
+    polyphase energy sits); ``'all'``: over all images × shifts. None when no model is anchored."""
+    key = {"unshifted": "ref_frequency", "all": "frequency"}[over]
     panels = [(label, st) for sw, label in zip(sweeps, model_labels(sweeps)) for st in ds.polyphase_stats(sw)]
     if not panels:
         return None
@@ -174,19 +175,21 @@ def phase_frequency(sweeps: Sequence[ds.ModelSweep]) -> Optional[go.Figure]:
     fig = make_subplots(rows=rows, cols=cols, subplot_titles=[f"{lab}<br>{st['module']} (s={st['stride']})"
                                                               for lab, st in panels],
                         horizontal_spacing=0.07, vertical_spacing=0.2)
-    zmax = max(float(st["frequency"].max()) for _, st in panels)
+    zmax = max(float(st[key].max()) for _, st in panels)
     for j, (label, st) in enumerate(panels):
         s = st["stride"]
-        fig.add_trace(go.Heatmap(z=clean(st["frequency"]), x=list(range(s)), y=list(range(s)),
-                                 coloraxis="coloraxis", text=np.vectorize(lambda v: fmt(v, ".3f"))(st["frequency"]),
+        fig.add_trace(go.Heatmap(z=clean(st[key]), x=list(range(s)), y=list(range(s)),
+                                 coloraxis="coloraxis", text=np.vectorize(lambda v: fmt(v, ".3f"))(st[key]),
                                  texttemplate="%{text}" if s <= 4 else None,
                                  hovertemplate="phase (%{y}, %{x}): %{z:.4f}<extra>" + label + "</extra>"),
                       row=j // cols + 1, col=j % cols + 1)
-        fig.update_yaxes(autorange="reversed", title_text="row", row=j // cols + 1, col=j % cols + 1)
-        fig.update_xaxes(title_text="col", row=j // cols + 1, col=j % cols + 1)
+        fig.update_yaxes(autorange="reversed", title_text="row", dtick=1, row=j // cols + 1, col=j % cols + 1)
+        fig.update_xaxes(title_text="col", dtick=1, row=j // cols + 1, col=j % cols + 1)
     sw0 = next(sw for sw in sweeps if sw.phase_counts)
     fig.update_layout(coloraxis=dict(colorscale=SEQ, cmin=0, cmax=zmax, colorbar=dict(title="freq")),
-                      title=_title("Polyphase anchors: how often each phase is selected", sw0),
+                      title=_title("Polyphase anchors: how often each phase is selected, "
+                                   + ("for the unshifted images" if over == "unshifted" else "over images × shifts"),
+                                   sw0),
                       height=170 + 300 * rows, margin=dict(t=120))
     return fig
 
@@ -230,7 +233,7 @@ FIGURE_CAPTIONS = {
     "per_class_clean_accuracy": "Clean accuracy per class.",
     "per_class_shifted_accuracy": "Accuracy per class, mean over the shift set.",
     "leaderboard_scatter": "Accuracy against consistency, one point per model.",
-    "phase_frequency": "How often each polyphase phase is selected, per anchored module.",
+    "phase_frequency": "How often each polyphase phase is selected for the unshifted images, per anchored module.",
     "margin_histogram": "How close the polyphase norms come to a tie (relative top-2 margin).",
 }
 

@@ -48,7 +48,7 @@ __all__ = ["ImageSet", "fashion_mnist_set", "zip_set", "folder_set", "shift_set"
            "default_cache_dir", "DatasetResult", "analyse", "leaderboard_protocols", "match_classes",
            "bare_forward_seconds", "sweep_key"]
 
-ENGINE_VERSION = 1
+ENGINE_VERSION = 2
 SHIFT_SETS = ("period", "orbit", "radius")
 DATASET_MODES = ("circular", "zero", "crop")
 # Uploaded archives: more members, more bytes once inflated, or a higher inflation ratio than these is
@@ -340,7 +340,8 @@ class ModelSweep:
     pred: np.ndarray                    # int16 [N, K]
     p_ref: np.ndarray                   # float32 [N, K]
     p_true: Optional[np.ndarray]        # float32 [N, K] (None when unlabelled)
-    phase_counts: Dict[str, np.ndarray] = field(default_factory=dict)   # module -> int64 [s, s]
+    phase_counts: Dict[str, np.ndarray] = field(default_factory=dict)   # module -> int64 [s, s], all shifts
+    ref_phase_counts: Dict[str, np.ndarray] = field(default_factory=dict)  # the same, unshifted images only
     margin_hist: Dict[str, np.ndarray] = field(default_factory=dict)    # module -> int64 [len(MARGIN_BINS)-1]
     margin_min: Dict[str, float] = field(default_factory=dict)
     tie_tol: Dict[str, float] = field(default_factory=dict)
@@ -378,6 +379,8 @@ class ModelSweep:
             out[f"phase/{k}"] = v
         for k, v in self.margin_hist.items():
             out[f"margin/{k}"] = v
+        for k, v in self.ref_phase_counts.items():
+            out[f"refphase/{k}"] = v
         return out
 
     def header(self) -> Dict[str, Any]:
@@ -388,10 +391,11 @@ class ModelSweep:
     def from_parts(cls, header: Dict[str, Any], arrays: Dict[str, np.ndarray]) -> "ModelSweep":
         phase = {k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith("phase/")}
         margin = {k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith("margin/")}
+        refphase = {k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith("refphase/")}
         return cls(spec=header["spec"], name=header["name"], classes=list(header["classes"]),
                    shifts=arrays["shifts"], mode=header["mode"], labels=arrays["labels"],
                    ref_pred=arrays["ref_pred"], ref_prob=arrays["ref_prob"], pred=arrays["pred"],
-                   p_ref=arrays["p_ref"], p_true=arrays.get("p_true"), phase_counts=phase, margin_hist=margin,
+                   p_ref=arrays["p_ref"], p_true=arrays.get("p_true"), phase_counts=phase, margin_hist=margin, ref_phase_counts=refphase,
                    margin_min={k: float(v) for k, v in header["margin_min"].items()},
                    tie_tol={k: float(v) for k, v in header["tie_tol"].items()}, meta=dict(header["meta"]))
 
@@ -458,6 +462,7 @@ def sweep_dataset(loaded, data: ImageSet, kind: str = "period", *, mode: str = "
     model = loaded.model
     anchors = {name: m.stride for name, m in model.named_modules() if isinstance(m, PolyphaseAnchor)}
     phase = {a: np.zeros((s, s), dtype=np.int64) for a, s in anchors.items()}
+    ref_phase = {a: np.zeros((s, s), dtype=np.int64) for a, s in anchors.items()}
     mhist = {a: np.zeros(len(MARGIN_BINS) - 1, dtype=np.int64) for a in anchors}
     mmin = {a: math.inf for a in anchors}
     tols: Dict[str, float] = {}
@@ -508,6 +513,8 @@ def sweep_dataset(loaded, data: ImageSet, kind: str = "period", *, mode: str = "
                     continue
                 ix = rec[a].numpy()
                 np.add.at(phase[a], (ix[:, 0] % st, ix[:, 1] % st), 1)
+                r = ix[zero::k]  # rows are image-major: row = image * K + shift
+                np.add.at(ref_phase[a], (r[:, 0] % st, r[:, 1] % st), 1)
                 m = rec.margins[a].double().numpy()
                 mmin[a] = min(mmin[a], float(m.min()))
                 lg = np.log10(np.clip(m, 10 ** MARGIN_BINS[0], 1.0))
@@ -519,7 +526,7 @@ def sweep_dataset(loaded, data: ImageSet, kind: str = "period", *, mode: str = "
     return ModelSweep(
         spec=loaded.spec, name=loaded.name, classes=list(loaded.classes), shifts=shifts.numpy().astype(np.int64),
         mode=mode, labels=labels, ref_pred=ref_pred, ref_prob=ref_prob, pred=pred, p_ref=p_ref, p_true=p_true,
-        phase_counts=phase, margin_hist=mhist, margin_min={a: v for a, v in mmin.items() if v != math.inf},
+        phase_counts=phase, ref_phase_counts=ref_phase, margin_hist=mhist, margin_min={a: v for a, v in mmin.items() if v != math.inf},
         tie_tol=tols,
         meta={"data": data.name, "data_key": data.key, "shift_set": kind, "radius": radius, "stride": loaded.stride,
               "input_size": [c, h, w], "n_params": _n_params(model), "seconds": seconds, "forward_seconds": forward_s,
@@ -769,7 +776,9 @@ def fragility(sweeps: Sequence[ModelSweep], by: str = "flip", model: int = 0) ->
 
 
 def polyphase_stats(sw: ModelSweep) -> List[Dict[str, Any]]:
-    """Per anchored module: phase selection frequencies [s, s] (sum 1), the margin histogram (counts over
+    """Per anchored module: phase selection frequencies [s, s] (sum 1) over all images × shifts
+    (``frequency``; over a whole circular period every phase comes up equally often by construction) and
+    over the unshifted images (``ref_frequency``: where the data's polyphase energy sits), the margin histogram (counts over
     log10 bins ``MARGIN_BINS``), the smallest margin, the tie tolerance and how many choices were near-ties
     (margin within 10× the tolerance)."""
     out = []
@@ -780,8 +789,9 @@ def polyphase_stats(sw: ModelSweep) -> List[Dict[str, Any]]:
         near = None
         if tol is not None and tol > 0:
             near = int(hist[MARGIN_BINS[1:] <= math.log10(10 * tol)].sum())
+        ref = sw.ref_phase_counts.get(a, np.zeros_like(counts))
         out.append({"module": a, "stride": int(counts.shape[0]), "choices": total,
-                    "frequency": counts / max(total, 1), "margin_hist": hist, "margin_min": sw.margin_min.get(a),
+                    "frequency": counts / max(total, 1), "ref_frequency": ref / max(int(ref.sum()), 1), "margin_hist": hist, "margin_min": sw.margin_min.get(a),
                     "tie_tol": tol, "near_ties": near})
     return out
 

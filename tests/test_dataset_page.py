@@ -155,7 +155,7 @@ def test_every_view_on_three_models(zoo):
     # every option of every view draws
     for key, values in (("ds_by", ("dy", "dx")), ("ds_map", ("flip rate", "probability of the true class")),
                         ("ds_class_metric", ("clean_accuracy", "orbit_consistency")),
-                        ("ds_gallery_by", ("largest probability drop",))):
+                        ("ds_gallery_by", ("largest probability drop",)), ("ds_phase_over", ("all",))):
         for v in values:
             at.radio(key=key).set_value(v).run()
             assert not at.exception and not _errors(at), (key, v)

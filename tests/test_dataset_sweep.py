@@ -111,7 +111,7 @@ def test_batch_size_does_not_change_anything(models, data, period):
     np.testing.assert_allclose(other.p_ref, period[0].p_ref, atol=1e-5)
 
 
-def test_anchored_model_is_orbit_consistent_and_selects_every_phase_equally(period, models):
+def test_anchored_model_is_orbit_consistent_and_selects_every_phase_equally(period, models, data):
     anch = period[1]
     assert anch.consistent.all()  # exact invariance over the circular period (the paper's claim)
     stats = ds.polyphase_stats(anch)
@@ -120,6 +120,18 @@ def test_anchored_model_is_orbit_consistent_and_selects_every_phase_equally(peri
     np.testing.assert_allclose(stats[0]["frequency"], np.full((4, 4), 1 / 16), atol=1e-12)
     assert stats[0]["margin_hist"].sum() == N * 16
     assert ds.polyphase_stats(period[0]) == []
+    # the unshifted images' choices, recorded directly
+    from equishift.polyphase import record_anchors
+
+    lm = models[1]
+    x = torch.stack([data.image(i) for i in range(N)])
+    with torch.no_grad(), record_anchors(lm.model) as rec:
+        lm.model(x)
+    for st in stats:
+        want = np.zeros((st["stride"], st["stride"]))
+        for r, c in rec[st["module"]].tolist():
+            want[r % st["stride"], c % st["stride"]] += 1 / N
+        np.testing.assert_allclose(st["ref_frequency"], want, atol=1e-12)
 
 
 def test_leaderboard_orbit_consistency_equals_evaluate_period_orbit(models, data, period):
