@@ -384,6 +384,8 @@ def _view_gallery(result: ds.DatasetResult, data: ds.ImageSet) -> None:
     rows = ds.fragility(result.sweeps, "flip" if by.startswith("smallest") else "drop", model=int(which))[:count]
     sw = result.sweeps[int(which)]
     size = int(sw.meta["input_size"][1])
+    st.caption("Each card: every model's prediction unshifted → at the worst shift; p₀: the probability of the "
+               "unshifted class there. *open at shift* shows the image in the single-image page at that shift.")
     cols = st.columns(4)
     for j, r in enumerate(rows):
         with cols[j % 4].container(border=True, key=f"ds_card_{j}"):
@@ -393,7 +395,6 @@ def _view_gallery(result: ds.DatasetResult, data: ds.ImageSet) -> None:
             st.caption(f"**{data.names[r['index']]}**{truth} · {flip} · drop {r['max_drop']:.2f}")
             st.markdown("\n".join(f"- {lab}: {p['unshifted']} → **{p['at_worst']}** "
                                   f"(p₀ {p['p_ref_at_worst']:.2f})" for lab, p in zip(labels, r["predictions"])))
-            st.caption("unshifted → at the worst shift; p₀: probability of the unshifted class there")
             dy, dx = r["worst_shift"]
             href = single_image_link(data, r["index"], (dy, dx), sw.mode, size)
             st.markdown(f'<a href="{href}" target="_self" class="es-open-single" data-index="{r["index"]}" '
@@ -428,22 +429,30 @@ def _view_polyphase(result: ds.DatasetResult) -> None:
     st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch", key="ds_poly_table")
 
 
+def _exports(result: ds.DatasetResult, data: ds.ImageSet) -> Dict[str, Any]:
+    """The export payloads, built once per result (tabs draw on every rerun; the report inlines plotly.js)."""
+    cache = result.__dict__.setdefault("_exports", {})
+    if not cache:
+        figs = dp.all_figures(result.sweeps, result.leaderboard)
+        gallery = ds.fragility(result.sweeps, "flip")[:12]
+        for g in gallery:
+            g["name"] = data.names[g["index"]]
+        cache.update(csv=dr.per_image_csv(result, data), parquet=dr.per_image_parquet(result, data),
+                     json=dr.metrics_json(result),
+                     report=dr.report_html(result, figs, dr.cli_command(result.settings), gallery))
+    return cache
+
+
 def _view_export(result: ds.DatasetResult, data: ds.ImageSet) -> None:
     st.code(dr.cli_command(result.settings), language="bash")
     st.caption("The command recomputes every number and figure of this page (same builders).")
-    c1, c2, c3 = st.columns(3)
-    c1.download_button("per-image table (CSV)", dr.per_image_csv(result, data), "per_image.csv", "text/csv",
-                       key="ds_dl_csv")
-    c2.download_button("per-image table (Parquet)", dr.per_image_parquet(result, data), "per_image.parquet",
+    out = _exports(result, data)
+    c1, c2, c3, c4 = st.columns(4)
+    c1.download_button("per-image table (CSV)", out["csv"], "per_image.csv", "text/csv", key="ds_dl_csv")
+    c2.download_button("per-image table (Parquet)", out["parquet"], "per_image.parquet",
                        "application/octet-stream", key="ds_dl_parquet")
-    c3.download_button("metrics (JSON)", dr.metrics_json(result), "metrics.json", "application/json",
-                       key="ds_dl_json")
-    figs = dp.all_figures(result.sweeps, result.leaderboard)
-    gallery = ds.fragility(result.sweeps, "flip")[:12]
-    for g in gallery:
-        g["name"] = data.names[g["index"]]
-    st.download_button("report (HTML)", dr.report_html(result, figs, dr.cli_command(result.settings), gallery),
-                       "dataset-report.html", "text/html", key="ds_dl_report")
+    c3.download_button("metrics (JSON)", out["json"], "metrics.json", "application/json", key="ds_dl_json")
+    c4.download_button("report (HTML)", out["report"], "dataset-report.html", "text/html", key="ds_dl_report")
     if st.button("Build the bundle: every figure as PNG, SVG and HTML + tables + report (zip)", key="ds_bundle"):
         from equishift.report import find_browser
 
@@ -515,11 +524,12 @@ def _progress(key: str) -> None:
         st.rerun(scope="app")
     frac = job.done / job.total if job.total else 0.0
     eta = job.eta()
-    n_models = max(1, len(st.session_state.get("ds_models_now", [1])))
-    per_model = job.total // n_models if job.total else 0
-    text = (f"{job.stage}: {job.done} / {job.total} image·model runs "
-            f"({job.done % per_model if per_model and job.done < job.total else per_model} of {per_model} images "
-            f"of model {min(n_models, job.done // per_model + 1) if per_model else 1})"
+    n = max(1, int(st.session_state.get("ds_n_images", 1)))
+    models = max(1, job.total // n) if job.total else 1
+    model = min(models, job.done // n + 1)
+    images = job.done - (model - 1) * n
+    text = (f"{'sweeping' if job.stage == 'sweep' else job.stage} · model {model} of {models} · "
+            f"{images} / {n} images · {job.done} / {job.total or '?'} image·model runs"
             + (f" · ETA {eta:.0f} s" if eta is not None else ""))
     st.progress(min(1.0, frac), text=text)
     st.button("Cancel", key="ds_cancel", on_click=_cancel, args=(key,))
@@ -552,7 +562,7 @@ def main() -> None:
     except Exception as e:  # noqa: BLE001
         st.error(f"Cannot use these images with these models: {_message(e)}")
         return
-    st.session_state["ds_models_now"] = [m.spec for m in models]
+    st.session_state["ds_n_images"] = len(data)
     job = jobs().get(key)
     result = job.result if job is not None and job.result is not None else None
     if result is None and (job is None or not job.running):

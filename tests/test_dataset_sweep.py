@@ -363,3 +363,21 @@ def test_cli_dataset_view(tmp_path, zoo, monkeypatch, capsys):
     assert cli.main(["evaluate", "--model", "zoo:ds-vit", "--shifts", "spiral", "--figures", str(out / "x"),
                      "--limit", "4", "--no-progress"]) == 2
     assert "use period, orbit or rN" in capsys.readouterr().err
+
+
+@pytest.mark.chromium
+def test_bundle_has_every_figure_as_png_svg_and_html(models, period):
+    res = ds.DatasetResult("x", period, [], [ds.leaderboard_row(s) for s in period],
+                           {"data": "Fashion-MNIST test[:20]", "data_source": "fashion-mnist", "n_images": N,
+                            "labelled": True, "shift_set": "period", "radius": None, "mode": "circular",
+                            "models": [m.spec for m in models], "describe": "x"})
+    with zipfile.ZipFile(io.BytesIO(dr.bundle_zip(res, ds.fashion_mnist_set(N)))) as zf:
+        names = set(zf.namelist())
+        figs = dp.all_figures(period, res.leaderboard)
+        for name in figs:
+            for ext in ("png", "svg", "html"):
+                assert f"dataset-view/figures/{name}.{ext}" in names
+        png = Image.open(io.BytesIO(zf.read("dataset-view/figures/orbit_flip.png")))
+        assert np.asarray(png.convert("L")).std() > 1
+        assert {"dataset-view/per_image.csv", "dataset-view/per_image.parquet", "dataset-view/metrics.json",
+                "dataset-view/report.html"} <= names
