@@ -430,17 +430,21 @@ def _view_polyphase(result: ds.DatasetResult) -> None:
 
 
 def _exports(result: ds.DatasetResult, data: ds.ImageSet) -> Dict[str, Any]:
-    """The export payloads, built once per result (tabs draw on every rerun; the report inlines plotly.js)."""
-    cache = result.__dict__.setdefault("_exports", {})
-    if not cache:
-        figs = dp.all_figures(result.sweeps, result.leaderboard)
-        gallery = ds.fragility(result.sweeps, "flip")[:12]
-        for g in gallery:
-            g["name"] = data.names[g["index"]]
-        cache.update(csv=dr.per_image_csv(result, data), parquet=dr.per_image_parquet(result, data),
-                     json=dr.metrics_json(result),
-                     report=dr.report_html(result, figs, dr.cli_command(result.settings), gallery))
-    return cache
+    """The export payloads, built once per result (tabs draw on every rerun; the report inlines plotly.js),
+    kept in the shared memory with their real size."""
+    key = ("exports", id(result), result.settings.get("data_key"), tuple(result.settings.get("models", ())))
+    hit = memory().get(key)
+    if hit is not None and hit.value[0] is result:
+        return hit.value[1]
+    figs = dp.all_figures(result.sweeps, result.leaderboard)
+    gallery = ds.fragility(result.sweeps, "flip")[:12]
+    for g in gallery:
+        g["name"] = data.names[g["index"]]
+    out = dict(csv=dr.per_image_csv(result, data), parquet=dr.per_image_parquet(result, data),
+               json=dr.metrics_json(result), report=dr.report_html(result, figs, dr.cli_command(result.settings),
+                                                                   gallery))
+    memory()[key] = _Sized((result, out), sum(len(v) for v in out.values()))
+    return out
 
 
 def _view_export(result: ds.DatasetResult, data: ds.ImageSet) -> None:
@@ -564,13 +568,19 @@ def main() -> None:
         return
     st.session_state["ds_n_images"] = len(data)
     job = jobs().get(key)
-    result = job.result if job is not None and job.result is not None else None
+    # one result object per key, kept with the sweeps: the export payloads built for it are kept with it
+    result = memory().get(("result", key))
+    if result is None and job is not None and job.result is not None:
+        result = job.result
+        jobs().forget(key)  # the memory holds it now (bounded); the registry keeps only running jobs
     if result is None and (job is None or not job.running):
         try:
             result = _from_cache(models, data, kind, radius, mode)
         except Exception as e:  # noqa: BLE001
             st.error(f"Cannot run: {_message(e)}")
             return
+    if result is not None:
+        memory()[("result", key)] = result
     if result is None:
         if job is not None and job.running:
             _progress(key)
