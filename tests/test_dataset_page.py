@@ -124,7 +124,8 @@ def _png(seed: int) -> bytes:
     return buf.getvalue()
 
 
-def test_every_view_on_three_models(zoo):
+def test_every_view_on_three_models(zoo, monkeypatch):
+    monkeypatch.setenv("BROWSER_PATH", "/nonexistent")  # the bundle without PNG/SVG: fast, no Chromium
     specs, _ = zoo
     at = _run(_open(specs, more=specs[2]))
     assert not at.exception and not _errors(at)
@@ -176,6 +177,26 @@ def test_every_view_on_three_models(zoo):
     assert {"per-image table (CSV)", "per-image table (Parquet)", "metrics (JSON)", "report (HTML)"} <= exports
     code = [c.value for c in at.code]
     assert any(c.startswith("python -m equishift evaluate --model zoo:dsp-vit-baseline") for c in code)
+    at.button(key="ds_bundle").click().run()
+    assert not at.exception and not _errors(at)
+    assert "download dataset-view.zip" in {el.label for el in at.get("download_button")}
+    with zipfile.ZipFile(io.BytesIO(at.session_state["ds_bundle_bytes"])) as zf:
+        names = set(zf.namelist())
+    assert "dataset-view/figures/orbit_flip.html" in names and "dataset-view/NO_PNG_SVG.txt" in names
+
+
+def test_a_bad_extra_model_is_named_and_the_rest_runs(zoo):
+    specs, _ = zoo
+    at = _open(specs, more="zoo:no-such-model\n" + specs[2])
+    errs = _errors(at)
+    assert len(errs) == 1 and "zoo:no-such-model" in errs[0]
+    if "ds_board" not in _frames(at):  # (another test may have run these three already: then it is cached)
+        at.button(key="ds_run").click().run()
+    deadline = time.monotonic() + 240
+    while "ds_board" not in _frames(at) and time.monotonic() < deadline:
+        time.sleep(0.3)
+        at.run()
+    assert _frames(at)["ds_board"]["model"].tolist() == list(NAMES)
 
 
 def test_link_opens_the_image_in_the_single_image_page(zoo):
