@@ -243,14 +243,27 @@ def _models(pair: List[Optional[str]]) -> Tuple[List[Any], List[str]]:
 
 def _data() -> Tuple[Optional[ds.ImageSet], Optional[str]]:
     st.subheader("Images")
-    source = st.radio("images", ("Fashion-MNIST test split", "Upload a zip"), horizontal=True, key="ds_source",
-                      label_visibility="collapsed")
+    source = st.radio("images", ("Fashion-MNIST test split", "Upload a zip", "Upload a folder"), horizontal=True,
+                      key="ds_source", label_visibility="collapsed")
     if source == "Fashion-MNIST test split":
         n = st.number_input("first N images", 1, 10000, DEFAULT_N, step=50, key="ds_n")
         try:
             return _fmnist(int(n)), None
         except EquishiftError as e:
             return None, f"Cannot read Fashion-MNIST: {e}"
+    if source == "Upload a folder":
+        files = st.file_uploader("a folder of class/xxx.png (sub-folders named after the model's classes), or "
+                                 "of images without sub-folders (no labels)", accept_multiple_files="directory",
+                                 key="ds_folder")
+        unlabelled = st.checkbox("ignore the sub-folders (no labels: consistency only)", key="ds_unlabelled")
+        if not files:
+            return None, None
+        items = [(f.name, f.getvalue()) for f in files]
+        top = items[0][0].split("/")[0] if items else "folder"
+        try:
+            return _files(items, top, not unlabelled), None
+        except EquishiftError as e:
+            return None, f"Cannot use the uploaded folder **{top[:80]}**: {e}"
     up = st.file_uploader("zip of class/xxx.png (folders named after the model's classes), or of images "
                           "without folders (no labels)", type=["zip"], key="ds_zip")
     unlabelled = st.checkbox("ignore the folders (no labels: consistency only)", key="ds_unlabelled")
@@ -280,6 +293,19 @@ def _zip(sha: str, raw: bytes, name: str, labels: bool) -> ds.ImageSet:
     if hit is None:
         data = ds.zip_set(raw, name, labels=labels)
         memory()[key] = hit = _Sized(data, len(raw) * 2)
+    image_sets()[hit.value.key] = hit.value
+    return hit.value
+
+
+def _files(items, name: str, labels: bool) -> ds.ImageSet:
+    h = hashlib.sha256()
+    for n, d in items:
+        h.update(n.encode() + b"\0" + hashlib.sha256(d).digest())
+    key = ("files", h.hexdigest(), labels)
+    hit = memory().get(key)
+    if hit is None:
+        data = ds.files_set(items, name, labels=labels)
+        memory()[key] = hit = _Sized(data, data.nbytes * 2)
     image_sets()[hit.value.key] = hit.value
     return hit.value
 

@@ -41,7 +41,7 @@ from .errors import DataError, EquishiftError, LimitError
 from .evaluation import _prepare, match_classes, wilson_interval
 from .shifts import grid, shift_batch
 
-__all__ = ["ImageSet", "fashion_mnist_set", "zip_set", "folder_set", "shift_set", "describe_shift_set",
+__all__ = ["ImageSet", "fashion_mnist_set", "zip_set", "files_set", "folder_set", "shift_set", "describe_shift_set",
            "ModelSweep", "Cancelled", "sweep_dataset", "sweep_models", "model_key", "DiskCache",
            "consistency_by", "orbit_maps", "per_class", "fragility", "leaderboard_row", "polyphase_stats",
            "per_image_table", "SHIFT_SETS", "DATASET_MODES", "ZIP_LIMITS", "MARGIN_BINS", "ENGINE_VERSION",
@@ -258,6 +258,42 @@ def zip_set(data: bytes, name: str = "upload.zip", *, max_files: int = ZIP_LIMIT
             blobs.append(raw)
     out = ImageSet(name=short, key="zip-" + hashlib.sha256(data).hexdigest()[:32], names=paths, folders=folders,
                    blobs=blobs, source=name)
+    _check_decodes(out)
+    return out
+
+
+def files_set(items: Sequence[Tuple[str, bytes]], name: str = "upload", *, labels: bool = True,
+              max_files: int = ZIP_LIMITS["max_files"], max_total_bytes: int = ZIP_LIMITS["max_total_bytes"],
+              max_member_bytes: int = ZIP_LIMITS["max_member_bytes"]) -> ImageSet:
+    """Uploaded files named by their path in a folder (a browser's folder upload: ``folder/class/xxx.png``):
+    the same layout rules, path checks and limits as ``zip_set``; files that are not images are skipped."""
+    short = Path(name).name[:80] or "upload"
+    kept = []
+    for n, data in items:
+        n = str(n).replace("\\", "/")
+        if n.startswith("/") or re.match(r"^[A-Za-z]:", n) or ".." in n.split("/"):
+            raise DataError(f"{short}: file {n[:80]!r} has an absolute or parent ('..') path; refused")
+        if any(p.startswith(".") for p in n.split("/")) or not _image_ext(n):
+            continue
+        if len(data) > max_member_bytes:
+            raise LimitError(f"{short}: {n[:80]} is {len(data) / 2 ** 20:.1f} MB; the limit per image is "
+                             f"{max_member_bytes / 2 ** 20:.0f} MB")
+        kept.append((n, data))
+    if not kept:
+        raise DataError(f"{short} holds no images (.png, .jpg, …); expected class/xxx.png")
+    if len(kept) > max_files:
+        raise LimitError(f"{short} holds {len(kept)} images; the limit is {max_files}")
+    total = sum(len(d) for _, d in kept)
+    if total > max_total_bytes:
+        raise LimitError(f"{short} holds {total / 2 ** 20:.0f} MB of images; the limit is "
+                         f"{max_total_bytes / 2 ** 20:.0f} MB")
+    kept.sort(key=lambda t: t[0])
+    paths = [n for n, _ in kept]
+    h = hashlib.sha256()
+    for n, d in kept:
+        h.update(n.encode() + b"\0" + hashlib.sha256(d).digest())
+    out = ImageSet(name=short, key="files-" + h.hexdigest()[:32], names=paths,
+                   folders=_layout(paths, short) if labels else None, blobs=[d for _, d in kept], source=short)
     _check_decodes(out)
     return out
 

@@ -261,6 +261,15 @@ def test_uploads_labelled_unlabelled_and_bad(zoo):
     at.radio(key="ds_map").set_value("flip rate").run()
     assert "probability of the true class" not in at.radio(key="ds_map").options
     assert not at.exception and not _errors(at)
+    # a folder upload (the browser names each file by its path in the folder)
+    at.radio(key="ds_source").set_value("Upload a folder").run()
+    files = [(f"garments/{c}/{i}.png", _png(7 * k + i), "image/png") for k, c in enumerate(("Coat", "Sandal"))
+             for i in range(3)]
+    at.get("file_uploader")[0].set_value(files).run()
+    assert not _errors(at)
+    _run(at)
+    assert set(_frames(at)["ds_class_table"]["class"]) == {"Coat", "Sandal"}
+    at.radio(key="ds_source").set_value("Upload a zip").run()
     # a zip whose folders are not the model's classes: named, nothing else lost
     wrong = _zip({"cats/a.png": _png(1), "dogs/b.png": _png(2)})
     at.get("file_uploader")[0].upload("pets.zip", wrong, "application/zip").run()

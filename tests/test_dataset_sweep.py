@@ -267,6 +267,22 @@ def test_zip_labelled_unlabelled_and_wrapped(models):
     assert "orbit_p_true" not in figs and "per_class_clean_accuracy" not in figs
 
 
+def test_uploaded_folder(models):
+    items = [("shoes/Sneaker/a.png", _png(50)), ("shoes/Bag/b.png", _png(70)), ("shoes/.DS_Store", b"x"),
+             ("shoes/Bag/notes.txt", b"hello")]
+    data = ds.files_set(items, "shoes")
+    assert data.names == ["shoes/Bag/b.png", "shoes/Sneaker/a.png"]
+    assert data.labels_for(models[0].classes).tolist() == [8, 7]
+    flat = ds.files_set([("pics/a.png", _png(1)), ("pics/b.png", _png(2))], "pics")
+    assert not flat.labelled
+    with pytest.raises(DataError, match="parent"):
+        ds.files_set([("pics/../../etc/a.png", _png(1))], "pics")
+    with pytest.raises(LimitError, match="the limit is 1"):
+        ds.files_set([("p/a.png", _png(1)), ("p/b.png", _png(2))], "p", max_files=1)
+    with pytest.raises(DataError, match="p/bad.png"):
+        ds.files_set([("p/bad.png", b"not a png"), ("p/b.png", _png(2))], "p")
+
+
 @pytest.mark.parametrize("members,err,match", [
     (None, DataError, "not a readable zip archive"),
     ({"../evil.png": _png(1)}, DataError, "parent"),
