@@ -749,9 +749,12 @@ def orbit_maps(sw: ModelSweep) -> Dict[str, Any]:
             "flip": lay(flips / sw.n), "flip_lo": lay(lo_hi[:, 0]), "flip_hi": lay(lo_hi[:, 1])}
 
 
-def _prop(count: int, n: int) -> Dict[str, Any]:
-    lo, hi = wilson_interval(int(count), int(n))
-    return {"value": (count / n) if n else float("nan"), "count": int(count), "n": int(n), "ci95": [lo, hi]}
+def _prop(count: float, n: int) -> Dict[str, Any]:
+    """A proportion: ``count`` successes of ``n`` images. ``count`` may be a sum of per-image fractions (a
+    mean over shifts): the value stays exact and the Wilson interval uses it rounded to whole images."""
+    lo, hi = wilson_interval(int(round(count)), int(n))
+    c = int(count) if float(count).is_integer() else round(float(count), 6)
+    return {"value": (count / n) if n else float("nan"), "count": c, "n": int(n), "ci95": [lo, hi]}
 
 
 def per_class(sw: ModelSweep) -> List[Dict[str, Any]]:
@@ -769,8 +772,8 @@ def per_class(sw: ModelSweep) -> List[Dict[str, Any]]:
                "n": nc, "grouped_by": "label" if labelled else "unshifted prediction"}
         if labelled:
             row["clean_accuracy"] = _prop(int((sw.ref_pred[m] == c).sum()), nc)
-            row["shifted_accuracy"] = _prop(round(float((sw.pred[m] == c).mean(1).sum())), nc)
-        row["consistency"] = _prop(round(float(cons[m].mean(1).sum())), nc)
+            row["shifted_accuracy"] = _prop(float((sw.pred[m] == c).mean(1).sum()), nc)
+        row["consistency"] = _prop(float(cons[m].mean(1).sum()), nc)
         row["orbit_consistency"] = _prop(int(cons[m].all(1).sum()), nc)
         rows.append(row)
     return rows
@@ -840,8 +843,8 @@ def leaderboard_row(sw: ModelSweep, protocols: Optional[Dict[str, Any]] = None) 
                            "n_images": sw.n, "shifts": int(len(sw.shifts))}
     if sw.labelled:
         row["clean_accuracy"] = _prop(int((sw.ref_pred == sw.labels).sum()), sw.n)
-        row["shifted_accuracy"] = _prop(round(float((sw.pred == sw.labels[:, None]).mean(1).sum())), sw.n)
-    row["consistency"] = _prop(round(float(cons.mean(1).sum())), sw.n)
+        row["shifted_accuracy"] = _prop(float((sw.pred == sw.labels[:, None]).mean(1).sum()), sw.n)
+    row["consistency"] = _prop(float(cons.mean(1).sum()), sw.n)
     row["orbit_consistency"] = _prop(int(cons.all(1).sum()), sw.n)
     rows = max(1, int(sw.meta.get("rows", 1)))
     row["forward_ms_per_image_shift"] = 1000 * float(sw.meta.get("forward_seconds", 0.0)) / rows

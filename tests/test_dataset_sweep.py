@@ -180,6 +180,10 @@ def test_aggregates_count_what_they_say():
     assert rows["a"]["clean_accuracy"]["count"] == 2      # images 0, 3 predicted a
     assert rows["b"]["clean_accuracy"]["count"] == 1      # image 1 right, image 2 (pred c) wrong
     assert rows["a"]["orbit_consistency"]["count"] == 1   # image 0 only
+    # a mean over shifts stays exact (images 0 and 3: 6/6 and 1/6 of the shifts); the interval rounds it
+    assert rows["a"]["consistency"]["value"] == pytest.approx((1 + 1 / 6) / 2)
+    assert rows["a"]["consistency"]["ci95"] == pytest.approx(list(wilson_interval(1, 2)))
+    assert ds.leaderboard_row(sw)["consistency"]["value"] == pytest.approx(sw.consistent.mean())
     frag = ds.fragility([sw], "flip")
     assert [r["index"] for r in frag][:2] in ([1, 3], [3, 1])  # both flip at ‖δ‖∞ = 1
     assert frag[-1]["index"] == 0 and frag[-1]["smallest_flip"] is None
