@@ -401,3 +401,15 @@ def test_bundle_has_every_figure_as_png_svg_and_html(models, period):
         assert np.asarray(png.convert("L")).std() > 1
         assert {"dataset-view/per_image.csv", "dataset-view/per_image.parquet", "dataset-view/metrics.json",
                 "dataset-view/report.html"} <= names
+
+
+def test_full_orbit_wraps_shift_sizes_and_the_anchored_model_holds(models):
+    data = ds.fashion_mnist_set(2)
+    sw = ds.sweep_dataset(models[1], data, "orbit")
+    assert sw.pred.shape == (2, 1024) and sw.consistent.all()
+    c = ds.consistency_by(sw, "linf")
+    # circular: δ and δ - 32 are one shift, so sizes run 0..16 (shift 16 is its own mirror)
+    assert c["value"].tolist() == list(range(17))
+    assert c["shifts"].sum() == 1024 and c["shifts"][1] == 8 and c["shifts"][16] == 32 ** 2 - 31 ** 2
+    frag = ds.fragility([ds.sweep_dataset(models[0], data, "orbit")], "flip")
+    assert all(r["smallest_flip"] is None or 1 <= r["smallest_flip"] <= 16 for r in frag)
