@@ -391,6 +391,11 @@ def mode_picker() -> str:
 def image_picker() -> Optional[ImageChoice]:
     """The chosen image's bytes (a sample or an upload); None when there is nothing to show."""
     st.sidebar.header("Image")
+    from dashboard.dataset_page import linked_choice  # a gallery link of the Dataset page: ?dataset_image=
+
+    linked = linked_choice()
+    if linked is not None:
+        return linked
     source = st.sidebar.radio("image source", ("Sample", "Upload"), horizontal=True, key="image_source",
                               label_visibility="collapsed")
     if source == "Upload":

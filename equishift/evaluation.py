@@ -53,7 +53,7 @@ from .errors import DataError, EquishiftError
 from .shifts import grid, shift_batch
 
 __all__ = ["PROTOCOLS", "evaluate", "card_metrics", "wilson_interval", "resolve_dataset", "draw_shifts",
-           "add_arguments", "run"]
+           "match_classes", "add_arguments", "run"]
 
 Z95 = 1.959963984540054  # two-sided 95% normal quantile
 A_RANGE = (0, 14)        # consistency-a / shifted-accuracy / zero-pad
@@ -248,6 +248,24 @@ def _paired_drop(n10: int, n01: int, n: int) -> Tuple[float, Tuple[float, float]
 
 
 # --- datasets ----------------------------------------------------------------------------------------
+def match_classes(folders: Sequence[str], classes: Sequence[str], where: str) -> Dict[str, int]:
+    """Folder name -> index into a model's ``classes``: names compared ignoring case and punctuation, or
+    folders named 0..len(classes)-1. DataError naming the first folder that matches nothing."""
+    key = {re.sub(r"[^0-9a-z]", "", c.lower()): k for k, c in enumerate(classes)}
+    mapping = {}
+    for folder in folders:
+        norm = re.sub(r"[^0-9a-z]", "", folder.lower())
+        if norm in key:
+            mapping[folder] = key[norm]
+        elif folder.isdigit() and int(folder) < len(classes):
+            mapping[folder] = int(folder)
+        else:
+            shown = ", ".join(list(classes)[:12]) + (", …" if len(classes) > 12 else "")
+            raise DataError(f"{where}: folder {folder[:60]!r} is not one of the model's classes ({shown}); "
+                            f"name the folders after them or 0..{len(classes) - 1}")
+    return mapping
+
+
 class _FolderImages:
     """An image folder (ROOT/<class>/<files>) as (PIL RGB image, label) pairs; labels follow the model's
     classes, matched to folder names ignoring case and punctuation (or folders named 0, 1, ...)."""
@@ -256,17 +274,7 @@ class _FolderImages:
         from .data import ImageFolder
 
         listing = ImageFolder(root)  # lists the files and checks the layout; decodes nothing
-        key = {re.sub(r"[^0-9a-z]", "", c.lower()): k for k, c in enumerate(classes)}
-        mapping = {}
-        for folder in listing.classes:
-            norm = re.sub(r"[^0-9a-z]", "", folder.lower())
-            if norm in key:
-                mapping[folder] = key[norm]
-            elif folder.isdigit() and int(folder) < len(classes):
-                mapping[folder] = int(folder)
-            else:
-                raise DataError(f"{root}: folder {folder!r} is not one of the model's classes "
-                                f"({', '.join(classes)}); name the folders after them or 0..{len(classes) - 1}")
+        mapping = match_classes(listing.classes, classes, str(root))
         self.samples = [(p, mapping[listing.classes[k]]) for p, k in listing.samples]
         self.name = str(root)
 
@@ -508,8 +516,9 @@ def to_csv(result: Dict[str, Any]) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="model spec: zoo:NAME, timm:NAME[?pretrained|@PATH], "
-                                                       "anchored[MODE]:SPEC")
+    parser.add_argument("--model", required=True, action="append",
+                        help="model spec: zoo:NAME, timm:NAME[?pretrained|@PATH], anchored[MODE]:SPEC; repeat "
+                             "to compare up to 6 models")
     parser.add_argument("--dataset", default="fashion-mnist",
                         help="'fashion-mnist' (test split), a folder of Fashion-MNIST IDX files, or an image "
                              "folder ROOT/<class>/<images> (default: fashion-mnist)")
@@ -523,20 +532,136 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N images")
     parser.add_argument("--seed", type=int, default=0, help="seed of every random shift (default 0)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    view = parser.add_argument_group("dataset view (the dashboard's Dataset page, docs/dataset.md)")
+    view.add_argument("--per-image", default=None, metavar="CSV",
+                      help="sweep every image over the shift set and write one row per image and model "
+                           "(a .parquet name writes Parquet)")
+    view.add_argument("--figures", default=None, metavar="DIR",
+                      help="write the dataset view's figures (HTML; PNG/SVG with a Chromium) and metrics.json")
+    view.add_argument("--report", default=None, metavar="HTML", help="write the dataset view's report page")
+    view.add_argument("--shifts", default="period", metavar="SET",
+                      help="shift set of the dataset view: period (default), orbit, or rN (|δ|∞ <= N)")
+    view.add_argument("--shift-mode", default="circular", choices=("circular", "zero", "crop"),
+                      help="shift mode of the dataset view (default circular)")
+    view.add_argument("--unlabelled", action="store_true",
+                      help="ignore class folders: consistency metrics only")
+
+
+def _view_set(args: argparse.Namespace):
+    """The image set of the dataset view from --dataset / --limit / --unlabelled."""
+    from . import dataset_sweep as dsw
+
+    src, limit = str(args.dataset), args.limit
+    unlabelled = bool(getattr(args, "unlabelled", False))
+    if src.lower() in ("fashion-mnist", "fmnist", "fashion_mnist"):
+        return dsw.fashion_mnist_set(limit or 10000)
+    path = Path(src)
+    if path.is_file() and path.suffix.lower() == ".zip":
+        data = dsw.zip_set(path.read_bytes(), src, labels=not unlabelled)
+    elif path.is_dir() and any(path.glob("t10k-images-idx3-ubyte*")):
+        data = dsw.fashion_mnist_set(limit or 10000, root=path)
+        data.source = src
+        return data
+    elif path.is_dir():
+        data = dsw.folder_set(path, labels=not unlabelled)
+    else:
+        raise DataError(f"dataset {src[:200]!r} is neither 'fashion-mnist', a directory nor a .zip file")
+    if limit is not None and limit < len(data):
+        raise EquishiftError("--limit applies to Fashion-MNIST only in the dataset view; give a folder or zip "
+                             "holding the images to use")
+    return data
+
+
+def _parse_shift_set(text: str):
+    text = str(text).strip().lower()
+    if text in ("period", "orbit"):
+        return text, None
+    m = re.fullmatch(r"r(\d+)", text)
+    if not m:
+        raise EquishiftError(f"--shifts {text[:40]!r}: use period, orbit or rN (e.g. r3)")
+    return "radius", int(m.group(1))
+
+
+def _dataset_view(args: argparse.Namespace, models, protocols) -> Dict[str, Any]:
+    """--per-image / --figures / --report: the dashboard's dataset view, written to files."""
+    from . import dataset_report as dr
+    from . import dataset_sweep as dsw
+
+    data = _view_set(args)
+    kind, radius = _parse_shift_set(getattr(args, "shifts", "period"))
+    wanted = [] if protocols is None else [p for p in _protocol_names(protocols)
+                                           if data.labelled or p not in _ACCURACY]
+    show = not args.no_progress
+    bar = _progress(len(data) * len(models), show, "dataset view")
+
+    def step(done: int, total: int, stage: str, seen=[0]) -> None:
+        if stage == "sweep":
+            bar.update(done - seen[0])
+            seen[0] = done
+
+    result = dsw.analyse(models, data, kind, mode=getattr(args, "shift_mode", "circular"), radius=radius,
+                         batch_size=args.batch_size, seed=args.seed, extra_protocols=wanted, progress=step,
+                         cache=dsw.DiskCache())
+    bar.close()
+    if args.per_image:
+        out = Path(args.per_image)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if out.suffix.lower() == ".parquet":
+            out.write_bytes(dr.per_image_parquet(result, data))
+        else:
+            out.write_text(dr.per_image_csv(result, data))
+    if args.figures or args.report:
+        from . import dataset_plots as dp
+
+        figs = dp.all_figures(result.sweeps, result.leaderboard)
+        if args.figures:
+            err = dr.write_figures(figs, args.figures)
+            (Path(args.figures) / "metrics.json").write_text(dr.metrics_json(result))
+            if err:
+                print(f"equishift evaluate: figures written as HTML only (no PNG/SVG: {err})", file=sys.stderr)
+        if args.report:
+            gallery = dsw.fragility(result.sweeps, "flip")[:12]
+            for g in gallery:
+                g["name"] = data.names[g["index"]]
+            Path(args.report).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.report).write_text(dr.report_html(result, figs, dr.cli_command(result.settings), gallery))
+    return {"result": result, "data": data}
+
+
+_ACCURACY = ("clean", "shifted-accuracy", "crop-accuracy", "flip-accuracy", "affine-accuracy")
+
+
+def _print_result(result: Dict[str, Any]) -> None:
+    print(f"{result['model']} on {result['dataset']}: {result['n_images']} images, seed {result['seed']}")
+    for r in result["protocols"].values():
+        extra = f"  drop {100 * r['drop']:+.2f} pts" if "drop" in r else ""
+        print(f"  {r['protocol']:<17} {100 * r['value']:6.2f}%  95% CI [{100 * r['ci95'][0]:.2f}, "
+              f"{100 * r['ci95'][1]:.2f}]  {r['shift_mode']}: {r['range']}{extra}")
 
 
 def run(args: argparse.Namespace) -> int:
     from .device import default_device
     from .zoo import load_model
 
+    specs = [args.model] if isinstance(args.model, str) else list(args.model)
+    view = any(getattr(args, k, None) for k in ("per_image", "figures", "report"))
     ok = False
     try:
+        if len(specs) > 6:
+            raise EquishiftError(f"{len(specs)} models given; compare at most 6")
         device = dist_util.init_from_env(default_device(args.device))
         rank = dist_util.rank_and_world()[0]
-        loaded = load_model(args.model, device=device)
-        result = evaluate(loaded, args.dataset, args.protocol or "all", batch_size=args.batch_size,
-                          limit=args.limit, seed=args.seed, progress=not args.no_progress,
-                          distributed=dist_util.is_active())
+        if view and dist_util.is_active():
+            raise EquishiftError("the dataset view (--per-image, --figures, --report) runs in one process; "
+                                 "start it without torchrun")
+        models = [load_model(spec, device=device) for spec in specs]
+        if view:
+            done = _dataset_view(args, models, args.protocol)
+            results = done["result"].protocols
+        else:
+            results = [evaluate(loaded, args.dataset, args.protocol or "all", batch_size=args.batch_size,
+                                limit=args.limit, seed=args.seed, progress=not args.no_progress,
+                                distributed=dist_util.is_active()) for loaded in models]
         ok = True
     except EquishiftError as e:
         print(f"equishift evaluate: error: {e}", file=sys.stderr)
@@ -546,12 +671,17 @@ def run(args: argparse.Namespace) -> int:
     if rank != 0:
         return 0
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+        out = results[0] if len(results) == 1 else {"results": results}
+        Path(args.json).write_text(json.dumps(out, indent=2, ensure_ascii=False) + "\n")
     if args.csv:
-        Path(args.csv).write_text(to_csv(result))
-    print(f"{result['model']} on {result['dataset']}: {result['n_images']} images, seed {result['seed']}")
-    for r in result["protocols"].values():
-        extra = f"  drop {100 * r['drop']:+.2f} pts" if "drop" in r else ""
-        print(f"  {r['protocol']:<17} {100 * r['value']:6.2f}%  95% CI [{100 * r['ci95'][0]:.2f}, "
-              f"{100 * r['ci95'][1]:.2f}]  {r['shift_mode']}: {r['range']}{extra}")
+        Path(args.csv).write_text("".join(to_csv(r) if i == 0 else to_csv(r).split("\n", 1)[1]
+                                          for i, r in enumerate(results)))
+    for result in results:
+        _print_result(result)
+    if view:
+        res = done["result"]
+        print(f"dataset view: {res.settings['n_images']} images, {res.settings['describe']}")
+        for row in res.leaderboard:
+            print(f"  {row['model']:<28} consistency over the shift set {100 * row['consistency']['value']:6.2f}%  "
+                  f"orbit consistency {100 * row['orbit_consistency']['value']:6.2f}%")
     return 0
