@@ -3,7 +3,6 @@ show are flagged, and the trained zoo models on Fashion-MNIST images are not."""
 from __future__ import annotations
 
 import hashlib
-import io
 import sys
 from pathlib import Path
 
