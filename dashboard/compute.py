@@ -11,6 +11,7 @@
 """
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -251,7 +252,16 @@ def _env_int(name: str, default: int) -> int:
 def store() -> Store:
     """The process-wide store of sweeps (one per server, shared by sessions): the big, slow results.
     At most 12 sweeps besides those live sessions show, and $EQUISHIFT_CACHE_MIB (default 1024) MiB."""
-    return Store(max_entries=12, max_bytes=_env_int("EQUISHIFT_CACHE_MIB", 1024) * 2 ** 20, is_alive=session_alive)
+    return Store(max_entries=12, max_bytes=cache_mib() * 2 ** 20, is_alive=session_alive)
+
+
+def cache_mib() -> int:
+    """$EQUISHIFT_CACHE_MIB; the older name $EQUISHIFT_CACHE_MB (which always counted MiB) still works."""
+    if "EQUISHIFT_CACHE_MIB" not in os.environ and "EQUISHIFT_CACHE_MB" in os.environ:
+        logging.getLogger("equishift.dashboard").warning(
+            "EQUISHIFT_CACHE_MB is deprecated: it counts MiB, set EQUISHIFT_CACHE_MIB instead")
+        return _env_int("EQUISHIFT_CACHE_MB", 1024)
+    return _env_int("EQUISHIFT_CACHE_MIB", 1024)
 
 
 def session_alive(session_id: Hashable) -> bool:

@@ -177,17 +177,19 @@ def _grid_options(ref: Side, mode: str) -> List[state.GridSpec]:
     return [g for g in options if len(g) <= MAX_SHIFTS] or options[:1]
 
 
-def _estimates(ref: Side, options: List[state.GridSpec]) -> Tuple[List[float], int]:
-    """Estimated seconds to sweep each grid with both models, and the page's default: the finest grid
-    estimated within COARSE_AFTER_S (else the coarsest)."""
-    sec = compute.forward_seconds(ref.loaded, ref.x)
-    # 2 models; recording attention and features costs ~1.3x a bare batched forward pass (measured)
-    est = [2 * 1.5 * sec * len(g) for g in options]
+def _estimates(sides: List[Side], options: List[state.GridSpec]) -> Tuple[List[float], int]:
+    """Estimated seconds to sweep each grid with every model shown, and the page's default: the finest
+    grid estimated within COARSE_AFTER_S (else the coarsest). Each model is timed: a small baseline
+    beside a large anchored model must not make the pair look cheap."""
+    sec = sum(compute.forward_seconds(s.loaded, s.x) for s in sides)
+    # recording attention and features costs ~1.3x a bare batched forward pass (measured)
+    est = [1.5 * sec * len(g) for g in options]
     fits = [i for i, t in enumerate(est) if t <= COARSE_AFTER_S]
     return est, (max(fits) if fits else 0)
 
 
-def _grid_picker(ref: Side, mode: str, sha256: str) -> Tuple[state.GridSpec, float, List[state.GridSpec]]:
+def _grid_picker(sides: List[Side], mode: str, sha256: str) -> Tuple[state.GridSpec, float, List[state.GridSpec]]:
+    ref = sides[0]
     _, h, w = ref.x.shape[1:]
     stride = ref.loaded.stride
     options = _grid_options(ref, mode)
@@ -199,7 +201,7 @@ def _grid_picker(ref: Side, mode: str, sha256: str) -> Tuple[state.GridSpec, flo
         asked = None
     if asked is not None and asked not in options:
         options.insert(0, asked)
-    est, default = _estimates(ref, options)
+    est, default = _estimates(sides, options)
     # grids estimated over the server's budget are not offered (unless already swept): one visitor must
     # not occupy the shared sweep slots for hours (a 224-px model's full orbit: ~50k shifts)
     budget = max_sweep_s()
@@ -451,7 +453,7 @@ def warm_up(log=print) -> List[str]:
         if not ok:
             return done
         options = _grid_options(ok[0], mode)
-        est, default = _estimates(ok[0], options)
+        est, default = _estimates(ok, options)
         grid = options[default]
         for side in ok:
             side.key = ("sweep", side.spec, choice.sha256, mode, grid.key)
@@ -491,9 +493,8 @@ def main() -> None:
         return
     _guarded_call(panels.preprocessing, ok, thumb, original_size, choice)
     _guarded_call(panels.model_cards, ok)
-    ref = ok[0]
     try:
-        grid, est, options = _grid_picker(ref, mode, choice.sha256)
+        grid, est, options = _grid_picker(ok, mode, choice.sha256)
         chosen = grid
         grid, pending = _in_background(ok, choice, mode, grid, est, options)
     except Exception as e:  # noqa: BLE001

@@ -731,3 +731,19 @@ def test_a_grid_over_the_sweep_budget_is_not_offered(monkeypatch):
     grid_box = at.sidebar.selectbox(key="grid_reflect_32_4")
     assert not any("full orbit" in o for o in grid_box.options)
     assert any("Not offered: full orbit" in c.value for c in at.sidebar.caption)
+
+
+def test_the_sweep_budget_counts_every_model_shown(monkeypatch):
+    """A tiny baseline beside a slow anchored model: the estimate is the sum of both models' timings, so
+    the pair cannot pass the budget on the baseline's speed."""
+    from dashboard import compute
+
+    slow = {"zoo:fmnist-vit-anchored": 0.01}
+    monkeypatch.setattr(compute, "forward_seconds", lambda loaded, x, batch=32: slow.get(loaded.spec, 1e-4))
+    monkeypatch.setenv("EQUISHIFT_MAX_SWEEP_S", "10")  # full orbit: 1.5 × 0.0101 s × 1024 = 15.5 s
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT)
+    at.query_params["shift_mode"] = "reflect"
+    at.run()
+    assert not at.exception and errors(at) == []
+    assert any("Not offered: full orbit" in c.value and "16 s" in c.value for c in at.sidebar.caption), \
+        [c.value for c in at.sidebar.caption]

@@ -267,6 +267,19 @@ def test_what_a_live_session_shows_is_evicted_last():
     assert "a2" in store and "a3" in store and store.bytes <= 4 * 1024
 
 
+def test_cache_size_is_read_in_mib_under_either_name(monkeypatch):
+    from dashboard.compute import cache_mib
+
+    monkeypatch.delenv("EQUISHIFT_CACHE_MIB", raising=False)
+    monkeypatch.setenv("EQUISHIFT_CACHE_MB", "300")  # the older name, which always counted MiB
+    assert cache_mib() == 300
+    monkeypatch.setenv("EQUISHIFT_CACHE_MIB", "200")  # the documented name wins
+    assert cache_mib() == 200
+    monkeypatch.delenv("EQUISHIFT_CACHE_MB")
+    monkeypatch.delenv("EQUISHIFT_CACHE_MIB")
+    assert cache_mib() == 1024
+
+
 def test_store_counts_sweep_results_by_their_tensors():
     from dashboard.compute import nbytes
 
