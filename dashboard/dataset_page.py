@@ -97,6 +97,7 @@ class Job:
     thread: Optional[threading.Thread] = None
     finished: Optional[float] = None
     watchers: Dict[str, float] = field(default_factory=dict)
+    left: set = field(default_factory=set)  # sessions that cancelled while others still watched
 
     @property
     def running(self) -> bool:
@@ -105,7 +106,8 @@ class Job:
     def watch(self, session: str) -> int:
         """Note that ``session`` shows this run; returns how many sessions watch it now."""
         now = time.monotonic()
-        self.watchers[session] = now
+        if session not in self.left:
+            self.watchers[session] = now
         for s, t in list(self.watchers.items()):
             if now - t > WATCH_S:
                 self.watchers.pop(s, None)
@@ -117,6 +119,7 @@ class Job:
         self.watchers.pop(session, None)
         now = time.monotonic()
         if any(now - t <= WATCH_S for t in self.watchers.values()):
+            self.left.add(session)
             return False
         self.stop.set()
         return True
@@ -623,8 +626,6 @@ def _cancel(key: str, session: str) -> None:
     job = jobs().get(key)
     if job is not None and job.cancel(session):
         job.thread.join(timeout=30)  # it stops at the next chunk (a fraction of a second)
-    elif job is not None:
-        st.session_state[f"ds_left_{key}"] = True
 
 
 @st.fragment(run_every=1.0)
@@ -647,6 +648,9 @@ def _progress(key: str) -> None:
     if job.stage.startswith("waiting"):
         text = "waiting for a free sweep slot (other runs of this server are using them)"
     st.progress(min(1.0, frac), text=text)
+    if session in job.left:
+        st.caption(f"You cancelled this run; it goes on for the {watching} other session(s) watching it.")
+        return
     if watching > 1:
         st.caption(f"This run is shared with {watching - 1} other session(s) asking for the same analysis: "
                    f"Cancel stops it only when every one of them has cancelled.")
@@ -704,8 +708,6 @@ def main() -> None:
         if job is not None and job.cancelled:
             st.warning(f"Cancelled after {job.done} of {job.total} image·model runs; nothing was kept of the "
                        f"unfinished model (finished models are cached).")
-        if job is not None and not job.running and st.session_state.pop(f"ds_left_{key}", False):
-            st.info("You left a run shared with other sessions; it went on for them.")
         try:
             ks = [len(ds.shift_set(kind, m.stride, tuple(m.input_size[1:]), mode, radius)) for m in models]
             est = estimate_seconds(models, data, kind, radius, mode)

@@ -339,6 +339,7 @@ def test_cancel_stops_a_shared_run_only_when_every_watcher_left(monkeypatch):
     job = dataset_page.Job("k")
     assert job.watch("a") == 1 and job.watch("b") == 2
     assert job.cancel("a") is False and not job.stop.is_set()
+    assert job.watch("a") == 1  # a session that left does not come back as a watcher by drawing the bar
     assert job.cancel("b") is True and job.stop.is_set()
     # a closed tab stops counting after WATCH_S
     job = dataset_page.Job("k")
