@@ -31,6 +31,7 @@ from equishift import dataset_sweep as ds
 from equishift.errors import EquishiftError
 
 from dashboard import compute, sources
+from dashboard import session as session_limits
 
 __all__ = ["main", "jobs", "memory", "image_sets", "linked_choice", "MAX_MODELS"]
 
@@ -75,6 +76,13 @@ def memory() -> _Memory:
     return _Memory()
 
 
+# A session counts as watching a run while its progress fragment (every second) has reported within this.
+WATCH_S = 5.0
+# A finished run (result, error or cancellation) stays this long, so every session watching it sees how it
+# ended; its result is also in the shared memory by then.
+KEEP_FINISHED_S = 120.0
+
+
 @dataclass
 class Job:
     key: str
@@ -87,10 +95,34 @@ class Job:
     result: Any = None
     stop: threading.Event = field(default_factory=threading.Event)
     thread: Optional[threading.Thread] = None
+    finished: Optional[float] = None
+    watchers: Dict[str, float] = field(default_factory=dict)
+    left: set = field(default_factory=set)  # sessions that cancelled while others still watched
 
     @property
     def running(self) -> bool:
         return self.thread is not None and self.thread.is_alive()
+
+    def watch(self, session: str) -> int:
+        """Note that ``session`` shows this run; returns how many sessions watch it now."""
+        now = time.monotonic()
+        if session not in self.left:
+            self.watchers[session] = now
+        for s, t in list(self.watchers.items()):
+            if now - t > WATCH_S:
+                self.watchers.pop(s, None)
+        return len(self.watchers)
+
+    def cancel(self, session: str) -> bool:
+        """``session`` leaves the run; it stops only when no other session still watches it. True if
+        stopped."""
+        self.watchers.pop(session, None)
+        now = time.monotonic()
+        if any(now - t <= WATCH_S for t in self.watchers.values()):
+            self.left.add(session)
+            return False
+        self.stop.set()
+        return True
 
     def eta(self) -> Optional[float]:
         if self.done <= 0 or self.total <= 0:
@@ -108,10 +140,18 @@ class Jobs:
 
     def get(self, key: str) -> Optional[Job]:
         with self._lock:
+            self._prune()
             return self._jobs.get(key)
+
+    def _prune(self) -> None:
+        now = time.monotonic()
+        for k, j in list(self._jobs.items()):
+            if j.finished is not None and now - j.finished > KEEP_FINISHED_S:
+                del self._jobs[k]
 
     def start(self, key: str, run) -> Job:
         with self._lock:
+            self._prune()
             job = self._jobs.get(key)
             if job is not None and job.running:
                 return job
@@ -127,6 +167,8 @@ class Jobs:
                     job.cancelled = True
                 except Exception as e:  # noqa: BLE001 - reported on the page
                     job.error = str(e) if isinstance(e, EquishiftError) else f"{type(e).__name__}: {e}"
+                finally:
+                    job.finished = time.monotonic()
 
             job.thread = threading.Thread(target=body, name="equishift-dataset-view", daemon=True)
             job.thread.start()
@@ -201,11 +243,13 @@ def linked_choice() -> Optional[sources.ImageChoice]:
 
 def _wrap(v: int, size: int, mode: str) -> int:
     # the single-image page shows circular shifts in [-size/2, size/2)
-    return v - size if mode == "circular" and v >= size // 2 else v
+    return int(ds.wrap_shift(int(v), size)) if mode == "circular" and size else int(v)
 
 
-def single_image_link(data: ds.ImageSet, index: int, shift: Tuple[int, int], mode: str, size: int) -> str:
-    dy, dx = (_wrap(int(v), size, mode) for v in shift)
+def single_image_link(data: ds.ImageSet, index: int, shift: Tuple[int, int], mode: str,
+                      size: Tuple[int, int]) -> str:
+    """``size``: the model's input (H, W); a circular dy wraps by H, dx by W."""
+    dy, dx = _wrap(int(shift[0]), size[0], mode), _wrap(int(shift[1]), size[1], mode)
     # the sidebar's model choices travel in the URL (the single-image page's widgets are bound to it)
     mine = ("baseline_", "anchored_")
     params = {str(k): v for k, v in st.session_state.to_dict().items()
@@ -409,7 +453,7 @@ def _view_gallery(result: ds.DatasetResult, data: ds.ImageSet) -> None:
     count = c3.slider("images", 4, 48, 12, step=4, key="ds_gallery_n")
     rows = ds.fragility(result.sweeps, "flip" if by.startswith("smallest") else "drop", model=int(which))[:count]
     sw = result.sweeps[int(which)]
-    size = int(sw.meta["input_size"][1])
+    size = (int(sw.meta["input_size"][1]), int(sw.meta["input_size"][2]))
     st.caption("Each card: every model's prediction unshifted → at the worst shift; p₀: the probability of the "
                "unshifted class there. *open at shift* shows the image in the single-image page at that shift.")
     cols = st.columns(4)
@@ -420,11 +464,13 @@ def _view_gallery(result: ds.DatasetResult, data: ds.ImageSet) -> None:
             truth = f" · true: {sw.classes[r['label']]}" if r["label"] >= 0 else ""
             st.caption(f"**{data.names[r['index']]}**{truth} · {flip} · drop {r['max_drop']:.2f}")
             st.markdown("\n".join(f"- {lab}: {p['unshifted']} → **{p['at_worst']}** "
-                                  f"(p₀ {p['p_ref_at_worst']:.2f})" for lab, p in zip(labels, r["predictions"])))
+                                  + ("(not in its shift set)" if p["p_ref_at_worst"] is None
+                                     else f"(p₀ {p['p_ref_at_worst']:.2f})")
+                                  for lab, p in zip(labels, r["predictions"])))
             dy, dx = r["worst_shift"]
             href = single_image_link(data, r["index"], (dy, dx), sw.mode, size)
             st.markdown(f'<a href="{href}" target="_self" class="es-open-single" data-index="{r["index"]}" '
-                        f'data-shift="{_wrap(dy, size, sw.mode)},{_wrap(dx, size, sw.mode)}">'
+                        f'data-shift="{_wrap(dy, size[0], sw.mode)},{_wrap(dx, size[1], sw.mode)}">'
                         f'open at shift ({dy}, {dx}) ↗</a>', unsafe_allow_html=True)
 
 
@@ -469,7 +515,8 @@ def _exports(result: ds.DatasetResult, data: ds.ImageSet) -> Dict[str, Any]:
     out = dict(csv=dr.per_image_csv(result, data), parquet=dr.per_image_parquet(result, data),
                json=dr.metrics_json(result), report=dr.report_html(result, figs, dr.cli_command(result.settings),
                                                                    gallery))
-    memory()[key] = _Sized((result, out), sum(len(v) for v in out.values()))
+    # the entry keeps the result alive too: count it, or the memory's byte bound would not hold
+    memory()[key] = _Sized((result, out), sum(len(v) for v in out.values()) + result.nbytes)
     return out
 
 
@@ -522,11 +569,48 @@ def _key(models, data: ds.ImageSet, kind: str, radius: Optional[int], mode: str)
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:32]
 
 
-def _run_fn(models, data, kind, radius, mode):
+def _run_fn(models, data, kind, radius, mode, slots=None, mem=None):
+    """``run(progress, should_stop)`` for ``Jobs.start``: the analysis, holding one of the server's sweep
+    slots (shared with the single-image page's sweeps) for its whole duration."""
+    slots = slots if slots is not None else compute.sweep_slots()  # here: the job thread has no script context
+    mem = mem if mem is not None else memory()
+
     def run(progress, should_stop):
-        return ds.analyse(models, data, kind, mode=mode, radius=radius, cache=ds.DiskCache(), memory=memory(),
-                          progress=progress, should_stop=should_stop)
+        with compute.sweep_slot(on_wait=lambda: progress(0, 0, "waiting for a free sweep slot"), slots=slots):
+            if should_stop():
+                raise ds.Cancelled("cancelled while waiting for a sweep slot")
+            return ds.analyse(models, data, kind, mode=mode, radius=radius, cache=ds.DiskCache(), memory=mem,
+                              progress=progress, should_stop=should_stop)
     return run
+
+
+# the leaderboard's protocols cost about this many forward passes per image (consistency A and B, clean and
+# shifted accuracy, period-orbit: each a few shifted copies); the sweep's own rows dominate large shift sets
+_PROTOCOL_ROWS = 8
+
+
+def estimate_seconds(models, data: ds.ImageSet, kind: str, radius: Optional[int], mode: str) -> float:
+    """The run's expected seconds: per model not yet swept (in memory or on disk), its measured forward time
+    per image (``compute.forward_seconds``) × images × (shifts + the protocols' passes)."""
+    import torch
+
+    cache = ds.DiskCache()
+    total = 0.0
+    for m in models:
+        key = ds.sweep_key(m, data, kind, mode, radius)
+        if memory().get(ds._key_name(key)) is not None or cache.paths(key)[0].exists():
+            continue
+        k = len(ds.shift_set(kind, m.stride, tuple(m.input_size[1:]), mode, radius))
+        x = torch.zeros(1, *m.input_size, device=m.device)
+        total += compute.forward_seconds(m, x) * len(data) * (k + _PROTOCOL_ROWS)
+    return total
+
+
+def _session() -> str:
+    from streamlit.runtime.scriptrunner import get_script_run_ctx
+
+    ctx = get_script_run_ctx()
+    return ctx.session_id if ctx is not None else "no-session"
 
 
 def _from_cache(models, data, kind, radius, mode) -> Optional[ds.DatasetResult]:
@@ -538,20 +622,20 @@ def _from_cache(models, data, kind, radius, mode) -> Optional[ds.DatasetResult]:
         return None
 
 
-def _cancel(key: str) -> None:
+def _cancel(key: str, session: str) -> None:
     job = jobs().get(key)
-    if job is not None:
-        job.stop.set()
+    if job is not None and job.cancel(session):
         job.thread.join(timeout=30)  # it stops at the next chunk (a fraction of a second)
 
 
 @st.fragment(run_every=1.0)
 def _progress(key: str) -> None:
     job = jobs().get(key)
-    if job is None:
-        return
-    if not job.running:
+    if job is None or not job.running:
+        # finished (its result is in the shared memory) or gone: the whole page draws what there is now
         st.rerun(scope="app")
+    session = _session()
+    watching = job.watch(session)
     frac = job.done / job.total if job.total else 0.0
     eta = job.eta()
     n = max(1, int(st.session_state.get("ds_n_images", 1)))
@@ -561,8 +645,16 @@ def _progress(key: str) -> None:
     text = (f"{'sweeping' if job.stage == 'sweep' else job.stage} · model {model} of {models} · "
             f"{images} / {n} images · {job.done} / {job.total or '?'} image·model runs"
             + (f" · ETA {eta:.0f} s" if eta is not None else ""))
+    if job.stage.startswith("waiting"):
+        text = "waiting for a free sweep slot (other runs of this server are using them)"
     st.progress(min(1.0, frac), text=text)
-    st.button("Cancel", key="ds_cancel", on_click=_cancel, args=(key,))
+    if session in job.left:
+        st.caption(f"You cancelled this run; it goes on for the {watching} other session(s) watching it.")
+        return
+    if watching > 1:
+        st.caption(f"This run is shared with {watching - 1} other session(s) asking for the same analysis: "
+                   f"Cancel stops it only when every one of them has cancelled.")
+    st.button("Cancel", key="ds_cancel", on_click=_cancel, args=(key, session))
 
 
 def main() -> None:
@@ -597,8 +689,8 @@ def main() -> None:
     # one result object per key, kept with the sweeps: the export payloads built for it are kept with it
     result = memory().get(("result", key))
     if result is None and job is not None and job.result is not None:
+        # every session watching the run takes it from the job (kept KEEP_FINISHED_S after it ends)
         result = job.result
-        jobs().forget(key)  # the memory holds it now (bounded); the registry keeps only running jobs
     if result is None and (job is None or not job.running):
         try:
             result = _from_cache(models, data, kind, radius, mode)
@@ -616,15 +708,21 @@ def main() -> None:
         if job is not None and job.cancelled:
             st.warning(f"Cancelled after {job.done} of {job.total} image·model runs; nothing was kept of the "
                        f"unfinished model (finished models are cached).")
-        n_rows = len(data) * len(ds.shift_set(kind, models[0].stride, models[0].input_size[1:], mode, radius))
-        st.write(f"{len(data)} images × {n_rows // len(data)} shifts × {len(models)} models = "
-                 f"{n_rows * len(models):,} forward passes (plus the leaderboard's protocols).")
+        try:
+            ks = [len(ds.shift_set(kind, m.stride, tuple(m.input_size[1:]), mode, radius)) for m in models]
+            est = estimate_seconds(models, data, kind, radius, mode)
+        except EquishiftError as e:
+            st.error(f"Cannot run: {e}")
+            return
+        st.write(f"{len(data)} images × {' + '.join(str(k) for k in ks)} shifts ({len(models)} models) = "
+                 f"{len(data) * sum(ks):,} forward passes (plus the leaderboard's protocols); about "
+                 f"{est:.0f} s on {compute.device_label()}.")
+        budget = session_limits.max_sweep_s()
+        if est > budget:
+            st.error(f"This run would take about {est:.0f} s, over this server's budget of {budget:.0f} s per "
+                     f"run ($EQUISHIFT_MAX_SWEEP_S): use fewer images, a smaller shift set or fewer models.")
+            return
         if st.button("Run", type="primary", key="ds_run"):
-            try:
-                ds.shift_set(kind, models[0].stride, models[0].input_size[1:], mode, radius)
-            except EquishiftError as e:
-                st.error(str(e))
-                return
             jobs().start(key, _run_fn(models, data, kind, radius, mode))
             st.rerun()
         return

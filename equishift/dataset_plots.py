@@ -17,6 +17,7 @@ from plotly.subplots import make_subplots
 from . import dataset_sweep as ds
 from .errors import EquishiftError
 from .formatting import clean, fmt
+from .plots import _integer_ticks
 
 __all__ = ["MODEL_COLOURS", "consistency_curve", "orbit_map", "per_class_bars", "leaderboard_scatter",
            "phase_frequency", "margin_histogram", "all_figures", "FIGURE_CAPTIONS", "model_labels"]
@@ -98,9 +99,10 @@ def orbit_map(sweeps: Sequence[ds.ModelSweep], value: str = "p_ref") -> go.Figur
         fig.add_trace(go.Heatmap(x=clean(m["dx"]), y=clean(m["dy"]), z=clean(z), coloraxis="coloraxis",
                                  customdata=None if extra is None else clean(extra),
                                  hovertemplate=hover + "<extra>" + labels[j] + "</extra>"), row=r, col=c)
-        fig.update_xaxes(title_text="dx", row=r, col=c, constrain="domain")
+        # integer shift grids get integer ticks (plotly's own put half-integers on a short axis)
+        fig.update_xaxes(title_text="dx", row=r, col=c, constrain="domain", **_integer_ticks(m["dx"]))
         fig.update_yaxes(title_text="dy", autorange="reversed", scaleanchor=f"x{'' if j == 0 else j + 1}",
-                         row=r, col=c, constrain="domain")
+                         row=r, col=c, constrain="domain", **_integer_ticks(m["dy"]))
     scale = SEQ if value != "flip" else [[0, "#f7f7f7"], [1, "#d62728"]]
     fig.update_layout(coloraxis=dict(colorscale=scale, cmin=0, cmax=1,
                                      colorbar=dict(title="rate" if value == "flip" else "p")),

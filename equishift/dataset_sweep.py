@@ -29,6 +29,7 @@ import os
 import re
 import tempfile
 import time
+import weakref
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,7 +47,7 @@ __all__ = ["ImageSet", "fashion_mnist_set", "zip_set", "files_set", "folder_set"
            "consistency_by", "orbit_maps", "per_class", "fragility", "leaderboard_row", "polyphase_stats",
            "per_image_table", "SHIFT_SETS", "DATASET_MODES", "ZIP_LIMITS", "MARGIN_BINS", "ENGINE_VERSION",
            "default_cache_dir", "DatasetResult", "analyse", "leaderboard_protocols", "match_classes",
-           "bare_forward_seconds", "sweep_key"]
+           "bare_forward_seconds", "sweep_key", "wrap_shift", "wrapped_shifts", "DATASET_PIXEL_LIMITS"]
 
 ENGINE_VERSION = 2
 SHIFT_SETS = ("period", "orbit", "radius")
@@ -57,7 +58,16 @@ ZIP_LIMITS = {"max_files": 5000, "max_total_bytes": 512 * 2 ** 20, "max_member_b
               "max_ratio": 200}
 # log10 of the relative top-2 margin (S1 - S2) / S1; margins below 1e-8 (and exact ties) go in the first bin.
 MARGIN_BINS = np.linspace(-8.0, 0.0, 33)
+# More shifts than this per image is refused (a 256-px full orbit is 65,536): each is a forward pass.
 _TOTAL_SHIFTS_MAX = 65536
+# The shifted copies of one block of rows (plus the shift's own temporary) are kept under this many bytes:
+# ``batch_size`` is lowered for large inputs (a 224-px RGB row is 588 KiB; 384 px, 1.7 MiB).
+_BLOCK_BYTES_MAX = 256 * 2 ** 20
+# Dataset images: more pixels than this in one image, or in the whole set (read from the file headers,
+# before anything is decoded), is refused; decoding is the cost of an upload (a 40 MP PNG is ~1 s).
+DATASET_PIXEL_LIMITS = {"max_image_pixels": 4_000_000, "max_total_pixels": 1_000_000_000}
+# Decoded images are kept (process-wide, LRU) up to this many bytes so sweeps and protocols decode once.
+_DECODED_BYTES_MAX = 512 * 2 ** 20
 
 
 class Cancelled(Exception):
@@ -114,16 +124,23 @@ class ImageSet:
         return np.array([mapping[f] for f in self.folders], dtype=np.int64)
 
     def image(self, i: int):
-        """Image i: a PIL RGB image (files) or the prepared tensor (Fashion-MNIST)."""
+        """Image i: a PIL RGB image (files; decoded once while the shared decoded-image cache holds it;
+        treat it as read-only) or the prepared tensor (Fashion-MNIST)."""
         if self.fmnist is not None:
             return self.fmnist[i][0]
         from .errors import ImageError
         from .images import load_image
 
+        ck = (self.key, int(i))
+        hit = _DECODED.get(ck)
+        if hit is not None:
+            return hit
         try:
-            return load_image(self.blobs[i])
+            im = load_image(self.blobs[i])
         except ImageError as e:
             raise DataError(f"{self.name}: {self.names[i]}: {e}") from None
+        _DECODED.put(ck, im, im.size[0] * im.size[1] * len(im.getbands()))
+        return im
 
     def thumbnail(self, i: int, size: int = 96) -> np.ndarray:
         """uint8 [h, w, 3] for display."""
@@ -141,6 +158,54 @@ class ImageSet:
 
     def for_model(self, loaded) -> "_ModelView":
         return _ModelView(self, self.labels_for(loaded.classes))
+
+
+class _DecodedCache:
+    """A thread-safe LRU of decoded images bounded in bytes (sweeps run on worker threads)."""
+
+    def __init__(self, max_bytes: int):
+        import threading
+        from collections import OrderedDict
+
+        self.max_bytes, self.bytes = max_bytes, 0
+        self._data: "OrderedDict[Any, Tuple[Any, int]]" = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key):
+        with self._lock:
+            hit = self._data.get(key)
+            if hit is None:
+                return None
+            self._data.move_to_end(key)
+            return hit[0]
+
+    def put(self, key, value, size: int) -> None:
+        if size > self.max_bytes:
+            return
+        with self._lock:
+            old = self._data.pop(key, None)
+            if old is not None:
+                self.bytes -= old[1]
+            self._data[key] = (value, size)
+            self.bytes += size
+            while self.bytes > self.max_bytes:
+                self.bytes -= self._data.popitem(last=False)[1][1]
+
+    def clear(self) -> None:
+        with self._lock:
+            self._data.clear()
+            self.bytes = 0
+
+
+_DECODED = _DecodedCache(_DECODED_BYTES_MAX)
+
+
+def _labels_key(folders: Optional[List[str]]) -> str:
+    # the labels are part of what a sweep computes (p_true, the accuracy protocols): the same files read
+    # with and without their folders are two sets
+    if folders is None:
+        return "-unlabelled"
+    return "-labels-" + hashlib.sha256("\0".join(folders).encode()).hexdigest()[:12]
 
 
 class _ModelView:
@@ -256,7 +321,8 @@ def zip_set(data: bytes, name: str = "upload.zip", *, max_files: int = ZIP_LIMIT
             if len(raw) > i.file_size:
                 raise DataError(f"{short}: {i.filename[:80]} is larger than its header says; refused")
             blobs.append(raw)
-    out = ImageSet(name=short, key="zip-" + hashlib.sha256(data).hexdigest()[:32], names=paths, folders=folders,
+    out = ImageSet(name=short, key="zip-" + hashlib.sha256(data).hexdigest()[:32] + _labels_key(folders),
+                   names=paths, folders=folders,
                    blobs=blobs, source=name)
     _check_decodes(out)
     return out
@@ -292,14 +358,18 @@ def files_set(items: Sequence[Tuple[str, bytes]], name: str = "upload", *, label
     h = hashlib.sha256()
     for n, d in kept:
         h.update(n.encode() + b"\0" + hashlib.sha256(d).digest())
-    out = ImageSet(name=short, key="files-" + h.hexdigest()[:32], names=paths,
-                   folders=_layout(paths, short) if labels else None, blobs=[d for _, d in kept], source=short)
+    folders = _layout(paths, short) if labels else None
+    out = ImageSet(name=short, key="files-" + h.hexdigest()[:32] + _labels_key(folders), names=paths,
+                   folders=folders, blobs=[d for _, d in kept], source=short)
     _check_decodes(out)
     return out
 
 
-def folder_set(root, labels: bool = True, max_files: int = ZIP_LIMITS["max_files"]) -> ImageSet:
-    """A directory of ``class/xxx.png`` or of images without folders (the CLI's ``--dataset DIR``)."""
+def folder_set(root, labels: bool = True, max_files: int = ZIP_LIMITS["max_files"],
+               max_total_bytes: int = ZIP_LIMITS["max_total_bytes"],
+               max_member_bytes: int = ZIP_LIMITS["max_member_bytes"]) -> ImageSet:
+    """A directory of ``class/xxx.png`` or of images without folders (the CLI's ``--dataset DIR``); the
+    same limits as an upload (files, bytes per image and in all, checked on the sizes before reading)."""
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"{root} is not a directory")
@@ -310,17 +380,55 @@ def folder_set(root, labels: bool = True, max_files: int = ZIP_LIMITS["max_files
     if len(files) > max_files:
         raise LimitError(f"{root} holds {len(files)} images; the limit is {max_files}")
     rel = [p.relative_to(root).as_posix() for p in files]
-    blobs = [p.read_bytes() for p in files]
+    total = 0
+    for p, r in zip(files, rel):
+        size = p.stat().st_size
+        if size > max_member_bytes:
+            raise LimitError(f"{str(root)[-80:]}: {r[:80]} is {size / 2 ** 20:.1f} MB; the limit per image is "
+                             f"{max_member_bytes / 2 ** 20:.0f} MB")
+        total += size
+    if total > max_total_bytes:
+        raise LimitError(f"{str(root)[-80:]} holds {total / 2 ** 20:.0f} MB of images; the limit is "
+                         f"{max_total_bytes / 2 ** 20:.0f} MB")
+    blobs = []
+    for p, r in zip(files, rel):
+        with open(p, "rb") as f:
+            b = f.read(max_member_bytes + 1)  # a file grown since the check is not read whole
+        if len(b) > max_member_bytes:
+            raise LimitError(f"{str(root)[-80:]}: {r[:80]} is over {max_member_bytes / 2 ** 20:.0f} MB")
+        blobs.append(b)
     h = hashlib.sha256()
     for r, b in zip(rel, blobs):
         h.update(r.encode() + b"\0" + hashlib.sha256(b).digest())
-    out = ImageSet(name=str(root), key="dir-" + h.hexdigest()[:32], names=rel,
-                   folders=_layout(rel, str(root)) if labels else None, blobs=blobs, source=str(root))
+    folders = _layout(rel, str(root)) if labels else None
+    out = ImageSet(name=str(root), key="dir-" + h.hexdigest()[:32] + _labels_key(folders), names=rel,
+                   folders=folders, blobs=blobs, source=str(root))
     _check_decodes(out)
     return out
 
 
-def _check_decodes(data: ImageSet) -> None:
+def _check_decodes(data: ImageSet, max_image_pixels: int = DATASET_PIXEL_LIMITS["max_image_pixels"],
+                   max_total_pixels: int = DATASET_PIXEL_LIMITS["max_total_pixels"]) -> None:
+    """Refuse oversized images from their headers (nothing decoded yet), then decode each once, so a bad
+    file is named at upload and the sweep finds it decoded (while the decoded-image cache holds it)."""
+    from PIL import Image
+
+    total = 0
+    for i, blob in enumerate(data.blobs or []):
+        try:
+            with Image.open(io.BytesIO(blob)) as im:
+                w, hgt = im.size
+        except Exception as e:  # noqa: BLE001 - any unreadable header is the file's problem
+            raise DataError(f"{data.name}: {data.names[i][:80]} is not a readable image "
+                            f"({type(e).__name__}: {str(e)[:80]})") from None
+        if w * hgt > max_image_pixels:
+            raise LimitError(f"{data.name}: {data.names[i][:80]} is {w}×{hgt} ({w * hgt / 1e6:.1f} MP); the "
+                             f"limit per dataset image is {max_image_pixels / 1e6:g} MP")
+        total += w * hgt
+        if total > max_total_pixels:
+            raise LimitError(f"{data.name}: the images hold over {max_total_pixels / 1e6:.0f} MP in all "
+                             f"(reached at {data.names[i][:80]}); the limit per set is "
+                             f"{max_total_pixels / 1e6:.0f} MP")
     for i in range(len(data)):
         data.image(i)
 
@@ -344,6 +452,9 @@ def shift_set(kind: str, stride: int, size: Tuple[int, int], mode: str = "circul
         if mode != "circular":
             raise EquishiftError(f"the full orbit exists for circular shifts only, not {mode!r}; use the "
                                  f"period or a radius")
+        if h * w > _TOTAL_SHIFTS_MAX:
+            raise LimitError(f"the full orbit of a {h}×{w} input is {h * w:,} shifts per image; the limit is "
+                             f"{_TOTAL_SHIFTS_MAX:,}: use one patch period or a radius")
         return grid(range(h), range(w))
     if radius is None or int(radius) < 0:
         raise EquishiftError(f"a radius shift set needs a radius r >= 0, got {radius}")
@@ -448,23 +559,41 @@ def _weights_sha256(model) -> str:
     return h.hexdigest()
 
 
-_WEIGHT_HASHES: Dict[int, Tuple[Any, str]] = {}
+# by the model object itself, weakly: a model dropped from the model cache takes its hash with it
+_WEIGHT_HASHES: "weakref.WeakKeyDictionary[Any, str]" = weakref.WeakKeyDictionary()
+# card fields that describe results, not how the model reads an image
+_CARD_NOT_KEYED = ("metrics", "warnings")
 
 
 def model_key(loaded) -> str:
-    """The spec and a hash of the weights: a changed file under the same spec is another model."""
-    hit = _WEIGHT_HASHES.get(id(loaded.model))
-    if hit is None or hit[0] is not loaded.model:
-        hit = (loaded.model, _weights_sha256(loaded.model))
-        if len(_WEIGHT_HASHES) > 64:
-            _WEIGHT_HASHES.clear()
-        _WEIGHT_HASHES[id(loaded.model)] = hit
-    return f"{loaded.spec}#{hit[1][:24]}"
+    """The spec, a hash of the weights and of how the model reads an image (the card's preprocessing and
+    classes, the input size, the stride): a changed file or card under the same spec is another model."""
+    try:
+        wh = _WEIGHT_HASHES.get(loaded.model)
+    except TypeError:  # not weak-referenceable: hash every time
+        wh = None
+    if wh is None:
+        wh = _weights_sha256(loaded.model)
+        try:
+            _WEIGHT_HASHES[loaded.model] = wh
+        except TypeError:
+            pass
+    card = {k: v for k, v in dict(getattr(loaded, "card", None) or {}).items() if k not in _CARD_NOT_KEYED}
+    how = json.dumps({"card": card, "input_size": list(loaded.input_size), "stride": int(loaded.stride),
+                      "classes": list(loaded.classes)}, sort_keys=True, default=str)
+    return f"{loaded.spec}#{wh[:24]}#{hashlib.sha256(how.encode()).hexdigest()[:16]}"
 
 
 def sweep_key(loaded, data: ImageSet, kind: str, mode: str, radius: Optional[int]) -> Dict[str, Any]:
     return {"engine": ENGINE_VERSION, "model": model_key(loaded), "data": data.key, "n": len(data),
             "shift_set": kind, "radius": radius if kind == "radius" else None, "mode": mode}
+
+
+def _row_batch(batch_size: int, chw: Tuple[int, int, int]) -> int:
+    """``batch_size`` lowered so one block's shifted copies stay under ``_BLOCK_BYTES_MAX`` (float32, the
+    copy and shift_batch's temporary)."""
+    row = 2 * 4 * chw[0] * chw[1] * chw[2]
+    return max(1, min(int(batch_size), _BLOCK_BYTES_MAX // row))
 
 
 def _margin_of(shifts: torch.Tensor, mode: str) -> int:
@@ -494,6 +623,13 @@ def sweep_dataset(loaded, data: ImageSet, kind: str = "period", *, mode: str = "
     labels = view.labels
     labelled = bool((labels >= 0).all()) and data.labelled
     margin = _margin_of(shifts, mode)
+    batch_size = _row_batch(batch_size, (c, h, w))
+    # rows are (image, shift) pairs, image-major, the unshifted view first for each image (its top-1 is what
+    # the other shifts are compared with); forward passes and shifted copies are blocks of at most
+    # ``batch_size`` rows, so memory does not grow with K (a 224-px full orbit is 50,176 shifts per image)
+    zero = int(np.flatnonzero((shifts[:, 0] == 0) & (shifts[:, 1] == 0))[0])
+    order = torch.tensor([zero] + [j for j in range(k) if j != zero])
+    ordered = shifts[order]
     chunk = max(1, batch_size // k)
     model = loaded.model
     anchors = {name: m.stride for name, m in model.named_modules() if isinstance(m, PolyphaseAnchor)}
@@ -507,7 +643,7 @@ def sweep_dataset(loaded, data: ImageSet, kind: str = "period", *, mode: str = "
     p_true = np.empty((n, k), dtype=np.float32) if labelled else None
     ref_pred = np.empty(n, dtype=np.int64)
     ref_prob = np.empty(n, dtype=np.float32)
-    zero = int(np.flatnonzero((shifts[:, 0] == 0) & (shifts[:, 1] == 0))[0])
+    cols = order.numpy()
     forward_s = 0.0
     t0 = time.perf_counter()
     with torch.inference_mode():
@@ -518,44 +654,56 @@ def sweep_dataset(loaded, data: ImageSet, kind: str = "period", *, mode: str = "
             b = len(idx)
             canvas, _ = _prepare(view, loaded, idx, margin)
             black = loaded.black(canvas)
-            rows = canvas.repeat_interleave(k, 0)
-            s = shifts.repeat(b, 1).to(canvas.device)
-            if mode == "crop":
-                views = shift_batch(rows, s, "crop", size=(h, w))
-            elif mode == "zero":  # black comes in, not the value 0 of the normalised input
-                views = shift_batch(rows - black, s, "zero") + black
-            else:
-                views = shift_batch(rows, s, "circular")
-            t1 = time.perf_counter()
-            if anchors:
-                with record_anchors(model) as rec:
-                    logits = torch.cat([model(views[i:i + batch_size]) for i in range(0, len(views), batch_size)])
-            else:
-                logits = torch.cat([model(views[i:i + batch_size]) for i in range(0, len(views), batch_size)])
-            forward_s += time.perf_counter() - t1
-            probs = logits.float().softmax(-1).view(b, k, -1)
-            top = probs.argmax(-1)                         # [b, K]
-            rp = top[:, zero]
-            sl = slice(start, start + b)
-            pred[sl] = top.cpu().numpy()
-            ref_pred[sl] = rp.cpu().numpy()
-            ref_prob[sl] = probs[:, zero].gather(1, rp[:, None])[:, 0].cpu().numpy()
-            p_ref[sl] = probs.gather(2, rp[:, None, None].expand(b, k, 1))[..., 0].cpu().numpy()
-            if p_true is not None:
-                y = torch.from_numpy(labels[sl]).to(probs.device)
-                p_true[sl] = probs.gather(2, y[:, None, None].expand(b, k, 1))[..., 0].cpu().numpy()
-            for a, st in anchors.items():
-                if a not in rec:
-                    continue
-                ix = rec[a].numpy()
-                np.add.at(phase[a], (ix[:, 0] % st, ix[:, 1] % st), 1)
-                r = ix[zero::k]  # rows are image-major: row = image * K + shift
-                np.add.at(ref_phase[a], (r[:, 0] % st, r[:, 1] % st), 1)
-                m = rec.margins[a].double().numpy()
-                mmin[a] = min(mmin[a], float(m.min()))
-                lg = np.log10(np.clip(m, 10 ** MARGIN_BINS[0], 1.0))
-                mhist[a] += np.histogram(lg, bins=MARGIN_BINS)[0]
-                tols[a] = float(rec.tie_tol[a])
+            rp = torch.empty(b, dtype=torch.long, device=canvas.device)
+            for r0 in range(0, b * k, batch_size):
+                if r0 and should_stop is not None and should_stop():
+                    raise Cancelled(f"cancelled after {start} of {n} images")
+                r = torch.arange(r0, min(b * k, r0 + batch_size))
+                img, pos = r // k, r % k
+                rows = canvas[img.to(canvas.device)]
+                sb = ordered[pos].to(canvas.device)
+                if mode == "crop":
+                    views = shift_batch(rows, sb, "crop", size=(h, w))
+                elif mode == "zero":  # black comes in, not the value 0 of the normalised input
+                    views = shift_batch(rows - black, sb, "zero") + black
+                else:
+                    views = shift_batch(rows, sb, "circular")
+                del rows
+                t1 = time.perf_counter()
+                if anchors:
+                    with record_anchors(model) as rec:
+                        logits = model(views)
+                else:
+                    logits = model(views)
+                forward_s += time.perf_counter() - t1
+                del views
+                probs = logits.float().softmax(-1)
+                top = probs.argmax(-1)
+                first = (pos == 0).to(probs.device)
+                img_d = img.to(probs.device)
+                rp[img_d[first]] = top[first]  # the unshifted row precedes the image's other rows
+                pr = probs.gather(1, rp[img_d][:, None])[:, 0]
+                gi, gc = (img + start).numpy(), cols[pos.numpy()]
+                pred[gi, gc] = top.cpu().numpy()
+                p_ref[gi, gc] = pr.cpu().numpy()
+                if first.any():
+                    ref_pred[gi[first.cpu().numpy()]] = top[first].cpu().numpy()
+                    ref_prob[gi[first.cpu().numpy()]] = pr[first].cpu().numpy()
+                if p_true is not None:
+                    y = torch.from_numpy(labels[gi]).to(probs.device)
+                    p_true[gi, gc] = probs.gather(1, y[:, None])[:, 0].cpu().numpy()
+                for a, st in anchors.items():
+                    if a not in rec:
+                        continue
+                    ix = rec[a].numpy()
+                    np.add.at(phase[a], (ix[:, 0] % st, ix[:, 1] % st), 1)
+                    f = ix[first.cpu().numpy()]
+                    np.add.at(ref_phase[a], (f[:, 0] % st, f[:, 1] % st), 1)
+                    m = rec.margins[a].double().numpy()
+                    mmin[a] = min(mmin[a], float(m.min()))
+                    lg = np.log10(np.clip(m, 10 ** MARGIN_BINS[0], 1.0))
+                    mhist[a] += np.histogram(lg, bins=MARGIN_BINS)[0]
+                    tols[a] = float(rec.tie_tol[a])
             if progress is not None:
                 progress(start + b, n)
     seconds = time.perf_counter() - t0
@@ -650,6 +798,7 @@ class DiskCache:
                     raise
         except OSError:
             return None
+        self.prune()
         return npz
 
     def get_json(self, key: Dict[str, Any]) -> Optional[Dict[str, Any]]:
@@ -660,15 +809,54 @@ class DiskCache:
         except (OSError, ValueError, KeyError, TypeError):
             return None
 
-    def put_json(self, key: Dict[str, Any], value: Dict[str, Any]) -> None:
+    def put_json(self, key: Dict[str, Any], value: Dict[str, Any]) -> bool:
+        """Write atomically; False (and no file left behind) when the directory is unwritable or the value
+        is not JSON (a cache that cannot hold a result is not an error)."""
+        try:
+            text = json.dumps({"key": key, "value": value})  # before any file: a TypeError leaves nothing
+        except (TypeError, ValueError):
+            return False
+        tmp = None
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".part-")
             with os.fdopen(fd, "w") as f:
-                json.dump({"key": key, "value": value}, f)
+                f.write(text)
             os.replace(tmp, self.paths(key)[1])
+            tmp = None
         except OSError:
-            pass
+            return False
+        finally:
+            if tmp is not None:
+                Path(tmp).unlink(missing_ok=True)
+        self.prune()
+        return True
+
+    def prune(self, max_bytes: Optional[int] = None) -> int:
+        """Delete the least recently written entries until the directory holds at most ``max_bytes``
+        ($EQUISHIFT_DATASET_CACHE_MB, default 2048 MB); returns the bytes removed."""
+        if max_bytes is None:
+            try:
+                max_bytes = int(float(os.environ.get("EQUISHIFT_DATASET_CACHE_MB", 2048)) * 2 ** 20)
+            except ValueError:
+                max_bytes = 2048 * 2 ** 20
+        try:
+            files = [(p.stat().st_mtime, p.stat().st_size, p) for p in self.root.iterdir()
+                     if p.suffix in (".npz", ".json") and not p.name.startswith(".")]
+        except OSError:
+            return 0
+        total = sum(f[1] for f in files)
+        removed = 0
+        for _, size, p in sorted(files, key=lambda f: f[0]):
+            if total <= max_bytes:
+                break
+            try:
+                p.unlink()
+            except OSError:
+                continue
+            total -= size
+            removed += size
+        return removed
 
 
 def sweep_models(models: Sequence[Any], data: ImageSet, kind: str = "period", *, mode: str = "circular",
@@ -709,6 +897,21 @@ def _wilson_rows(means: np.ndarray, n: int) -> Tuple[np.ndarray, np.ndarray]:
     return np.asarray(lo, dtype=float), np.asarray(hi, dtype=float)
 
 
+def wrap_shift(v, size: int):
+    """A circular shift's representative in [-size/2, size/2): δ and δ ± size are the same shift."""
+    return ((np.asarray(v) + size // 2) % size) - size // 2
+
+
+def wrapped_shifts(sw: ModelSweep) -> np.ndarray:
+    """The sweep's shifts, circular ones wrapped per axis (dy by H, dx by W); other modes as they are."""
+    s = sw.shifts
+    size = sw.meta.get("input_size") or [0, 0, 0]
+    h, w = int(size[1] or 0), int(size[2] or 0)
+    if sw.mode != "circular" or not h or not w:
+        return s
+    return np.stack([wrap_shift(s[:, 0], h), wrap_shift(s[:, 1], w)], 1)
+
+
 def consistency_by(sw: ModelSweep, by: str = "linf") -> Dict[str, np.ndarray]:
     """Fraction of images whose top-1 is unchanged, by ‖δ‖∞ (``linf``), by ``dy`` or by ``dx``: for each
     value v, the mean over images of the fraction of shifts with that value where the top-1 held; 95%
@@ -717,12 +920,8 @@ def consistency_by(sw: ModelSweep, by: str = "linf") -> Dict[str, np.ndarray]:
     key = {"linf": np.abs(s).max(1), "dy": s[:, 0], "dx": s[:, 1]}.get(by)
     if key is None:
         raise EquishiftError(f"unknown grouping {by!r}; use linf, dy or dx")
-    if sw.mode == "circular" and by == "linf":
-        # circular: δ and δ - H are the same shift; group by the smallest representative
-        h = int(sw.meta.get("input_size", [0, 0, 0])[1] or 0)
-        if h:
-            wrapped = np.where(s > h // 2, s - h, s)
-            key = np.abs(wrapped).max(1)
+    if by == "linf":
+        key = np.abs(wrapped_shifts(sw)).max(1)
     cons = sw.consistent.astype(np.float64)
     values = np.unique(key)
     mean = np.array([cons[:, key == v].mean() for v in values])
@@ -789,9 +988,7 @@ def fragility(sweeps: Sequence[ModelSweep], by: str = "flip", model: int = 0) ->
         raise EquishiftError(f"unknown ranking {by!r}; use flip or drop")
     sw = sweeps[model]
     s = sw.shifts
-    h = int(sw.meta.get("input_size", [0, 0, 0])[1] or 0)
-    wrapped = np.where(s > h // 2, s - h, s) if sw.mode == "circular" and h else s
-    size = np.abs(wrapped).max(1).astype(float)
+    size = np.abs(wrapped_shifts(sw)).max(1).astype(float)
     flips = ~sw.consistent
     flip_size = np.where(flips, size[None, :], np.inf).min(1)
     drop = sw.ref_prob[:, None] - sw.p_ref
@@ -800,16 +997,23 @@ def fragility(sweeps: Sequence[ModelSweep], by: str = "flip", model: int = 0) ->
     worst = np.where(np.isfinite(flip_size), masked.argmin(1), sw.p_ref.argmin(1))
     max_drop = drop.max(1)
     order = (np.lexsort((-max_drop, flip_size)) if by == "flip" else np.argsort(-max_drop, kind="stable"))
+    # each model has its own shift set (its stride, its input size): find the ranked model's worst shift
+    # in each of them; a model that did not visit it says "n/a"
+    where = [{(int(a), int(b)): j for j, (a, b) in enumerate(o.shifts)} for o in sweeps]
     rows = []
     for i in order:
         k = int(worst[i])
+        shift = (int(s[k, 0]), int(s[k, 1]))
+        preds = []
+        for o, at in zip(sweeps, where):
+            ko = at.get(shift)
+            preds.append({"model": o.name, "unshifted": o.classes[int(o.ref_pred[i])],
+                          "at_worst": "n/a" if ko is None else o.classes[int(o.pred[i, ko])],
+                          "p_ref_at_worst": None if ko is None else float(o.p_ref[i, ko])})
         rows.append({
-            "index": int(i), "worst_shift": [int(s[k, 0]), int(s[k, 1])],
+            "index": int(i), "worst_shift": list(shift),
             "smallest_flip": None if not np.isfinite(flip_size[i]) else int(flip_size[i]),
-            "max_drop": float(max_drop[i]), "label": int(sw.labels[i]),
-            "predictions": [{"model": o.name, "unshifted": o.classes[int(o.ref_pred[i])],
-                             "at_worst": o.classes[int(o.pred[i, k])],
-                             "p_ref_at_worst": float(o.p_ref[i, k])} for o in sweeps],
+            "max_drop": float(max_drop[i]), "label": int(sw.labels[i]), "predictions": preds,
         })
     return rows
 

@@ -314,3 +314,75 @@ def _patched(obj, name, value):
         yield
     finally:
         setattr(obj, name, old)
+
+
+# --- review fixes: shared jobs, watchers, sweep slots and the time budget --------------------------------
+def test_a_finished_run_stays_for_every_session_watching_it(zoo, monkeypatch):
+    from dashboard import dataset_page
+
+    specs, _ = zoo
+    a = _open(specs[:2], n=7)
+    _run(a)  # session A draws the result ...
+    finished = [j for j in dataset_page.jobs()._jobs.values() if j.result is not None]
+    # ... and the job is still there, so another session's progress fragment sees it end (not a blank page)
+    assert finished and not finished[0].running and finished[0].finished is not None
+    b = _open(specs[:2], n=7)
+    assert "ds_board" in _frames(b) and not _errors(b)
+    # finished jobs go after KEEP_FINISHED_S
+    monkeypatch.setattr(dataset_page, "KEEP_FINISHED_S", 0.0)
+    assert dataset_page.jobs().get(finished[0].key) is None
+
+
+def test_cancel_stops_a_shared_run_only_when_every_watcher_left(monkeypatch):
+    from dashboard import dataset_page
+
+    job = dataset_page.Job("k")
+    assert job.watch("a") == 1 and job.watch("b") == 2
+    assert job.cancel("a") is False and not job.stop.is_set()
+    assert job.watch("a") == 1  # a session that left does not come back as a watcher by drawing the bar
+    assert job.cancel("b") is True and job.stop.is_set()
+    # a closed tab stops counting after WATCH_S
+    job = dataset_page.Job("k")
+    job.watch("gone")
+    monkeypatch.setattr(dataset_page, "WATCH_S", 0.0)
+    time.sleep(0.01)
+    assert job.cancel("me") is True
+
+
+def test_a_run_takes_a_sweep_slot_and_one_over_the_budget_is_refused(zoo, monkeypatch):
+    import threading
+
+    from dashboard import dataset_page
+    from equishift.zoo import load_model
+
+    specs, _ = zoo
+    models = [load_model(s, device="cpu") for s in specs[:1]]
+    data = ds.fashion_mnist_set(5)
+    slots = threading.BoundedSemaphore(1)
+    slots.acquire()  # another sweep holds the only slot
+    run = dataset_page._run_fn(models, data, "radius", 1, "zero", slots=slots, mem={})
+    jobs = dataset_page.Jobs()
+    job = jobs.start("slot-test", run)
+    deadline = time.monotonic() + 10
+    while job.stage != "waiting for a free sweep slot" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)
+    assert job.stage == "waiting for a free sweep slot" and job.running and job.result is None
+    slots.release()
+    job.thread.join(timeout=120)
+    assert job.error is None and job.result is not None and len(job.result.sweeps) == 1
+    assert slots.acquire(blocking=False)  # given back
+    slots.release()
+    # the estimate: measured forward time × images × (shifts + the protocols' passes), per unswept model
+    from dashboard import compute
+
+    monkeypatch.setattr(compute, "forward_seconds", lambda m, x, batch=32: 0.01)
+    est = dataset_page.estimate_seconds(models, ds.fashion_mnist_set(11), "radius", 2, "zero")
+    assert est == pytest.approx(0.01 * 11 * (25 + dataset_page._PROTOCOL_ROWS))
+    # over the server's budget: no Run button, a message naming the estimate and the budget
+    monkeypatch.setenv("EQUISHIFT_MAX_SWEEP_S", "0.000001")
+    at = _open(specs[:2], n=9)
+    assert not at.exception
+    err = [e for e in _errors(at) if "over this server's budget of 0 s" in e]
+    assert err and "EQUISHIFT_MAX_SWEEP_S" in err[0]
+    assert not [b for b in at.button if b.key == "ds_run"]

@@ -183,7 +183,9 @@ def test_aggregates_count_what_they_say():
     # a mean over shifts stays exact (images 0 and 3: 6/6 and 1/6 of the shifts); the interval rounds it
     assert rows["a"]["consistency"]["value"] == pytest.approx((1 + 1 / 6) / 2)
     assert rows["a"]["consistency"]["ci95"] == pytest.approx(list(wilson_interval(1, 2)))
-    assert ds.leaderboard_row(sw)["consistency"]["value"] == pytest.approx(sw.consistent.mean())
+    # per image 6/6, 4/6, 4/6, 1/6 of the shifts held: 15/6 images' worth of 4
+    assert ds.leaderboard_row(sw)["consistency"]["value"] == pytest.approx((15 / 6) / 4, abs=1e-12)
+    assert ds.leaderboard_row(sw)["orbit_consistency"]["count"] == 1
     frag = ds.fragility([sw], "flip")
     assert [r["index"] for r in frag][:2] in ([1, 3], [3, 1])  # both flip at ‖δ‖∞ = 1
     assert frag[-1]["index"] == 0 and frag[-1]["smallest_flip"] is None
@@ -413,3 +415,170 @@ def test_full_orbit_wraps_shift_sizes_and_the_anchored_model_holds(models):
     assert c["shifts"].sum() == 1024 and c["shifts"][1] == 8 and c["shifts"][16] == 32 ** 2 - 31 ** 2
     frag = ds.fragility([ds.sweep_dataset(models[0], data, "orbit")], "flip")
     assert all(r["smallest_flip"] is None or 1 <= r["smallest_flip"] <= 16 for r in frag)
+
+
+# --- review fixes: cache keys, mixed shift sets, wrapping, memory, decode limits, the disk cache ---------
+def test_labels_are_part_of_the_set_key_and_a_cached_sweep_is_not_reused_across_them(models, tmp_path):
+    members = {"Trouser/a.png": _png(200), "Bag/b.png": _png(120)}
+    raw = _zip(members)
+    lab, unl = ds.zip_set(raw, "m.zip"), ds.zip_set(raw, "m.zip", labels=False)
+    assert lab.labelled and not unl.labelled and lab.key != unl.key
+    items = list(members.items())
+    assert ds.files_set(items, "f").key != ds.files_set(items, "f", labels=False).key
+    for name, data in members.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(data)
+    assert ds.folder_set(tmp_path).key != ds.folder_set(tmp_path, labels=False).key
+    memory, cache = {}, ds.DiskCache(tmp_path / "cache")
+    first = ds.sweep_models(models[:1], lab, "period", memory=memory, cache=cache)[0]
+    second = ds.sweep_models(models[:1], unl, "period", memory=memory, cache=cache)[0]
+    assert first.labelled and first.labels.tolist() == [8, 1]  # Bag/b.png, Trouser/a.png
+    assert not second.labelled and second.labels.tolist() == [-1, -1]
+
+
+def test_fragility_looks_each_models_shift_up_in_its_own_shift_set():
+    # model A (4 shifts) ranks; model B visited other shifts in another order: (0,0) (2,2) (0,1)
+    a = _synthetic([[0, 1, 0, 2], [0, 0, 0, 0]], [0, 0], p_ref=[[1, .2, .9, .1], [1, 1, 1, 1]])
+    b = _synthetic([[1, 2, 0], [1, 1, 1]], [1, 1], p_ref=[[1, .5, .3], [1, 1, 1]])
+    b.shifts = np.array([[0, 0], [2, 2], [0, 1]])
+    frag = {r["index"]: r for r in ds.fragility([a, b], "flip")}
+    # image 0 flips first at ‖δ‖∞ = 1; of (0,1) and (1,1) the lower p_ref is (1,1), which B did not visit
+    assert frag[0]["worst_shift"] == [1, 1]
+    assert frag[0]["predictions"][1]["at_worst"] == "n/a" and frag[0]["predictions"][1]["p_ref_at_worst"] is None
+    a.p_ref[0] = [1, .05, .9, .1]  # now (0,1): B's third column (class a, p 0.3), not its second
+    frag = {r["index"]: r for r in ds.fragility([a, b], "flip")}
+    assert frag[0]["worst_shift"] == [0, 1]
+    assert frag[0]["predictions"][1]["at_worst"] == "a"
+    assert frag[0]["predictions"][1]["p_ref_at_worst"] == pytest.approx(0.3)
+    rows = ds.per_image_table([a, b])  # every model ranked in turn: no IndexError
+    assert len(rows) == 4 and {r["model"] for r in rows} == {"synthetic"}
+
+
+def test_model_key_covers_the_card_input_size_and_weights(models):
+    import dataclasses
+
+    base = models[0]
+    same = dataclasses.replace(base, card=dict(base.card, metrics={"accuracy": 0.5}))
+    assert ds.model_key(same) == ds.model_key(base)  # results, not preprocessing
+    for change in ({"mean": [0.4]}, {"std": [0.2]}, {"classes": list(reversed(base.classes))},
+                   {"input_size": [1, 36, 36]}, {"preprocess": "timm", "crop_pct": 0.9}):
+        other = dataclasses.replace(base, card=dict(base.card, **change))
+        assert ds.model_key(other) != ds.model_key(base), change
+
+
+def test_circular_shifts_wrap_per_axis_and_from_below():
+    assert ds.wrap_shift(np.array([0, 4, 5, 7, -5, -20, 16]), 8).tolist() == [0, -4, -3, -1, 3, -4, 0]
+    assert ds.wrap_shift(-20, 32) == 12 and ds.wrap_shift(16, 32) == -16
+    # H = 8, W = 32: dy 5 is ‖3‖, dx 5 stays 5, dx -20 is 12 (not 20)
+    sw = _synthetic([[0, 1, 1, 1]], [0])
+    sw.shifts = np.array([[0, 0], [5, 0], [0, 5], [0, -20]])
+    sw.meta["input_size"] = [3, 8, 32]
+    c = ds.consistency_by(sw, "linf")
+    assert c["value"].tolist() == [0, 3, 5, 12]
+    assert ds.fragility([sw], "flip")[0]["smallest_flip"] == 3
+    from dashboard.dataset_page import _wrap
+
+    assert _wrap(-20, 32, "circular") == 12 and _wrap(5, 8, "circular") == -3 and _wrap(-20, 32, "crop") == -20
+
+
+def test_sweep_blocks_never_exceed_the_batch_size(models, data, period, monkeypatch):
+    fed, forwarded = [], []
+    real = ds.shift_batch
+
+    def spy(x, s, *a, **k):
+        fed.append(len(x))
+        return real(x, s, *a, **k)
+
+    monkeypatch.setattr(ds, "shift_batch", spy)
+    for j in (0, 1):  # plain and anchored
+        h = models[j].model.register_forward_hook(lambda m, i, o: forwarded.append(len(i[0])))
+        try:
+            sw = ds.sweep_dataset(models[j], data, "period", batch_size=5)
+        finally:
+            h.remove()
+        assert len(sw.shifts) == 16 and max(fed) <= 5 and max(forwarded) <= 5
+        assert sum(forwarded) == len(data) * 16
+        ref = period[j]
+        assert np.array_equal(sw.pred, ref.pred) and np.array_equal(sw.ref_pred, ref.ref_pred)
+        np.testing.assert_allclose(sw.p_ref, ref.p_ref, atol=1e-5)
+        np.testing.assert_allclose(sw.p_true, ref.p_true, atol=1e-5)
+        for a in ref.phase_counts:
+            assert np.array_equal(sw.phase_counts[a], ref.phase_counts[a])
+            assert np.array_equal(sw.ref_phase_counts[a], ref.ref_phase_counts[a])
+        fed.clear(), forwarded.clear()
+    # large inputs: the block shrinks so its copies stay under the bound; huge orbits are refused
+    assert ds._row_batch(256, (3, 32, 32)) == 256
+    assert ds._row_batch(256, (3, 384, 384)) * 2 * 4 * 3 * 384 ** 2 <= ds._BLOCK_BYTES_MAX
+    with pytest.raises(LimitError, match="147,456 shifts per image; the limit is 65,536"):
+        ds.shift_set("orbit", 16, (384, 384))
+    assert len(ds.shift_set("orbit", 16, (224, 224))) == 224 ** 2
+
+
+def test_dataset_pixel_limits_and_images_decoded_once(models, monkeypatch):
+    big = io.BytesIO()
+    Image.new("L", (2100, 2000)).save(big, "PNG")  # 4.2 MP, a few KB compressed
+    with pytest.raises(LimitError, match=r"big.png is 2100×2000 \(4.2 MP\); the limit per dataset image is 4 MP"):
+        ds.zip_set(_zip({"big.png": big.getvalue()}), "b.zip")
+    raw = _zip({f"x{i}.png": _png(40 + i) for i in range(3)})
+    with pytest.raises(LimitError, match="over 0 MP in all"):
+        ds._check_decodes(ds.ImageSet("t.zip", "t", ["a", "b"], blobs=[_png(1), _png(2)]), max_total_pixels=1000)
+    import equishift.images as images
+
+    calls = []
+    real = images.load_image
+    monkeypatch.setattr(images, "load_image", lambda b, *a, **k: calls.append(1) or real(b, *a, **k))
+    ds._DECODED.clear()
+    data = ds.zip_set(raw, "once.zip", labels=False)
+    assert len(calls) == 3  # decoded at upload ...
+    ds.sweep_dataset(models[0], data, "period")
+    ds.sweep_dataset(models[1], data, "period")
+    assert len(calls) == 3  # ... and not again per model
+
+
+def test_folder_limits(tmp_path):
+    for i in range(3):
+        (tmp_path / f"x{i}.png").write_bytes(_png(50 + i))
+    size = (tmp_path / "x0.png").stat().st_size
+    with pytest.raises(LimitError, match="x0.png is .* MB; the limit per image"):
+        ds.folder_set(tmp_path, max_member_bytes=size - 1)
+    with pytest.raises(LimitError, match="MB of images; the limit is"):
+        ds.folder_set(tmp_path, max_total_bytes=2 * size)
+    assert len(ds.folder_set(tmp_path)) == 3
+
+
+def test_put_json_refuses_non_json_without_leaving_a_file_and_the_cache_is_pruned(tmp_path, period, models, data):
+    cache = ds.DiskCache(tmp_path)
+    assert cache.put_json({"k": 1}, {"bad": object()}) is False
+    assert list(tmp_path.iterdir()) == []
+    assert cache.put_json({"k": 2}, {"ok": 1}) is True and cache.get_json({"k": 2}) == {"ok": 1}
+    import os
+    import time as _time
+
+    keys = [ds.sweep_key(m, data, "period", "circular", None) for m in models]
+    for j, key in enumerate(keys):
+        assert cache.put(key, period[j]) is not None
+        for p in cache.paths(key):
+            os.utime(p, (_time.time() - 100 + j, _time.time() - 100 + j))
+    sizes = {key_i: sum(p.stat().st_size for p in cache.paths(k)) for key_i, k in enumerate(keys)}
+    # keep room for the two newest sweeps only: the oldest goes first
+    removed = cache.prune(sizes[1] + sizes[2] + 100)
+    assert removed >= sizes[0] and cache.get(keys[0]) is None
+    assert cache.get(keys[2]) is not None
+
+
+def test_weight_hashes_do_not_keep_models_alive():
+    import gc
+    import weakref
+
+    m = torch.nn.Linear(2, 2)
+    ds._WEIGHT_HASHES[m] = ds._weights_sha256(m)
+    ref = weakref.ref(m)
+    del m
+    gc.collect()
+    assert ref() is None and len([k for k in ds._WEIGHT_HASHES.keys() if isinstance(k, torch.nn.Linear)]) == 0
+
+
+def test_orbit_map_ticks_are_the_integer_shifts(period):
+    fig = dp.orbit_map(period[:2], "flip")
+    for ax in (fig.layout.yaxis, fig.layout.xaxis, fig.layout.yaxis2):
+        assert ax.dtick == 1 and ax.tickformat == "d" and ax.tick0 == 0
