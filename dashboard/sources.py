@@ -16,6 +16,7 @@ import stat
 import tempfile
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Tuple
@@ -431,15 +432,50 @@ def toggle_invert(key: str) -> None:
 @st.cache_resource(max_entries=2, ttl=600, show_spinner=False)
 def _decoded(sha256: str, _data: bytes, _label: str):
     """``_data`` decoded to 8-bit RGB once per content hash, shared by every view and session (a failure
-    is not cached: it raises again, naming the file). Two entries at most, dropped after 10 minutes unused:
-    a 40 MP image is 160 MB decoded."""
+    is kept apart, by ``_decode``). Two entries at most, dropped after 10 minutes unused: a 40 MP image is
+    160 MB decoded."""
     return load_image(_data, name=_label)
+
+
+# A failing decode costs as much as a good one (up to the decode time limit, ~10 s) and fails the same way
+# each time: its named error is kept per file (content hash and name: the message names the file) for
+# every session, for 10 minutes, at most 64 files (a class and a short message each).
+_FAILURE_TTL_S = 600.0
+_FAILURE_MAX = 64
+_failures: "OrderedDict[Tuple[str, str], Tuple[float, type, tuple]]" = OrderedDict()
+_failures_lock = threading.Lock()
+
+
+def clear_decode_failures() -> None:
+    with _failures_lock:
+        _failures.clear()
+
+
+def _decode(sha256: str, data: bytes, label: str):
+    key = (sha256, label)
+    with _failures_lock:
+        hit = _failures.get(key)
+        if hit is not None and time.monotonic() - hit[0] >= _FAILURE_TTL_S:
+            del _failures[key]
+            hit = None
+    if hit is not None:
+        raise hit[1](*hit[2])
+    try:
+        return _decoded(sha256, data, label)
+    except EquishiftError as e:
+        with _failures_lock:
+            _failures[key] = (time.monotonic(), type(e), e.args)
+            _failures.move_to_end(key)
+            while len(_failures) > _FAILURE_MAX:
+                _failures.popitem(last=False)
+        raise
 
 
 def decoded_image(choice: "ImageChoice"):
     """The chosen image decoded (``equishift.images.load_image``), once per content: treat it as read-only
-    (copy before changing it in place)."""
-    return _decoded(choice.sha256, choice.data, choice.label)
+    (copy before changing it in place). A file that failed raises its error again, without decoding, for
+    10 minutes."""
+    return _decode(choice.sha256, choice.data, choice.label)
 
 
 @st.cache_resource(max_entries=4, show_spinner=False)
@@ -449,7 +485,7 @@ def _inverted(sha256: str, _data: bytes, _label: str = "the image") -> bytes:
     import io
 
     buf = io.BytesIO()
-    invert(_decoded(sha256, _data, _label)).save(buf, format="PNG")
+    invert(_decode(sha256, _data, _label)).save(buf, format="PNG")
     return buf.getvalue()
 
 

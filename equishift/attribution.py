@@ -200,14 +200,29 @@ def _frame_roll(work: nn.Module, target_module: nn.Module, x: torch.Tensor) -> T
     return round(total[0]), round(total[1])
 
 
+def _tensors(out: object):
+    """Every tensor in a module's output, through nested tuples, lists and dicts."""
+    if isinstance(out, torch.Tensor):
+        yield out
+    elif isinstance(out, (tuple, list)):
+        for item in out:
+            yield from _tensors(item)
+    elif isinstance(out, dict):
+        for item in out.values():
+            yield from _tensors(item)
+
+
 def _gradient_reaches(work: nn.Module, module: nn.Module, x: torch.Tensor, target: int) -> bool:
     """Whether any gradient of the target score reaches ``module``'s output: an all-zero GradCAM is then
     a real answer (every weighted activation negative), not a layer the score never reads."""
     grads = []
 
     def hook(mod, args, out):
-        if isinstance(out, torch.Tensor) and out.requires_grad:
-            out.register_hook(grads.append)
+        # A block may return a tuple or a list (tokens, attention, ...): a gradient reaching any of them
+        # counts.
+        for t in _tensors(out):
+            if t.requires_grad:
+                t.register_hook(grads.append)
 
     handle = module.register_forward_hook(hook)
     try:

@@ -104,37 +104,57 @@ def _load_object(path: PathLike, max_bytes: int, stand_ins: Dict[str, type]) -> 
     name, shown = _name(raw), shorten(raw, 120)
     if not raw:
         raise CheckpointError("an empty path was given; pass the path of a weights file")
-    path = Path(raw)
     try:
-        st = os.stat(raw)
+        _check_stat(os.stat(raw), name, shown, max_bytes)   # named before opening: a FIFO is never opened
     except FileNotFoundError:
         raise CheckpointError(f"{name}: checkpoint file not found ({shown})") from None
     except OSError as e:
         raise CheckpointError(f"{name}: cannot be read: {_os_problem(e)} ({shown})") from None
-    if not stat.S_ISREG(st.st_mode):
-        raise CheckpointError(f"{name}: {_not_regular(st.st_mode)}, not a regular file ({shown})")
-    size = st.st_size
-    if size == 0:
-        raise CheckpointError(f"{name}: the file is empty (0 bytes), not a checkpoint")
-    if size > max_bytes:
-        raise CheckpointError(f"{name}: file is {_human(size)}, over the limit of {_human(max_bytes)} "
-                              f"(max_bytes={max_bytes}); refused before reading")
-    try:   # non-blocking, and checked again once open: a path swapped for a FIFO must not hang us
+    # The path is opened once, non-blocking (a path swapped for a FIFO in between must not hang us), the
+    # checks are repeated on what was opened, and every reader below reads that open file: a path
+    # swapped after the checks (for a FIFO, a huge file, other weights) is never read. Links are followed,
+    # as by ``os.stat`` above: a zoo confines its own links (equishift.zoo) before calling this.
+    try:
         fd = os.open(raw, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
     except OSError as e:
         raise CheckpointError(f"{name}: cannot be read: {_os_problem(e)} ({shown})") from None
     with os.fdopen(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise CheckpointError(f"{name}: is not a regular file (it changed while being opened)")
+        st = os.fstat(fd)
+        _check_stat(st, name, shown, max_bytes, opened=True)
         head = f.read(16)
-    if _looks_like_safetensors(head):
-        return _load_safetensors(path, name, size)
-    if head.startswith(b"PK\x03\x04"):
-        return _load_torch_zip(path, name, max_bytes, stand_ins)
-    if head[:1] == b"\x80" and 2 <= head[1] <= 5:
-        return _load_torch_legacy(path, name, stand_ins)
-    raise CheckpointError(f"{name}: not a checkpoint ({_describe(head)}); expected a .safetensors file "
-                          "or a torch.save state dict (.pt/.pth/.bin)")
+        f.seek(0)
+        if _looks_like_safetensors(head):
+            obj: object = _load_safetensors(f, raw, st, name)
+        elif head.startswith(b"PK\x03\x04"):
+            obj = _load_torch_zip(f, name, max_bytes, stand_ins)
+        elif head[:1] == b"\x80" and 2 <= head[1] <= 5:
+            obj = _load_torch_legacy(f, name, st.st_size, stand_ins)
+        else:
+            raise CheckpointError(f"{name}: not a checkpoint ({_describe(head)}); expected a .safetensors "
+                                  "file or a torch.save state dict (.pt/.pth/.bin)")
+        if _identity(os.fstat(fd)) != _identity(st):   # rewritten in place while it was being read
+            raise CheckpointError(_changed(name))
+    return obj
+
+
+def _check_stat(st: os.stat_result, name: str, shown: str, max_bytes: int, opened: bool = False) -> None:
+    if not stat.S_ISREG(st.st_mode):
+        changed = " (the path changed while being opened)" if opened else ""
+        raise CheckpointError(f"{name}: {_not_regular(st.st_mode)}, not a regular file{changed} ({shown})")
+    if st.st_size == 0:
+        raise CheckpointError(f"{name}: the file is empty (0 bytes), not a checkpoint")
+    if st.st_size > max_bytes:
+        raise CheckpointError(f"{name}: file is {_human(st.st_size)}, over the limit of {_human(max_bytes)} "
+                              f"(max_bytes={max_bytes}); refused before reading")
+
+
+def _identity(st: os.stat_result) -> Tuple[int, int, int, int]:
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def _changed(name: str) -> str:
+    return (f"{name}: the file was replaced or changed while being loaded (it is not the file that was "
+            "checked); refused, load it again once it is complete")
 
 
 def _not_regular(mode: int) -> str:
@@ -182,24 +202,30 @@ def _describe(head: bytes) -> str:
         return "unrecognised bytes"
 
 
-def _load_safetensors(path: Path, name: str, size: int) -> Dict[str, torch.Tensor]:
-    """Validate the header against the file size (to name truncation), then safetensors' own loader."""
+# Linux names each open file here; opening that name opens the same file, whatever its path names now.
+_PROC_FD = "/proc/self/fd"
+
+
+def _load_safetensors(f: BinaryIO, raw: str, st: os.stat_result, name: str) -> Dict[str, torch.Tensor]:
+    """Validate the header against the file size (to name truncation), then safetensors' own loader, on
+    the open file ``f`` (through /proc/self/fd), or where that does not exist on ``raw`` when it is still
+    the checked file (device, inode, size, mtime) before and after loading."""
     from safetensors.torch import load_file
 
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        if n > _MAX_SAFETENSORS_HEADER:
-            raise CheckpointError(f"{name}: corrupt safetensors header (declares {n} bytes of JSON)")
-        if n > size - 8:
-            raise CheckpointError(f"{name}: truncated safetensors file (header of {n} bytes, file has "
-                                  f"{size} bytes)")
-        try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"{name}: corrupt safetensors header ({_short(e)})") from None
-        except RecursionError:
-            raise CheckpointError(f"{name}: corrupt safetensors header (its JSON is nested too deeply; a "
-                                  "valid header is 3 levels deep)") from None
+    size = st.st_size
+    (n,) = struct.unpack("<Q", f.read(8))
+    if n > _MAX_SAFETENSORS_HEADER:
+        raise CheckpointError(f"{name}: corrupt safetensors header (declares {n} bytes of JSON)")
+    if n > size - 8:
+        raise CheckpointError(f"{name}: truncated safetensors file (header of {n} bytes, file has "
+                              f"{size} bytes)")
+    try:
+        header = json.loads(f.read(n))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{name}: corrupt safetensors header ({_short(e)})") from None
+    except RecursionError:
+        raise CheckpointError(f"{name}: corrupt safetensors header (its JSON is nested too deeply; a "
+                              "valid header is 3 levels deep)") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{name}: corrupt safetensors header (not a JSON object)")
     _check_safetensors_entries(header, name)
@@ -210,10 +236,26 @@ def _load_safetensors(path: Path, name: str, size: int) -> Dict[str, torch.Tenso
     if size < needed:
         raise CheckpointError(f"{name}: truncated safetensors file ({size} bytes, the header needs "
                               f"{needed}); download or copy it again")
+    proc = os.path.join(_PROC_FD, str(f.fileno()))
+    same_fd = os.path.exists(proc)
+    if not same_fd:
+        _still_the_checked_file(raw, st, name)
     try:
-        return load_file(str(path), device="cpu")
+        state = load_file(proc if same_fd else raw, device="cpu")
     except Exception as e:  # SafetensorError and friends: the header was plausible, the body is not
         raise CheckpointError(f"{name}: corrupt safetensors file ({_short(e)})") from None
+    if not same_fd:
+        _still_the_checked_file(raw, st, name)
+    return state
+
+
+def _still_the_checked_file(raw: str, st: os.stat_result, name: str) -> None:
+    try:
+        now = os.stat(raw)
+    except OSError:
+        raise CheckpointError(_changed(name)) from None
+    if _identity(now) != _identity(st):
+        raise CheckpointError(_changed(name))
 
 
 _SAFETENSORS_DTYPES = {"BOOL", "U8", "I8", "U16", "I16", "F16", "BF16", "U32", "I32", "F32", "U64", "I64",
@@ -242,9 +284,9 @@ def _check_safetensors_entries(header: dict, name: str) -> None:
                                   f"{shorten(entry['dtype'], 20)!r}")
 
 
-def _load_torch_zip(path: Path, name: str, max_bytes: int, stand_ins: Dict[str, type]) -> object:
+def _load_torch_zip(f: BinaryIO, name: str, max_bytes: int, stand_ins: Dict[str, type]) -> object:
     try:
-        with zipfile.ZipFile(path) as z:
+        with zipfile.ZipFile(f) as z:
             infos = z.infolist()
             total = sum(i.file_size for i in infos)
             if total > max_bytes:
@@ -264,7 +306,7 @@ def _load_torch_zip(path: Path, name: str, max_bytes: int, stand_ins: Dict[str, 
     except Exception as e:  # BadZipFile, EOFError, NotImplementedError (odd compression), ...
         raise CheckpointError(f"{name}: truncated or corrupt PyTorch checkpoint ({_short(e)})") from None
     _refuse_unsafe_globals(pickle_globals(payload, name), name, stand_ins)
-    return _torch_load(path, name, stand_ins)
+    return _torch_load(f, name, stand_ins)
 
 
 def _check_zip_members(infos: List[zipfile.ZipInfo], pkl: str, name: str) -> None:
@@ -284,23 +326,22 @@ def _check_zip_members(infos: List[zipfile.ZipInfo], pkl: str, name: str) -> Non
                               f"refused unread; {_SAFE_HINT}")
 
 
-def _load_torch_legacy(path: Path, name: str, stand_ins: Dict[str, type]) -> object:
+def _load_torch_legacy(f: BinaryIO, name: str, size: int, stand_ins: Dict[str, type]) -> object:
     # Legacy torch.save: 5 consecutive pickles (magic, protocol, sys info, object, storage keys), then raw
     # storage bytes; a plain pickle is one. Scan all pickles that precede the raw bytes.
-    with open(path, "rb") as f:   # streamed: the raw storage bytes after the pickles are never read
-        _refuse_unsafe_globals(pickle_globals(f, name, max_pickles=5), name, stand_ins)
-        f.seek(0)
-        try:
-            declared = _legacy_storage_bytes(f)
-        except Exception as e:  # pickletools raises ValueError, UnicodeDecodeError, MemoryError, ...
-            raise CheckpointError(f"{name}: truncated or corrupt PyTorch checkpoint ({_short(e)})") from None
+    # Streamed: the raw storage bytes after the pickles are never read.
+    _refuse_unsafe_globals(pickle_globals(f, name, max_pickles=5), name, stand_ins)
+    f.seek(0)
+    try:
+        declared = _legacy_storage_bytes(f)
+    except Exception as e:  # pickletools raises ValueError, UnicodeDecodeError, MemoryError, ...
+        raise CheckpointError(f"{name}: truncated or corrupt PyTorch checkpoint ({_short(e)})") from None
     # The legacy loader allocates each storage at its pickled size before reading it (the zip loader
     # checks the record size first): a lying size would be a memory bomb.
-    size = path.stat().st_size
     if declared > size:
         raise CheckpointError(f"{name}: declares {_human(declared)} of tensor data but the file holds "
                               f"{_human(size)}; truncated or corrupt PyTorch checkpoint")
-    return _torch_load(path, name, stand_ins)
+    return _torch_load(f, name, stand_ins)
 
 
 def _legacy_storage_bytes(stream: BinaryIO) -> int:
@@ -332,17 +373,17 @@ _STORAGE_ELEMENT_BYTES = {"DoubleStorage": 8, "FloatStorage": 4, "HalfStorage": 
                           "ComplexFloatStorage": 8, "UntypedStorage": 1}
 
 
-def _torch_load(path: Path, name: str, stand_ins: Dict[str, type]) -> object:
+def _torch_load(f: BinaryIO, name: str, stand_ins: Dict[str, type]) -> object:
     try:
-        # An open file, not the path: torch.load hands any path ending in .safetensors to safetensors,
-        # which would call a real torch.save file with that name "corrupt" (content decides, not names).
-        with open(path, "rb") as f:
-            if stand_ins:
-                # Still torch's weights-only unpickler (every pickle of the file, every opcode vetted);
-                # the stand-ins are only registered as allowed names for this call.
-                with torch.serialization.safe_globals([(cls, key) for key, cls in stand_ins.items()]):
-                    return torch.load(f, map_location="cpu", weights_only=True)
-            return torch.load(f, map_location="cpu", weights_only=True)
+        # The checked open file, not the path: the path may name another file by now, and torch.load
+        # hands any path ending in .safetensors to safetensors (content decides here, not names).
+        f.seek(0)
+        if stand_ins:
+            # Still torch's weights-only unpickler (every pickle of the file, every opcode vetted);
+            # the stand-ins are only registered as allowed names for this call.
+            with torch.serialization.safe_globals([(cls, key) for key, cls in stand_ins.items()]):
+                return torch.load(f, map_location="cpu", weights_only=True)
+        return torch.load(f, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         found = re.findall(r"GLOBAL ([\w.]+)", str(e))
         if found:

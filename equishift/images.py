@@ -356,29 +356,40 @@ def peak_bytes(im: Image.Image) -> int:
     return max(source + result, 2 * result, source + _largest_block(im))
 
 
-def _largest_block(im: Image.Image) -> int:
+def _largest_block(im: Image.Image, name: str = "the image") -> int:
     """Bytes of the largest tile or strip a TIFF decoder reads at once, from the tags (0 for others).
-    libtiff sizes its buffer from the tile tags alone: a 64×64 image may declare one 32768² tile."""
+    libtiff sizes its buffer from the tile tags alone: a 64×64 image may declare one 32768² tile. Tags it
+    cannot read as positive integers are refused (ImageError naming ``name``): a bound that cannot be
+    computed must not pass as no bound."""
     tags = getattr(im, "tag_v2", None)
     if tags is None:
         return 0
     w, h = im.size
     try:
         bits = tags.get(258, (8,))
-        bits = max(bits) if isinstance(bits, tuple) else int(bits)
-        samples = int(tags.get(277, 1))
+        bits = max(_positive(b) for b in bits) if isinstance(bits, tuple) else _positive(bits)
+        samples = _positive(tags.get(277, 1))
         if 322 in tags or 323 in tags:
-            block_w, block_h = int(tags.get(322, w)), int(tags.get(323, h))
+            block_w, block_h = _positive(tags.get(322, w)), _positive(tags.get(323, h))
         else:
-            block_w, block_h = w, min(int(tags.get(278, h)), h)
-    except (TypeError, ValueError):
-        return 0
-    return block_w * block_h * samples * max(bits, 1) // 8
+            block_w, block_h = w, min(_positive(tags.get(278, h)), h)
+    except (TypeError, ValueError, OverflowError):
+        raise ImageError(f"{name}: the TIFF's tile, strip or sample tags (BitsPerSample, SamplesPerPixel, "
+                         "TileWidth/TileLength, RowsPerStrip) are not positive integers, so its decode memory "
+                         "cannot be bounded; refused without decoding") from None
+    return block_w * block_h * samples * bits // 8
+
+
+def _positive(value: object) -> int:
+    # bool and float are not tag integers; a rational or string tag is as unreadable as a negative one.
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(value)
+    return value
 
 
 def _check_cost(im: Image.Image, fmt: str, name: str, max_decode_bytes: int) -> int:
+    block = _largest_block(im, name)   # first: its refusal of odd tags names the file
     need = peak_bytes(im)
-    block = _largest_block(im)
     w, h = im.size
     if block > max_decode_bytes:
         raise ImageError(f"{name}: the {fmt} declares a tile or strip of {_human(block)} for a {w}×{h} image, "

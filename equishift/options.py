@@ -218,22 +218,54 @@ def estimate_size(build: Callable[[], nn.Module], input_size: Optional[Callable[
                   max_param_bytes: Optional[int] = None) -> Tuple[nn.Module, SizeEstimate]:
     """Build with ``build()`` on the meta device and measure: parameters and buffers (× 4 bytes, float32)
     and, when ``input_size(model)`` gives (C, H, W), the largest tensor of a forward pass on one image. A
-    model that cannot run on meta tensors gets ``largest_activation_bytes=None``; so does one over
-    ``max_param_bytes`` (no forward pass is tried: it is refused anyway)."""
+    model that cannot run on meta tensors gets an upper bound instead (``_activation_bound``: global
+    attention over its tokens); one over ``max_param_bytes`` gets ``largest_activation_bytes=None`` (no
+    forward pass is tried: it is refused anyway)."""
     with torch.device("meta"):
         model = build()
     params = sum(p.numel() for p in model.parameters()) + sum(b.numel() for b in model.buffers())
     largest, op = None, ""
     if input_size is not None and (max_param_bytes is None or params * 4 <= max_param_bytes):
+        c, h, w = (int(v) for v in input_size(model))
         try:
-            c, h, w = (int(v) for v in input_size(model))
             probe = _LargestTensor()
             with torch.no_grad(), probe:
                 model.eval()(torch.empty(1, c, h, w, device="meta"))
             largest, op = probe.bytes, probe.op
         except Exception:  # a model using data-dependent ops (.item(), nonzero) on its input: shapes unknown
-            largest = None
+            largest, op = _activation_bound(model, c, h, w)
     return model, SizeEstimate(params, params * 4, largest, op)
+
+
+def _activation_bound(model: nn.Module, c: int, h: int, w: int) -> Tuple[int, str]:
+    """An upper bound of the largest float32 tensor of one forward pass, from the model's structure
+    alone: its tokens are the input cut by the smallest patch (or conv stride) it has (one per pixel
+    when it has none), plus its prefix tokens; the bound is the largest of a global attention map over
+    them with its most heads, its widest linear layer over them, and the input. A windowed model is
+    over-counted, never under-counted by its attention."""
+    patch = 0
+    heads, width, prefix = 1, c, 1
+    for m in model.modules():
+        size = getattr(m, "patch_size", None)
+        if isinstance(m, nn.Conv2d):
+            size = size if size is not None else m.stride
+            width = max(width, m.out_channels)
+        if isinstance(size, int) or (isinstance(size, (tuple, list)) and size and all(isinstance(v, int) for v in size)):
+            p = min(size) if isinstance(size, (tuple, list)) else size
+            patch = p if patch == 0 else min(patch, p)
+        if isinstance(m, nn.Linear):
+            width = max(width, m.out_features)
+        n = getattr(m, "num_heads", None)
+        if isinstance(n, int) and not isinstance(n, bool):
+            heads = max(heads, n)
+        n = getattr(m, "num_prefix_tokens", None)
+        if isinstance(n, int) and not isinstance(n, bool):
+            prefix = max(prefix, n)
+    patch = max(patch, 1)
+    tokens = -(-h // patch) * -(-w // patch) + prefix
+    bound = 4 * max(heads * tokens * tokens, tokens * width, c * h * w)
+    return bound, (f"an upper bound: {heads} head(s) of attention over {tokens:,} tokens; the forward pass "
+                   "could not run on the meta device")
 
 
 def check_model_size(build: Callable[[], nn.Module], where: str,

@@ -31,7 +31,7 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 from torch import nn
 
-from .errors import DataError, ModelSpecError
+from .errors import DataError, ModelSpecError, shorten
 
 __all__ = ["ARCHS", "TrainConfig", "build_model", "train", "save_model", "card_for", "attach_metrics",
            "add_arguments", "run"]
@@ -393,9 +393,17 @@ def attach_metrics(card_path: Path, limit: Optional[int] = None, progress: bool 
 
     card_path = Path(card_path)
     card = read_card(card_path)  # the same checks as every card load (size, depth, schema)
-    spec = f"zoo:{card['name']}" if card_path.parent.resolve() == MODELS_DIR.resolve() else str(card_path)
+    # The schema requires neither "name" nor "dataset": a zoo model is named by its file, and a card that
+    # does not say what it was trained on cannot be evaluated on it.
+    name = card.get("name") or card_path.stem
+    spec = f"zoo:{card_path.stem}" if card_path.parent.resolve() == MODELS_DIR.resolve() else str(card_path)
+    dataset = card.get("dataset")
+    if not dataset:
+        raise DataError(f"card {shorten(card_path.name, 80)} ({shorten(str(name), 60)}) does not say which dataset "
+                        "the model was trained on (its \"dataset\" is missing or empty); add it (e.g. "
+                        "\"fashion-mnist\" or an image folder) to fill its metrics")
     loaded = load_model(spec)
-    result = evaluation.evaluate(loaded, card["dataset"], "all", limit=limit, progress=progress)
+    result = evaluation.evaluate(loaded, dataset, "all", limit=limit, progress=progress)
     card["metrics"] = evaluation.card_metrics(result)
     card_path.write_text(json.dumps(card, indent=2) + "\n")
     return card

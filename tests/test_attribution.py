@@ -112,3 +112,37 @@ def test_gradcam_on_a_layer_the_score_never_reads_is_a_named_error(models):
     with pytest.raises(EquishiftError, match=f"GradCAM on {last} is zero everywhere"):
         gradcam(model, x, layer=last)
     assert gradcam(model, x, layer=f"blocks.{len(model.blocks) - 2}").map.max() > 0  # an earlier block is read
+
+
+class _TupleBlock(torch.nn.Module):
+    """A layer returning (tokens, attention-like map), as many transformer blocks do."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.Conv2d(3, 4, 1)
+
+    def forward(self, x):
+        return self.a(x), [self.b(x)]
+
+
+class _TupleNet(torch.nn.Module):
+    def __init__(self, reads: str):
+        super().__init__()
+        torch.manual_seed(0)
+        self.block, self.head, self.reads = _TupleBlock(), torch.nn.Linear(4, 5), reads
+
+    def forward(self, x):
+        first, (second,) = self.block(x)
+        feats = {"first": first, "second": second, "none": x[:, :1].expand(-1, 4, -1, -1)}[self.reads]
+        return self.head(feats.mean(dim=(2, 3)))
+
+
+@pytest.mark.parametrize("reads, reached", [("first", True), ("second", True), ("none", False)])
+def test_gradient_reaches_a_layer_that_returns_a_tuple(reads, reached):
+    """A layer's output may be a tuple or a list of tensors: a gradient reaching any of them counts, so a
+    GradCAM of zero there is not mistaken for a layer the score never reads (and one truly unread is)."""
+    from equishift.attribution import _gradient_reaches
+
+    net = _TupleNet(reads).eval()
+    x = torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    assert _gradient_reaches(net, net.block, x, 2) is reached

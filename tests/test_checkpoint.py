@@ -253,3 +253,98 @@ def test_mutated_checkpoints_give_weights_or_a_checkpoint_error(kind, edits, cut
             assert path.name in str(e)
         else:
             assert state and all(isinstance(v, torch.Tensor) for v in state.values())
+
+
+# --- a path swapped between the checks and the load (time of check to time of use) -------------------
+
+def _write_weights(path: Path, fmt: str, state: dict) -> None:
+    if fmt == "safetensors":
+        save_weights(state, path)
+    else:
+        torch.save(state, path, _use_new_zipfile_serialization=(fmt == "zip"))
+
+
+def _swap(path: Path, how: str, tmp_path: Path) -> None:
+    """Replace ``path`` (atomically, as an attacker with write access to its folder would) by another
+    file: other weights of the same format, a FIFO nobody writes, or a sparse 3 GiB file."""
+    new = tmp_path / f"swap-{how}"
+    if how == "other weights":
+        _write_weights(new, path.suffix.lstrip("."), {"w": -torch.arange(6.0)})
+    elif how == "fifo":
+        os.mkfifo(new)
+    else:
+        with open(new, "wb") as f:
+            f.truncate(3 * 2**30)
+    os.replace(new, path)
+    if how == "fifo":
+        _unblock_fifo_later(path)
+
+
+def _unblock_fifo_later(fifo: Path, after_s: float = 3.0) -> None:
+    """Should a loader open the FIFO blocking (the defect), open its write end after a while so that the
+    test fails instead of hanging."""
+    import threading
+    import time
+
+    def rescue():
+        time.sleep(after_s)
+        try:
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        except OSError:   # no reader blocked on it: nothing to rescue
+            pass
+
+    threading.Thread(target=rescue, daemon=True).start()
+
+
+def _swap_right_after_the_checks(monkeypatch, path: Path, how: str, tmp_path: Path) -> None:
+    # _looks_like_safetensors runs once the file is open and checked, before any loader reads it.
+    real = checkpoint._looks_like_safetensors
+
+    def swapping(head):
+        _swap(path, how, tmp_path)
+        return real(head)
+
+    monkeypatch.setattr(checkpoint, "_looks_like_safetensors", swapping)
+
+
+@pytest.mark.parametrize("how", ["other weights", "fifo", "huge file"])
+@pytest.mark.parametrize("fmt", ["safetensors", "zip", "legacy"])
+def test_a_path_swapped_after_the_checks_loads_the_checked_file(tmp_path, monkeypatch, fmt, how):
+    """The checks and the load concern one open file: whatever the path names after the checks (other
+    weights, a FIFO that would block a reader forever, a 3 GiB file over the limit), the bytes that were
+    checked are the bytes loaded."""
+    path = tmp_path / f"weights.{fmt}"
+    _write_weights(path, fmt, {"w": torch.arange(6.0)})
+    _swap_right_after_the_checks(monkeypatch, path, how, tmp_path)
+    state = load_weights(path)
+    assert torch.equal(state["w"], torch.arange(6.0))
+
+
+@pytest.mark.parametrize("how", ["other weights", "fifo", "huge file"])
+def test_without_proc_a_swapped_safetensors_path_is_a_named_error(tmp_path, monkeypatch, how):
+    """Where /proc/self/fd does not exist, safetensors loads by path: the path must still be the checked
+    file (device, inode, size, mtime), or the load is refused, naming the file."""
+    monkeypatch.setattr(checkpoint, "_PROC_FD", str(tmp_path / "no-proc"))
+    path = tmp_path / "weights.safetensors"
+    _write_weights(path, "safetensors", {"w": torch.arange(6.0)})
+    assert torch.equal(load_weights(path)["w"], torch.arange(6.0))     # unchanged: loads by path
+    _swap_right_after_the_checks(monkeypatch, path, how, tmp_path)
+    with pytest.raises(CheckpointError, match=r"^weights\.safetensors: the file was replaced or changed while "
+                                              r"being loaded"):
+        load_weights(path)
+
+
+def test_a_file_rewritten_in_place_while_loading_is_a_named_error(tmp_path, monkeypatch):
+    path = tmp_path / "weights.pt"
+    _write_weights(path, "zip", {"w": torch.arange(6.0)})
+    real = checkpoint._torch_load
+
+    def rewriting(f, name, stand_ins):
+        out = real(f, name, stand_ins)
+        with open(path, "ab") as g:    # the same inode grows after it was checked
+            g.write(b"\0" * 64)
+        return out
+
+    monkeypatch.setattr(checkpoint, "_torch_load", rewriting)
+    with pytest.raises(CheckpointError, match=r"^weights\.pt: the file was replaced or changed"):
+        load_weights(path)

@@ -109,3 +109,41 @@ def test_an_upload_is_decoded_once_for_every_view(monkeypatch):
         at.sidebar.selectbox(key="shift_mode").set_value("crop").run()   # the canvas: another view
         assert not at.exception and len(top5_tables(at)) == 2
         assert calls == ["decode-once.png"], calls
+
+
+def test_a_failing_decode_is_not_repeated_on_every_rerun(monkeypatch):
+    """A file whose decode fails (after up to ~10 s: the decode time limit) raises the same named error
+    again from a cache kept per file for 10 minutes, in every session, instead of decoding again."""
+    pytest.importorskip("streamlit")
+    import hashlib
+
+    import dashboard.sources as sources
+    from equishift.errors import ImageError
+
+    calls = []
+
+    def failing(data, **kw):
+        calls.append(kw.get("name"))
+        raise ImageError(f"{kw.get('name')}: decoding took longer than the decode time limit of 10 s")
+
+    clock = [1000.0]
+    monkeypatch.setattr(sources, "load_image", failing)
+    monkeypatch.setattr(sources.time, "monotonic", lambda: clock[0])
+    sources._decoded.clear()
+    sources.clear_decode_failures()
+    data = b"\x89PNG slow file"
+    choice = sources.ImageChoice(data, "slow.png", hashlib.sha256(data).hexdigest(), uploaded=True)
+    for _ in range(3):
+        with pytest.raises(ImageError, match=r"^slow\.png: decoding took longer than the decode time limit"):
+            sources.decoded_image(choice)
+    assert calls == ["slow.png"]
+    clock[0] += sources._FAILURE_TTL_S + 1            # after 10 minutes the file is tried again
+    with pytest.raises(ImageError, match=r"^slow\.png: "):
+        sources.decoded_image(choice)
+    assert calls == ["slow.png"] * 2
+    for i in range(sources._FAILURE_MAX + 5):         # bounded: the oldest failures are dropped
+        other = sources.ImageChoice(data + bytes([i]), f"f{i}.png", f"{i:064x}", uploaded=True)
+        with pytest.raises(ImageError):
+            sources.decoded_image(other)
+    assert len(sources._failures) == sources._FAILURE_MAX
+    sources.clear_decode_failures()

@@ -299,3 +299,36 @@ def test_non_regular_paths_are_refused_before_opening(tmp_path):
     with pytest.raises(ImageError, match="path is too long") as e:
         load_image(tmp_path / ("x" * 5000 + ".png"))
     assert len(str(e.value)) < 400 and time.perf_counter() - t0 < 2.0
+
+
+def _tiff_with(tags_extra) -> bytes:
+    """A 16×16 8-bit grey uncompressed TIFF in one strip, plus ``tags_extra`` ((tag, type, count, 4 inline
+    bytes), ...), which replace any tag of the same number."""
+    pixels = bytes(range(256))
+    tags = {256: (3, 1, struct.pack("<HH", 16, 0)), 257: (3, 1, struct.pack("<HH", 16, 0)),
+            258: (3, 1, struct.pack("<HH", 8, 0)), 259: (3, 1, struct.pack("<HH", 1, 0)),
+            262: (3, 1, struct.pack("<HH", 1, 0)), 273: (4, 1, None), 277: (3, 1, struct.pack("<HH", 1, 0)),
+            278: (4, 1, struct.pack("<I", 16)), 279: (4, 1, struct.pack("<I", len(pixels)))}
+    for tag, kind, count, raw in tags_extra:
+        tags[tag] = (kind, count, raw)
+    data_at = 8 + 2 + 12 * len(tags) + 4
+    out = b"II*\x00" + struct.pack("<I", 8) + struct.pack("<H", len(tags))
+    for tag in sorted(tags):
+        kind, count, raw = tags[tag]
+        out += struct.pack("<HHI", tag, kind, count) + (struct.pack("<I", data_at) if raw is None else raw)
+    return out + struct.pack("<I", 0) + pixels
+
+
+@pytest.mark.parametrize("label, extra", [
+    ("TileWidth as text", [(322, 2, 2, b"x\x00\x00\x00"), (323, 3, 1, struct.pack("<HH", 16, 0))]),
+    ("TileWidth 0", [(322, 3, 1, struct.pack("<HH", 0, 0)), (323, 3, 1, struct.pack("<HH", 16, 0))]),
+    ("RowsPerStrip 0", [(278, 4, 1, struct.pack("<I", 0))]),
+])
+def test_tiff_tags_that_bound_nothing_are_refused(label, extra):
+    """The tile/strip bound is computed from the tags before decoding; tags it cannot read as positive
+    integers must refuse the file (naming it), not count as a bound of 0 bytes."""
+    plain = np.asarray(load_image(_tiff_with([]), name="plain.tiff"))      # the builder is sound
+    assert plain.shape == (16, 16, 3) and np.array_equal(plain[..., 0], np.arange(256).reshape(16, 16))
+    with pytest.raises(ImageError, match=r"^odd\.tiff: the TIFF's tile, strip or sample tags .* cannot be "
+                                         r"bounded; refused without decoding"):
+        load_image(_tiff_with(extra), name="odd.tiff")

@@ -231,3 +231,22 @@ def test_metrics_are_filled_by_the_evaluation_module(fmnist, tmp_path):
     # The card's quick end-of-training accuracy and the evaluation module's clean accuracy agree.
     assert card["metrics"]["clean"]["value"] == pytest.approx(card["training"]["test_accuracy_at_end"], abs=1e-9)
     assert {k: v for k, v in card.items() if k != "metrics"} == {k: v for k, v in before.items() if k != "metrics"}
+
+
+def test_attach_metrics_on_a_card_without_name_or_dataset(fmnist, tmp_path, monkeypatch):
+    """The card schema requires neither "name" nor "dataset": a zoo card without a name is evaluated as the
+    zoo model its file names, and one without a dataset is a named DataError, never a raw KeyError."""
+    out = tmp_path / "models"
+    cli(["--name", "m", "--arch-config", json.dumps(TINY_VIT), "--batch-size", "16", "--threads", "1",
+         "--device", "cpu", "--out", str(out), "--no-progress", "--epochs", "1"])
+    card_path = out / "m.json"
+    card = json.loads(card_path.read_text())
+    monkeypatch.setattr(training, "MODELS_DIR", out)          # the zoo folder, where zoo:NAME is used
+    monkeypatch.setenv("EQUISHIFT_ZOO_DIR", str(out))
+    card_path.write_text(json.dumps({k: v for k, v in card.items() if k != "dataset"}))
+    with pytest.raises(DataError, match=r"^card m\.json \(m\) does not say which dataset"):
+        training.attach_metrics(card_path, limit=16)
+    card_path.write_text(json.dumps({k: v for k, v in card.items() if k != "name"}))
+    filled = training.attach_metrics(card_path, limit=16)
+    assert filled["metrics"]["clean"]["n_images"] == 16
+    assert "name" not in filled and json.loads(card_path.read_text())["metrics"] == filled["metrics"]

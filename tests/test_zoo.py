@@ -363,3 +363,35 @@ def test_anchored_weights_under_a_plain_timm_spec_get_a_hint(zoo):
     with pytest.raises(CheckpointError) as e:
         load_model(spec)
     assert "patch_embed.embed.proj.weight" in str(e.value) and "anchorized" in str(e.value)
+
+
+class _DataDependent(torch.nn.Module):
+    """A patch-4 model with 16 attention heads whose forward reads a value of its input (``.item()``),
+    which the meta device cannot give: its activations cannot be measured, only bounded."""
+
+    def __init__(self):
+        super().__init__()
+        self.patch = torch.nn.Conv2d(3, 64, 4, stride=4)
+        self.attn = torch.nn.Linear(64, 64)
+        self.attn.num_heads = 16
+
+    def forward(self, x):
+        scale = float(x.abs().max().item())
+        return self.attn(self.patch(x).flatten(2).transpose(1, 2)) / max(scale, 1.0)
+
+
+def test_a_model_the_meta_device_cannot_run_is_bounded_not_passed():
+    """When the meta forward raises, the activation check falls back to an upper bound (global attention
+    of the most heads over the tokens of the smallest patch) instead of passing unchecked."""
+    from equishift.options import MAX_ACTIVATION_BYTES, check_model_size
+
+    with pytest.raises(ModelSpecError, match=r"^big input: one forward pass on one image would make a "
+                                             r"16\.00 GiB tensor \(an upper bound: 16 head\(s\) of attention "
+                                             r"over 16,385 tokens"):
+        check_model_size(_DataDependent, "big input", input_size=lambda m: (3, 512, 512))
+    est = check_model_size(_DataDependent, "small input", input_size=lambda m: (3, 32, 32))
+    # 8×8 patches + 1 prefix token = 65 tokens: 16 heads × 65² float32 attention scores.
+    assert est.largest_activation_bytes == 4 * 16 * 65 * 65 <= MAX_ACTIVATION_BYTES
+    # The real forward on that input stays below the bound.
+    x = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    assert _DataDependent()(x).numel() * 4 <= est.largest_activation_bytes
