@@ -18,7 +18,6 @@ unexpected keys, shape mismatches); ``save_weights`` writes safetensors atomical
 """
 from __future__ import annotations
 
-import errno
 import io
 import json
 import os
@@ -38,6 +37,7 @@ import torch
 from torch import nn
 
 from equishift.errors import CheckpointError, shorten
+from equishift.files import human_bytes as _human, not_regular as _not_regular, os_problem as _os_problem
 
 __all__ = ["CheckpointWarning", "DEFAULT_MAX_BYTES", "load_weights", "load_checkpoint", "apply_weights",
            "save_weights", "pickle_globals"]
@@ -155,31 +155,6 @@ def _identity(st: os.stat_result) -> Tuple[int, int, int, int]:
 def _changed(name: str) -> str:
     return (f"{name}: the file was replaced or changed while being loaded (it is not the file that was "
             "checked); refused, load it again once it is complete")
-
-
-def _not_regular(mode: int) -> str:
-    if stat.S_ISDIR(mode):
-        return "is a folder"
-    if stat.S_ISFIFO(mode):
-        return "is a named pipe (FIFO)"
-    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
-        return "is a device"
-    if stat.S_ISSOCK(mode):
-        return "is a socket"
-    return "is not a file"
-
-
-def _os_problem(e: OSError) -> str:
-    """An OSError in a few words, without the path it carries (which may be 5000 characters long)."""
-    if e.errno == errno.ENAMETOOLONG:
-        return "the path is too long for the file system (a name over 255 bytes or a path over 4096)"
-    if e.errno in (errno.EACCES, errno.EPERM):
-        return "permission denied"
-    if e.errno == errno.ENOTDIR:
-        return "a part of the path is not a folder"
-    if e.errno == errno.ELOOP:
-        return "too many levels of symbolic links"
-    return e.strerror or type(e).__name__
 
 
 def _looks_like_safetensors(head: bytes) -> bool:
@@ -396,14 +371,6 @@ def _torch_load(f: BinaryIO, name: str, stand_ins: Dict[str, type]) -> object:
         raise CheckpointError(f"{name}: declares more tensor data than there is memory; corrupt?") from None
     except Exception as e:  # the globals were vetted: anything else is a damaged file, in torch's words
         raise CheckpointError(f"{name}: truncated or corrupt PyTorch checkpoint ({_short(e)})") from None
-
-
-def _human(n: int) -> str:
-    if n < 10 * 1024:
-        return f"{n} bytes"
-    if n < 10 * 2**20:
-        return f"{n / 1024:.1f} KiB"
-    return f"{n / 2**20:.1f} MiB"
 
 
 def _short_text(text: str) -> str:

@@ -39,7 +39,6 @@ same messages. The rules, in order:
 """
 from __future__ import annotations
 
-import errno
 import io
 import os
 import re
@@ -55,6 +54,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from equishift.errors import ImageError, shorten
+from equishift.files import human_bytes as _human, not_regular as _not_regular, os_problem as _os_problem
 
 __all__ = ["SUPPORTED_FORMATS", "DEFAULT_MAX_PIXELS", "DEFAULT_MAX_BYTES", "DEFAULT_MAX_DECODE_BYTES",
            "DEFAULT_TIME_LIMIT_S", "BACKGROUND", "load_image", "peak_bytes", "exif_orientation", "sniff_format",
@@ -219,43 +219,10 @@ def _read_path(path: Union[str, bytes], max_bytes: int) -> Tuple[bytes, str]:
             raise ImageError(f"{name}: cannot be read ({_os_problem(e)})") from None
 
 
-def _not_regular(mode: int) -> str:
-    if stat.S_ISDIR(mode):
-        return "is a folder"
-    if stat.S_ISFIFO(mode):
-        return "is a named pipe (FIFO)"
-    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
-        return "is a device"
-    if stat.S_ISSOCK(mode):
-        return "is a socket"
-    return "is not a regular file"
-
-
-def _os_problem(e: OSError) -> str:
-    """An OSError in a few words, without the path it carries (which may be 5000 characters long)."""
-    if e.errno == errno.ENAMETOOLONG:
-        return "the path is too long for the file system (a name over 255 bytes or a path over 4096)"
-    if e.errno in (errno.EACCES, errno.EPERM):
-        return "permission denied"
-    if e.errno == errno.ENOTDIR:
-        return "a part of the path is not a folder"
-    if e.errno == errno.ELOOP:
-        return "too many levels of symbolic links"
-    return e.strerror or type(e).__name__
-
-
 def _too_many_bytes(name: str, size: int, limit: int, at_least: bool = False) -> str:
     more = "more than " if at_least else ""
     return (f"{name}: file is {more}{_human(size)}, over the limit of {_human(limit)} "
             f"(max_bytes={limit}); downscale or recompress it")
-
-
-def _human(n: int) -> str:
-    if n < 10 * 1024:
-        return f"{n} bytes"
-    if n < 10 * 2**20:
-        return f"{n / 1024:.1f} KiB"
-    return f"{n / 2**20:.1f} MiB"
 
 
 def _check_png_chunks(data: bytes, name: str) -> None:
