@@ -54,6 +54,33 @@ def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 300.0, poll:
     raise TimeoutError(f"{url} not healthy after {timeout:.0f} s")
 
 
+@contextlib.contextmanager
+def served(log: Path, env: dict = None, warm: bool = True, timeout: float = 300.0,
+           stop_s: float = 15.0) -> Iterator[Tuple[str, subprocess.Popen]]:
+    """A dashboard server on 127.0.0.1 and a free port, started as `bash run.sh dashboard` starts it
+    (``python -m dashboard.serve``; ``warm=False``: a bare `streamlit run dashboard/app.py`), its output
+    in ``log``; yields (url, process) once /_stcore/health answers, and stops it afterwards. ``env``:
+    variables added to this process's environment (HF_HUB_OFFLINE=1 always)."""
+    port = free_port()
+    launcher = ["-m", "dashboard.serve"] if warm else ["-m", "streamlit", "run", str( ROOT / "dashboard" / "app.py")]
+    cmd = [sys.executable, *launcher, "--server.headless", "true", "--server.address", "127.0.0.1",
+           "--server.port", str(port), "--browser.gatherUsageStats", "false"]
+    full_env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", **(env or {}))
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(url, proc, timeout=timeout)
+        yield url, proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=stop_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 BASELINE = "hardening-vit-baseline"
 ANCHORED = "hardening-vit-anchored"
 TIMEOUT = 300  # seconds per run; a warm run of the page takes ~0.2 s on these models

@@ -11,7 +11,6 @@ import io
 import json
 import os
 import re
-import subprocess
 import sys
 import zipfile
 from pathlib import Path
@@ -21,7 +20,7 @@ import pytest
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
-from app_harness import PAGE_IDLE_JS, WS_COUNTER_JS, free_port, wait_healthy  # noqa: E402
+from app_harness import PAGE_IDLE_JS, WS_COUNTER_JS, served  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "artifacts"
@@ -34,27 +33,13 @@ pytestmark = [pytest.mark.browser, pytest.mark.slow, pytest.mark.chromium]
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    port = free_port()
-    log = tmp_path_factory.mktemp("server") / "streamlit.log"
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
     # started as `bash run.sh dashboard` starts it: warm (dashboard.serve), then Streamlit in that process
-    cmd = [sys.executable, "-m", "dashboard.serve", "--server.headless", "true", "--server.address", "127.0.0.1", "--server.port", str(port),
-           "--browser.gatherUsageStats", "false"]
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_healthy(url, proc)
+    log = tmp_path_factory.mktemp("server") / "streamlit.log"
+    with served(log) as (url, proc):
         assert "warm-up done" in log.read_text(), log.read_text()[-2000:]
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        if proc.returncode not in (0, -15, None):
-            print(log.read_text()[-4000:])
+    if proc.returncode not in (0, -15, None):
+        print(log.read_text()[-4000:])
 
 
 @pytest.fixture(scope="module")

@@ -8,9 +8,7 @@ uploads evict only values nobody shows). The server's resident memory before and
 from __future__ import annotations
 
 import io
-import os
 import re
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -20,7 +18,7 @@ import pytest
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
-from app_harness import WS_COUNTER_JS, free_port, wait_healthy  # noqa: E402
+from app_harness import WS_COUNTER_JS, served  # noqa: E402
 from test_browser import CHROME_ARGS, _settled, _shown_shift  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,16 +69,8 @@ def test_eight_sessions_keep_their_own_view_while_one_uploads(chromium, tmp_path
     sync_api = pytest.importorskip("playwright.sync_api")
     samples = sorted(p.name for p in (ROOT / "assets" / "images").glob("*.png"))[:len(SHIFTS)]
     assert len(samples) == len(SHIFTS)
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
     log = tmp_path / "server.log"
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", EQUISHIFT_WARM_UP="0")
-    cmd = [sys.executable, "-m", "dashboard.serve", "--server.headless", "true", "--server.address", "127.0.0.1",
-           "--server.port", str(port), "--browser.gatherUsageStats", "false"]
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
-    try:
-        wait_healthy(url, proc)
+    with served(log, env={"EQUISHIFT_WARM_UP": "0"}) as (url, proc):
         rss_before = _rss_mb(proc.pid)
         with sync_api.sync_playwright() as p:
             browser = p.chromium.launch(executable_path=chromium, args=CHROME_ARGS)
@@ -138,10 +128,4 @@ def test_eight_sessions_keep_their_own_view_while_one_uploads(chromium, tmp_path
                   f"{swept_uploads} (none again)")
             assert rss_after - rss_before < 2048, (rss_before, rss_after)
             browser.close()
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
     assert not re.search(r"Traceback", log.read_text(errors="replace")), log.read_text()[-3000:]

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -16,7 +15,7 @@ import pytest
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
-from app_harness import free_port, wait_healthy  # noqa: E402
+from app_harness import served  # noqa: E402
 from test_browser import CHROME_ARGS, _settled, _shot, _shown_shift  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,25 +26,10 @@ pytestmark = [pytest.mark.browser, pytest.mark.slow, pytest.mark.chromium]
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    port = free_port()
     log = tmp_path_factory.mktemp("server") / "streamlit.log"
     cache = tempfile.mkdtemp(prefix="equishift-dataset-browser-")
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", EQUISHIFT_CACHE_DIR=cache)
-    cmd = [sys.executable, "-m", "streamlit", "run", str(ROOT / "dashboard" / "app.py"),
-           "--server.headless", "true", "--server.address", "127.0.0.1", "--server.port", str(port),
-           "--browser.gatherUsageStats", "false"]
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_healthy(url, proc)
+    with served(log, env={"EQUISHIFT_CACHE_DIR": cache}, warm=False) as (url, _):
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 @pytest.fixture(scope="module")

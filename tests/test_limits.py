@@ -20,7 +20,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from app_harness import free_port, wait_healthy  # noqa: E402
+from app_harness import free_port, served, wait_healthy  # noqa: E402
 from engine_helpers import anchored, image, twins, vit  # noqa: E402
 from equishift.errors import CheckpointError, LimitError  # noqa: E402
 from equishift.shifts import grid  # noqa: E402
@@ -272,26 +272,13 @@ def test_uploaded_weights_do_not_outlive_the_server(tmp_path):
     stale = tmp_path / f"equishift-uploads-{dead.pid}-abc123"
     (stale / "ab").mkdir(parents=True)
     (stale / "ab" / "w.safetensors").write_bytes(b"x" * 100)
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMLIT_")}
-    env.update(HF_HUB_OFFLINE="1", TMPDIR=str(tmp_path), EQUISHIFT_WARM_UP="0")
-    log = open(tmp_path / "server.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "dashboard.serve", "--server.port", str(port)], cwd=ROOT,
-                            env=env, stdout=log, stderr=log)
-    try:
-        wait_healthy(f"http://127.0.0.1:{port}", proc, timeout=90)
+    with served(tmp_path / "server.log", env={"TMPDIR": str(tmp_path), "EQUISHIFT_WARM_UP": "0"}, timeout=90,
+                stop_s=20) as (url, proc):
         assert not stale.exists()
         own = list(tmp_path.glob(f"equishift-uploads-{proc.pid}-*"))
         assert len(own) == 1 and stat_.S_IMODE(own[0].stat().st_mode) == 0o700
         (own[0] / "cd").mkdir()
         (own[0] / "cd" / "w.safetensors").write_bytes(b"y" * 100)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
     assert not own[0].exists(), (tmp_path / "server.log").read_text()[-2000:]
 
 
